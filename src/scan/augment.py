@@ -1,0 +1,210 @@
+"""Batched augmentations on the training device (kornia + a few tensor ops).
+
+All transforms take float images in [0, 1] of shape (B, C, H, W) with C in {1, 3} and return
+the same shape. Sizes (crop scale, cutout, shifts) are fractions of the image side, so the
+same configuration works for 8x8 digits and 96x96 STL-10 images.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import kornia.augmentation as K
+import kornia.enhance as KE
+import kornia.geometry.transform as KT
+import torch
+from torch import nn
+
+from scan.config import AugmentConfig
+
+
+def to_float(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 in [0, 1] on the same device."""
+    return images_uint8.float().div_(255.0)
+
+
+class SimCLRAugment(nn.Module):
+    """Random resized crop, flip, colour jitter (p=0.8) and grayscale (p=0.2), per sample."""
+
+    def __init__(self, cfg: AugmentConfig, image_size: int, channels: int):
+        super().__init__()
+        s = cfg.color_jitter
+        ops: list[nn.Module] = [K.RandomResizedCrop((image_size, image_size), scale=(cfg.crop_min_scale, 1.0),
+                                                    cropping_mode="resample")]
+        if cfg.flip:
+            ops.append(K.RandomHorizontalFlip())
+        if channels == 3:
+            ops.append(K.ColorJitter(s, s, s, min(s / 4, 0.5), p=cfg.jitter_prob))
+            ops.append(K.RandomGrayscale(p=cfg.grayscale_prob))
+        elif s > 0:   # hue and saturation mean nothing for one channel
+            ops.append(K.ColorJitter(s, s, p=cfg.jitter_prob))
+        self.ops = nn.Sequential(*ops)
+
+    def forward(self, x):
+        return self.ops(x).clamp_(0, 1)
+
+
+class WeakAugment(nn.Module):
+    """Flip and a small random shift (the 'standard' augmentation of self-labelling)."""
+
+    def __init__(self, cfg: AugmentConfig, image_size: int):
+        super().__init__()
+        self.flip = cfg.flip
+        self.max_shift = cfg.weak_translate * image_size
+
+    def forward(self, x):
+        b = x.shape[0]
+        if self.flip:
+            flip = torch.rand(b, device=x.device) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        if self.max_shift > 0:
+            shift = (torch.rand(b, 2, device=x.device) * 2 - 1) * self.max_shift
+            x = KT.translate(x, shift.round(), padding_mode="reflection")
+        return x
+
+
+# ---- RandAugment-style operations: f(images (n, C, H, W), magnitude (n,) in [0, 1]) -> images
+
+def _signed(m):
+    """Random sign so geometric ops go both ways."""
+    return m * torch.where(torch.rand_like(m) < 0.5, -1.0, 1.0)
+
+
+def _grey(x):
+    return x.mean(1, keepdim=True) if x.shape[1] == 3 else x
+
+
+def _blend(a, b, factor):
+    """factor * a + (1 - factor) * b per sample (PIL ImageEnhance semantics)."""
+    return (b + factor.view(-1, 1, 1, 1) * (a - b)).clamp(0, 1)
+
+
+def _autocontrast(x, m):
+    lo = x.amin(dim=(2, 3), keepdim=True)
+    hi = x.amax(dim=(2, 3), keepdim=True)
+    return torch.where(hi > lo, (x - lo) / (hi - lo).clamp_min(1e-6), x)
+
+
+def _rotate(x, m):
+    return KT.rotate(x, _signed(m) * 30.0, padding_mode="zeros")
+
+
+def _shear(axis):
+    def op(x, m):
+        s = torch.zeros(x.shape[0], 2, device=x.device, dtype=x.dtype)
+        s[:, axis] = _signed(m) * 0.3
+        return KT.shear(x, s)
+    return op
+
+
+def _translate(axis):
+    def op(x, m):
+        t = torch.zeros(x.shape[0], 2, device=x.device, dtype=x.dtype)
+        t[:, axis] = _signed(m) * 0.3 * x.shape[-1]
+        return KT.translate(x, t)
+    return op
+
+
+def _posterize(x, m):
+    bits = (8 - (m * 4).round()).to(torch.int64)      # 8 .. 4 bits
+    shift = (2.0 ** (8 - bits)).view(-1, 1, 1, 1)
+    return torch.floor(x * 255 / shift) * shift / 255
+
+
+def _solarize(x, m):
+    thr = (1 - m).view(-1, 1, 1, 1)                   # stronger = lower threshold
+    return torch.where(x >= thr, 1 - x, x)
+
+
+def _equalize(x, m):
+    return KE.equalize(x)
+
+
+def _enhance(reference: Callable):
+    """PIL-style enhancement: blend with a reference image, factor in [0.05, 1.95]."""
+    def op(x, m):
+        factor = 1 + _signed(m) * 0.95
+        return _blend(x, reference(x), factor)
+    return op
+
+
+def _sharpness(x, m):
+    return KE.sharpness(x, (m * 0.95 + 0.05) * 1.0)
+
+
+def _identity(x, m):
+    return x
+
+
+RAND_OPS: dict[str, Callable] = {
+    "identity": _identity,
+    "autocontrast": _autocontrast,
+    "equalize": _equalize,
+    "rotate": _rotate,
+    "solarize": _solarize,
+    "color": _enhance(lambda x: _grey(x).expand_as(x)),
+    "posterize": _posterize,
+    "contrast": _enhance(lambda x: _grey(x).mean(dim=(1, 2, 3), keepdim=True).expand_as(x)),
+    "brightness": _enhance(torch.zeros_like),
+    "sharpness": _sharpness,
+    "shear_x": _shear(0),
+    "shear_y": _shear(1),
+    "translate_x": _translate(0),
+    "translate_y": _translate(1),
+}
+
+
+def cutout(x: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Zero one square of side `fraction * H` at a random centre per image (may overhang)."""
+    if fraction <= 0:
+        return x
+    b, _, h, w = x.shape
+    side = max(1, int(round(fraction * h)))
+    cy = torch.randint(0, h, (b, 1, 1), device=x.device)
+    cx = torch.randint(0, w, (b, 1, 1), device=x.device)
+    ys = torch.arange(h, device=x.device).view(1, h, 1)
+    xs = torch.arange(w, device=x.device).view(1, 1, w)
+    inside = ((ys - cy).abs() <= side // 2) & ((xs - cx).abs() <= side // 2)
+    if side % 2 == 0:   # even side: drop the last row/column so the square is exactly side wide
+        inside &= (ys - cy < side // 2) & (xs - cx < side // 2)
+    return x.masked_fill(inside.unsqueeze(1), 0.0)
+
+
+class StrongAugment(nn.Module):
+    """SCAN's strong augmentation: flip + shift, `num_ops` random ops with uniform magnitudes, cutout."""
+
+    def __init__(self, cfg: AugmentConfig, image_size: int):
+        super().__init__()
+        self.weak = WeakAugment(cfg, image_size)
+        self.num_ops = cfg.strong_num_ops
+        self.cutout_fraction = cfg.cutout_fraction
+        self.ops = list(RAND_OPS.values())
+
+    def forward(self, x):
+        x = self.weak(x)
+        b = x.shape[0]
+        for _ in range(self.num_ops):
+            choice = torch.randint(len(self.ops), (b,), device=x.device)
+            magnitude = torch.rand(b, device=x.device)
+            out = x.clone()
+            for k, op in enumerate(self.ops):
+                sel = (choice == k).nonzero(as_tuple=True)[0]
+                if sel.numel():
+                    out[sel] = op(x[sel], magnitude[sel]).to(x.dtype)
+            x = out.clamp_(0, 1)
+        return cutout(x, self.cutout_fraction)
+
+
+class NoAugment(nn.Module):
+    def forward(self, x):
+        return x
+
+
+def build_augment(kind: str, cfg: AugmentConfig, image_size: int, channels: int) -> nn.Module:
+    """Augmentation by name: simclr | strong | weak | none."""
+    makers = {
+        "simclr": lambda: SimCLRAugment(cfg, image_size, channels),
+        "strong": lambda: StrongAugment(cfg, image_size),
+        "weak": lambda: WeakAugment(cfg, image_size),
+        "none": NoAugment,
+    }
+    return makers[kind]()

@@ -1,0 +1,285 @@
+"""Typed run configuration: frozen dataclasses loaded from YAML plus dotted overrides.
+
+A misspelt key is an error at load time (with a did-you-mean hint) and every numeric field
+with a meaningful range is checked before any work starts, so a typo never turns into a
+silently ignored setting hours into a GPU run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; the message is one line naming the key."""
+
+
+def _range(lo=None, hi=None, lo_open=False, hi_open=False, choices=None):
+    """Field metadata describing the allowed values (checked by `validate`)."""
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices}
+
+
+def _f(default, **rng):
+    return field(default=default, metadata=_range(**rng))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "digits"          # registry name, or "auto" to guess from `path`
+    path: str | None = None          # folder / file; None uses the data set's default location
+    train_split: str = "train"
+    eval_split: str = "val"
+    image_size: int | None = _f(None, lo=4)   # folder images are resized to this; None = native
+    labels_from_folders: bool = False
+    num_clusters: int | None = _f(None, lo=2)  # None = number of ground-truth classes
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = _f("resnet_small")
+    width: int = _f(32, lo=4)               # channels of the first stage (resnet_small only)
+    blocks: tuple[int, ...] = (1, 1, 1)     # residual blocks per stage (resnet_small only)
+    projection_dim: int = _f(128, lo=2)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    crop_min_scale: float = _f(0.2, lo=0.01, hi=1.0)
+    flip: bool = True
+    color_jitter: float = _f(0.4, lo=0.0, hi=1.0)   # brightness/contrast/saturation strength
+    jitter_prob: float = _f(0.8, lo=0.0, hi=1.0)
+    grayscale_prob: float = _f(0.2, lo=0.0, hi=1.0)
+    strong_num_ops: int = _f(4, lo=0, hi=14)
+    cutout_fraction: float = _f(0.5, lo=0.0, hi=1.0)   # cutout side / image side (16/32 in the paper)
+    weak_translate: float = _f(0.125, lo=0.0, hi=0.5)  # max shift as a fraction of the side
+
+
+@dataclass(frozen=True)
+class PretextConfig:
+    method: str = "simclr"
+    epochs: int = _f(500, lo=0)
+    batch_size: int = _f(512, lo=2)
+    optimizer: str = _f("sgd", choices=("sgd", "adam", "adamw"))
+    lr: float = _f(0.4, lo=0.0, lo_open=True)
+    weight_decay: float = _f(1e-4, lo=0.0)
+    momentum: float = _f(0.9, lo=0.0, hi=1.0)
+    temperature: float = _f(0.1, lo=0.0, lo_open=True)
+    warmup_epochs: int = _f(0, lo=0)
+
+
+@dataclass(frozen=True)
+class MineConfig:
+    method: str = "knn"
+    num_neighbors: int = _f(20, lo=1)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    epochs: int = _f(100, lo=0)
+    batch_size: int = _f(128, lo=2)
+    optimizer: str = _f("adam", choices=("sgd", "adam", "adamw"))
+    lr: float = _f(1e-4, lo=0.0, lo_open=True)
+    weight_decay: float = _f(1e-4, lo=0.0)
+    momentum: float = _f(0.9, lo=0.0, hi=1.0)
+    entropy_weight: float = _f(5.0, lo=0.0)
+    num_heads: int = _f(10, lo=1)
+    update_backbone: bool = True
+    augment: str = _f("strong", choices=("strong", "simclr", "weak", "none"))
+
+
+@dataclass(frozen=True)
+class SelfLabelConfig:
+    enabled: bool = True
+    epochs: int = _f(200, lo=0)
+    batch_size: int = _f(1000, lo=2)
+    optimizer: str = _f("adam", choices=("sgd", "adam", "adamw"))
+    lr: float = _f(1e-4, lo=0.0, lo_open=True)
+    weight_decay: float = _f(1e-4, lo=0.0)
+    momentum: float = _f(0.9, lo=0.0, hi=1.0)
+    threshold: float = _f(0.99, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    class_balance: bool = True
+    ema_decay: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True)   # 0 disables the EMA (0.999 in the paper)
+    patience: int = _f(0, lo=0)     # stop after this many epochs without more confident samples; 0 = never
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    device: str = "auto"
+    quiet: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    pretext: PretextConfig = field(default_factory=PretextConfig)
+    mine: MineConfig = field(default_factory=MineConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    selflabel: SelfLabelConfig = field(default_factory=SelfLabelConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections, used to decide whether a stage must rerun."""
+        d = self.to_dict()
+        payload = json.dumps({s: d[s] for s in sections}, sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- loading and overriding
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp, key: str):
+    """Convert a YAML value to the annotated type, or raise a ConfigError naming the key."""
+    origin = get_origin(tp)
+    if origin is Union or str(origin) == "<class 'types.UnionType'>":
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(_coerce(v, get_args(tp)[0], key) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            hint = difflib.get_close_matches(key, names, n=1)
+            did = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{did}; known keys: {', '.join(names)}")
+        tp = hints[key]
+        if _is_dataclass_type(tp):
+            kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, prefix + key)
+    return cls(**kwargs)
+
+
+def _check_range(key: str, value, meta: dict) -> None:
+    if value is None or not meta:
+        return
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None:
+        bad = value <= lo if meta.get("lo_open") else value < lo
+        if bad:
+            raise ConfigError(f"{key} must be {'>' if meta.get('lo_open') else '>='} {lo}, got {value}")
+    if hi is not None:
+        bad = value >= hi if meta.get("hi_open") else value > hi
+        if bad:
+            raise ConfigError(f"{key} must be {'<' if meta.get('hi_open') else '<='} {hi}, got {value}")
+
+
+def validate(cfg, prefix: str = "") -> None:
+    """Check every field against the range declared in its metadata."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, f"{prefix}{f.name}.")
+        else:
+            _check_range(prefix + f.name, value, dict(f.metadata))
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """Turn 'cluster.epochs=50' into {'cluster': {'epochs': 50}} (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    out: dict = value
+    for part in reversed(key.strip().split(".")):
+        out = {part: out}
+    return out
+
+
+def builtin_config_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("scan.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(source: str) -> dict:
+    path = Path(source)
+    if not path.exists() and source in builtin_config_names():
+        text = resources.files("scan.configs").joinpath(source + ".yaml").read_text()
+        name = f"built-in config '{source}'"
+    elif path.is_file():
+        text, name = path.read_text(), str(path)
+    else:
+        raise ConfigError(
+            f"config '{source}' is neither a YAML file nor a built-in config ({', '.join(builtin_config_names())})")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{name} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(source: str | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Load a YAML file or built-in config name, apply dotted overrides, validate."""
+    data = _read_yaml(source) if source else {}
+    if isinstance(overrides, dict):
+        data = _merge(data, overrides)
+    else:
+        for text in overrides or []:
+            data = _merge(data, parse_override(text))
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    from scan.checkpoint import atomic_write_text
+    atomic_write_text(path, yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False))

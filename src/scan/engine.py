@@ -1,0 +1,207 @@
+"""Device, precision, batching, schedules and the resumable epoch loop shared by all stages."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from scan.augment import to_float
+from scan.checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
+from scan.config import ConfigError
+
+
+class StageError(RuntimeError):
+    """A stage cannot go on (missing inputs, NaN loss, ...); the message says what to do."""
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    quiet: bool = False
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        """bf16 autocast on CUDA (no loss scaling needed); full precision elsewhere."""
+        if self.cuda:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        if self.cuda:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def batch(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 images (already on the device) -> float [0, 1] in the device's preferred layout."""
+        x = to_float(images_uint8.to(self.device, non_blocking=True))
+        return x.contiguous(memory_format=torch.channels_last) if self.cuda else x
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device '{name}' is not a valid torch device (use auto, cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' was requested but CUDA is not available here; use --device auto or cpu")
+    return device
+
+
+def minibatches(n: int, batch_size: int, shuffle: bool = True, drop_last: bool = True) -> list[torch.Tensor]:
+    """Index batches over range(n) from the global torch RNG.
+
+    The last partial batch is dropped in training when at least one full batch exists, so
+    batch-norm never sees a batch of one.
+    """
+    order = torch.randperm(n) if shuffle else torch.arange(n)
+    batches = list(order.split(batch_size))
+    if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+def cosine_schedule(base: float, total_steps: int, warmup_steps: int = 0, final: float = 0.0) -> np.ndarray:
+    """Per-step values: linear warm-up to `base`, then cosine decay to `final`."""
+    total_steps = max(total_steps, 1)
+    steps = np.arange(total_steps, dtype=np.float64)
+    warm = min(warmup_steps, total_steps)
+    t = np.clip((steps - warm) / max(total_steps - warm, 1), 0, 1)
+    values = final + (base - final) * 0.5 * (1 + np.cos(math.pi * t))
+    if warm:
+        values[:warm] = base * (steps[:warm] + 1) / warm
+    return values
+
+
+def build_optimizer(params, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
+                    nesterov: bool = False) -> torch.optim.Optimizer:
+    makers = {
+        "sgd": lambda: torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                       nesterov=nesterov),
+        "adam": lambda: torch.optim.Adam(params, lr=lr, weight_decay=weight_decay),
+        "adamw": lambda: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay),
+    }
+    return makers[name]()
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def check_finite(loss: torch.Tensor, stage: str, epoch: int) -> None:
+    if not torch.isfinite(loss):
+        raise StageError(f"{stage}: the loss became {loss.item()} in epoch {epoch + 1}; the last good checkpoint "
+                         f"is kept. Lower the learning rate ({stage}.lr) and rerun to resume.")
+
+
+class EMA:
+    """Exponential moving average of a model's weights: θ_ema ← d·θ_ema + (1 − d)·θ."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - self.decay)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+    def state_dict(self):
+        return self.model.state_dict()
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state)
+
+
+@torch.no_grad()
+def predict_in_batches(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, rt: Runtime,
+                       batch_size: int = 512, desc: str | None = None) -> torch.Tensor:
+    """Apply `fn` to uint8 images in batches (no augmentation) and concatenate on the CPU."""
+    out = []
+    bar = tqdm(range(0, len(images), batch_size), desc=desc, disable=rt.quiet or desc is None, leave=False)
+    for i in bar:
+        with rt.autocast():
+            out.append(fn(rt.batch(images[i:i + batch_size])).float().cpu())
+    return torch.cat(out)
+
+
+class _GracefulStop:
+    """Turn SIGTERM into KeyboardInterrupt so the epoch loop can checkpoint before exiting."""
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGTERM, self._raise)
+        except ValueError:   # not the main thread
+            self.previous = None
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
+
+
+def run_epochs(stage: str, stage_dir: Path, epochs: int, steps_per_epoch: int, states: dict,
+               epoch_fn: Callable[[int, Callable[[], None]], dict], fingerprint: str, rt: Runtime,
+               after_epoch: Callable[[int, dict], bool] | None = None) -> list[dict]:
+    """Run `epoch_fn(epoch, tick)` for each epoch, checkpointing after every epoch.
+
+    `states` maps names to objects with state_dict/load_state_dict (model, optimizer, EMA ...).
+    A checkpoint with the same `fingerprint` is resumed from; RNG states are restored too, so
+    a resumed run continues exactly as an uninterrupted one would. `after_epoch(epoch, stats)`
+    may return True to stop early. Returns the per-epoch statistics.
+    """
+    path = Path(stage_dir) / "checkpoint.pt"
+    history: list[dict] = []
+    start = 0
+    ckpt = load_checkpoint(path)
+    if ckpt is not None and ckpt.get("fingerprint") == fingerprint:
+        for name, obj in states.items():
+            obj.load_state_dict(ckpt["states"][name])
+        set_rng_state(ckpt["rng"])
+        history, start = ckpt["history"], ckpt["epoch"]
+        if not rt.quiet and start < epochs:
+            tqdm.write(f"{stage}: resuming from epoch {start + 1}/{epochs}")
+    stopped = bool(history and history[-1].get("stop"))
+    bar = tqdm(total=epochs * steps_per_epoch, initial=start * steps_per_epoch, desc=stage, disable=rt.quiet,
+               unit="step", dynamic_ncols=True)
+    with _GracefulStop(), bar:
+        for epoch in range(start, epochs):
+            if stopped:
+                break
+            stats = epoch_fn(epoch, lambda: bar.update(1))
+            stats["epoch"] = epoch + 1
+            if after_epoch is not None and after_epoch(epoch, stats):
+                stats["stop"] = stopped = True
+            history.append(stats)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if isinstance(v, float)}, refresh=False)
+            atomic_torch_save(path, {"fingerprint": fingerprint, "epoch": epoch + 1, "history": history,
+                                     "states": {k: v.state_dict() for k, v in states.items()}, "rng": rng_state()})
+    return history

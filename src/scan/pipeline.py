@@ -1,0 +1,525 @@
+"""The SCAN stages as functions that read and write plain artifacts in a run directory.
+
+run_dir/
+  config.yaml                 resolved configuration
+  data.json                   data set summary (sizes, classes, normalisation, content hash)
+  pretext/backbone.pt         pretext backbone weights            (stage: pretext)
+  features/{train,eval}.npy   backbone features                   (stage: pretext)
+  mine/neighbors.npy          (N_train, K) neighbour indices      (stage: mine)
+  cluster/model.pt            clustering model, best head only    (stage: cluster)
+  selflabel/model.pt          self-labelled model                 (stage: selflabel)
+  probs.npy, predictions.npy  final eval-split probabilities / clusters
+  metrics.json                metrics of every stage              (stage: evaluate)
+
+Each stage writes `<stage>/done.json` holding a fingerprint of its configuration and inputs;
+a rerun skips a stage whose fingerprint is unchanged and recomputes it (saying why) otherwise.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+from tqdm.auto import tqdm
+
+from scan.augment import build_augment, WeakAugment, StrongAugment
+from scan.checkpoint import (atomic_save_npy, atomic_torch_save, atomic_write_json, read_json, seed_everything)
+from scan.config import Config, ConfigError, save_config
+from scan.data import ImageDataset, load_dataset
+from scan.engine import (EMA, Runtime, StageError, build_optimizer, check_finite, cosine_schedule, minibatches,
+                         predict_in_batches, resolve_device, run_epochs, set_lr)
+from scan.losses import scan_loss, selflabel_loss
+from scan.metrics import evaluate_clustering
+from scan.models import Backbone, ClusteringModel, build_backbone
+from scan.neighbors import mine_neighbors, neighbor_purity
+from scan.pretext import build_pretext
+
+log = logging.getLogger("scan")
+STAGES = ("pretext", "mine", "cluster", "selflabel", "evaluate")
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def say(rt: Runtime, message: str) -> None:
+    if not rt.quiet:
+        tqdm.write(message)
+
+
+@dataclass
+class Run:
+    """Everything a stage needs: configuration, run directory, device and the loaded data."""
+    cfg: Config
+    run_dir: Path
+    rt: Runtime
+    train: ImageDataset
+    eval: ImageDataset
+    info: dict = field(default_factory=dict)
+
+    @property
+    def num_clusters(self) -> int:
+        return self.info["num_clusters"]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train.images.shape[-1])
+
+    @property
+    def channels(self) -> int:
+        return int(self.train.images.shape[1])
+
+    def path(self, *parts: str) -> Path:
+        return self.run_dir.joinpath(*parts)
+
+    def fingerprint(self, stage: str) -> str:
+        """Hash of a stage's configuration and of everything upstream of it."""
+        c = self.cfg.to_dict()
+        own = {
+            "pretext": (self.info["data_hash"], c["seed"], c["model"], c["augment"], c["pretext"]),
+            "mine": (c["mine"],),
+            "cluster": (c["cluster"], c["augment"], self.num_clusters),
+            "selflabel": (c["selflabel"], c["augment"]),
+        }
+        upstream = STAGES[:STAGES.index(stage)]
+        return _hash(*(own[s] for s in upstream + (stage,) if s in own))
+
+    def done(self, stage: str) -> dict | None:
+        """The stage's record if it completed with the current fingerprint, else None (and why)."""
+        record = read_json(self.path(stage, "done.json"))
+        if record is None:
+            return None
+        if record.get("fingerprint") != self.fingerprint(stage):
+            say(self.rt, f"{stage}: configuration or inputs changed since the last run; recomputing")
+            return None
+        return record
+
+    def finish(self, stage: str, **extra) -> dict:
+        record = {"fingerprint": self.fingerprint(stage), **extra}
+        atomic_write_json(self.path(stage, "done.json"), record)
+        ckpt = self.path(stage, "checkpoint.pt")
+        if ckpt.exists():
+            ckpt.unlink()
+        return record
+
+    def backbone(self) -> Backbone:
+        m = self.cfg.model
+        return build_backbone(m.backbone, self.channels, self.info["mean"], self.info["std"],
+                              width=m.width, blocks=m.blocks)
+
+    def clustering_model(self, num_heads: int) -> ClusteringModel:
+        return ClusteringModel(self.backbone(), self.num_clusters, num_heads)
+
+
+# ------------------------------------------------------------------------ set-up
+
+def load_data(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
+    d = cfg.data
+    kwargs = dict(path=d.path, image_size=d.image_size, labels_from_folders=d.labels_from_folders, seed=cfg.seed)
+    train = load_dataset(d.dataset, split=d.train_split, **kwargs)
+    evaluation = train if d.eval_split == d.train_split else load_dataset(d.dataset, split=d.eval_split, **kwargs)
+    return train, evaluation
+
+
+def describe_data(cfg: Config, train: ImageDataset, evaluation: ImageDataset) -> dict:
+    """Summary written to data.json; also decides the number of clusters and the normalisation."""
+    x = train.images
+    if evaluation.images.shape[1:] != x.shape[1:]:
+        raise ConfigError(f"data.eval_split '{cfg.data.eval_split}' has images of shape "
+                          f"{tuple(evaluation.images.shape[1:])}, the train split {tuple(x.shape[1:])}")
+    num_classes = train.num_classes
+    num_clusters = cfg.data.num_clusters or num_classes
+    if num_clusters is None:
+        raise ConfigError("the data set has no labels, so the number of clusters is unknown: "
+                          "pass --num-clusters C (or data.num_clusters=C)")
+    if num_clusters > len(train):
+        raise ConfigError(f"data.num_clusters={num_clusters} is larger than the number of images ({len(train)})")
+    if cfg.mine.num_neighbors >= len(train):
+        raise ConfigError(f"mine.num_neighbors={cfg.mine.num_neighbors} must be smaller than the number of "
+                          f"training images ({len(train)})")
+    sample = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:10000]].float() / 255
+    digest = hashlib.sha256(x.numpy().tobytes()).hexdigest()[:16]
+    return {
+        "dataset": cfg.data.dataset, "path": cfg.data.path, "num_train": len(train), "num_eval": len(evaluation),
+        "image_shape": list(x.shape[1:]), "num_classes": num_classes, "num_clusters": int(num_clusters),
+        "class_names": train.class_names, "has_labels": train.labels is not None,
+        "eval_has_labels": evaluation.labels is not None,
+        "mean": sample.mean(dim=(0, 2, 3)).tolist(), "std": sample.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist(),
+        "data_hash": digest,
+    }
+
+
+def auto_defaults(cfg: Config, train: ImageDataset) -> dict:
+    """Overrides chosen from the data when no data-set config is given.
+
+    On a CPU, a narrow ResNet and epoch counts scaled so that each stage sees a fixed number
+    of images (a few minutes for a few thousand small images); on a GPU, the paper's ResNet-18.
+    """
+    n, side = len(train), int(train.images.shape[-1])
+    on_gpu = resolve_device(cfg.device).type == "cuda"
+    if on_gpu:
+        backbone = {"backbone": "resnet18_cifar" if side <= 64 else "resnet18"}
+        return {"model": backbone}
+
+    def epochs(budget: int, lo: int, hi: int) -> int:
+        return int(np.clip(round(budget / n), lo, hi))
+    return {
+        "model": {"backbone": "resnet_small", "width": 32 if side <= 32 else 16},
+        "pretext": {"epochs": epochs(150_000, 10, 500), "batch_size": min(256, n), "optimizer": "adam",
+                    "lr": 1e-3, "weight_decay": 1e-6},
+        "cluster": {"epochs": epochs(40_000, 5, 100), "lr": 1e-4},
+        "selflabel": {"epochs": epochs(25_000, 3, 200), "batch_size": min(256, n)},
+    }
+
+
+def open_run(cfg: Config, run_dir: Path, restart: bool = False, data=None) -> Run:
+    """Load data (unless given as (train, eval)), write config.yaml and data.json, return the Run."""
+    run_dir = Path(run_dir)
+    if restart and run_dir.exists():
+        for stage in STAGES:
+            for name in ("done.json", "checkpoint.pt"):
+                p = run_dir / stage / name
+                if p.exists():
+                    p.unlink()
+    rt = Runtime(resolve_device(cfg.device), quiet=cfg.quiet)
+    train, evaluation = data if data is not None else load_data(cfg)
+    info = describe_data(cfg, train, evaluation)
+    save_config(cfg, run_dir / "config.yaml")
+    atomic_write_json(run_dir / "data.json", info)
+    return Run(cfg, run_dir, rt, train, evaluation, info)
+
+
+# ------------------------------------------------------------------------ stage 1: pretext
+
+def stage_pretext(run: Run) -> dict:
+    """Self-supervised training of the backbone; writes pretext/backbone.pt and features/*.npy."""
+    if (record := run.done("pretext")) is not None:
+        return record
+    cfg, rt = run.cfg, run.rt
+    p = cfg.pretext
+    seed_everything(cfg.seed)
+    method = rt.prepare(build_pretext(p.method, run.backbone(), cfg, run.image_size, run.channels))
+    optimizer = build_optimizer(method.parameters(), p.optimizer, p.lr, p.weight_decay, p.momentum)
+    images = run.train.images.to(rt.device)
+    batch_size = min(p.batch_size, len(images))
+    steps = len(minibatches(len(images), batch_size))
+    lrs = cosine_schedule(p.lr, p.epochs * steps, p.warmup_epochs * steps)
+    start = time.time()
+
+    def epoch_fn(epoch, tick):
+        method.train()
+        total = 0.0
+        for i, idx in enumerate(minibatches(len(images), batch_size)):
+            step = epoch * steps + i
+            set_lr(optimizer, lrs[step])
+            with rt.autocast():
+                loss = method.loss(rt.batch(images[idx]))
+            check_finite(loss, "pretext", epoch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            method.after_step(step, p.epochs * steps)
+            total += loss.item()
+            tick()
+        return {"loss": total / steps, "lr": float(lrs[min(epoch * steps, len(lrs) - 1)])}
+
+    history = run_epochs("pretext", run.path("pretext"), p.epochs, steps, {"model": method, "opt": optimizer},
+                         epoch_fn, run.fingerprint("pretext"), rt)
+    backbone = method.backbone
+    atomic_torch_save(run.path("pretext", "backbone.pt"), backbone.state_dict())
+    _write_features(run, backbone)
+    return run.finish("pretext", seconds=time.time() - start, history=history, method=p.method)
+
+
+def _write_features(run: Run, backbone: Backbone) -> None:
+    backbone.eval()
+    for name, data in (("train", run.train), ("eval", run.eval)):
+        feats = predict_in_batches(backbone, data.images, run.rt, desc=f"features ({name})")
+        atomic_save_npy(run.path("features", f"{name}.npy"), feats.numpy())
+
+
+def load_backbone(run: Run) -> Backbone:
+    path = run.path("pretext", "backbone.pt")
+    if not path.exists():
+        raise StageError(f"{path} is missing: run the pretext stage first (scan pretext)")
+    backbone = run.backbone()
+    backbone.load_state_dict(torch.load(path, map_location="cpu"))
+    return backbone
+
+
+def _require(path: Path, stage: str) -> Path:
+    if not path.exists():
+        raise StageError(f"{path} is missing: run the {stage} stage first (scan {stage} --out {path.parent.parent})")
+    return path
+
+
+# ------------------------------------------------------------------------ stage 2: mine
+
+def stage_mine(run: Run) -> dict:
+    """K nearest neighbours of every training image in pretext feature space."""
+    if (record := run.done("mine")) is not None:
+        return record
+    start = time.time()
+    features = np.load(_require(run.path("features", "train.npy"), "pretext"))
+    neighbors = mine_neighbors(features, run.cfg.mine.num_neighbors)
+    atomic_save_npy(run.path("mine", "neighbors.npy"), neighbors)
+    extra = {"seconds": time.time() - start, "num_neighbors": int(neighbors.shape[1])}
+    if run.train.labels is not None:
+        extra["purity"] = neighbor_purity(neighbors, run.train.labels)
+        say(run.rt, f"mine: {neighbors.shape[1]} neighbours per image, purity {extra['purity']:.3f}")
+    return run.finish("mine", **extra)
+
+
+# ------------------------------------------------------------------------ stage 3: cluster
+
+def head_losses(probs: torch.Tensor, neighbors: torch.Tensor, entropy_weight: float) -> torch.Tensor:
+    """Per-head SCAN loss over all mined pairs, from unaugmented probabilities (H, N, C)."""
+    anchor = probs.unsqueeze(2)                      # (H, N, 1, C)
+    neighbor = probs[:, neighbors]                   # (H, N, K, C)
+    consistency = -torch.log((anchor * neighbor).sum(-1).clamp_min(1e-8)).mean(dim=(1, 2))
+    mean = probs.mean(1)
+    h = -(mean * torch.log(mean.clamp_min(1e-8))).sum(-1)
+    return consistency - entropy_weight * h
+
+
+def stage_cluster(run: Run) -> dict:
+    """Train `num_heads` clustering heads with the SCAN loss; keep the head with the lowest loss."""
+    if (record := run.done("cluster")) is not None:
+        return record
+    cfg, rt, c = run.cfg, run.rt, run.cfg.cluster
+    seed_everything(cfg.seed + 1)
+    neighbors = torch.from_numpy(np.load(_require(run.path("mine", "neighbors.npy"), "mine")))
+    model = run.clustering_model(c.num_heads)
+    model.backbone.load_state_dict(load_backbone(run).state_dict())
+    model = rt.prepare(model)
+    params = model.parameters() if c.update_backbone else model.heads.parameters()
+    optimizer = build_optimizer(params, c.optimizer, c.lr, c.weight_decay, c.momentum)
+    augment = build_augment(c.augment, cfg.augment, run.image_size, run.channels)
+    images = run.train.images.to(rt.device)
+    n, k = neighbors.shape
+    batch_size = min(c.batch_size, n)
+    steps = len(minibatches(n, batch_size))
+    start = time.time()
+
+    def epoch_fn(epoch, tick):
+        model.train()
+        if not c.update_backbone:
+            model.backbone.eval()   # frozen: batch-norm statistics must not drift either
+        sums = np.zeros(3)
+        for idx in minibatches(n, batch_size):
+            nb = neighbors[idx, torch.randint(k, (len(idx),))]
+            x = augment(rt.batch(torch.cat([images[idx], images[nb]])))
+            with rt.autocast():
+                if c.update_backbone:
+                    logits = model(x)
+                else:
+                    with torch.no_grad():
+                        feats = model.backbone(x)
+                    logits = model.heads_from_features(feats)
+            total, consistency, h = scan_loss(logits[:, :len(idx)], logits[:, len(idx):], c.entropy_weight)
+            loss = total.sum()
+            check_finite(loss, "cluster", epoch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums += [total.mean().item(), consistency.mean().item(), h.mean().item()]
+            tick()
+        sums /= steps
+        return {"loss": sums[0], "consistency": sums[1], "entropy": sums[2]}
+
+    history = run_epochs("cluster", run.path("cluster"), c.epochs, steps, {"model": model, "opt": optimizer},
+                         epoch_fn, run.fingerprint("cluster"), rt)
+    model.eval()
+    probs = predict_in_batches(lambda x: model(x).softmax(-1).transpose(0, 1), run.train.images, rt)
+    probs = probs.transpose(0, 1)                     # (H, N, C)
+    losses = head_losses(probs, neighbors, c.entropy_weight)
+    best = int(losses.argmin())
+    model.keep_head(best)
+    atomic_torch_save(run.path("cluster", "model.pt"), model.state_dict())
+    extra = {"seconds": time.time() - start, "head_losses": losses.tolist(), "best_head": best, "history": history}
+    _warn_collapse(run, probs[best].argmax(1), "cluster")
+    return run.finish("cluster", **extra)
+
+
+def _warn_collapse(run: Run, pred: torch.Tensor, stage: str) -> None:
+    share = torch.bincount(pred, minlength=run.num_clusters).max().item() / len(pred)
+    if share > 0.9:
+        log.warning("%s: one cluster holds %.0f%% of the images (collapse); raise cluster.entropy_weight "
+                    "(now %s) and rerun", stage, 100 * share, run.cfg.cluster.entropy_weight)
+
+
+def load_clustering_model(run: Run, stage: str) -> ClusteringModel:
+    model = run.clustering_model(1)
+    model.load_state_dict(torch.load(_require(run.path(stage, "model.pt"), stage), map_location="cpu"))
+    return model
+
+
+# ------------------------------------------------------------------------ stage 4: self-label
+
+def confident_count(model: ClusteringModel, images: torch.Tensor, rt: Runtime, threshold: float) -> int:
+    model.eval()
+    probs = predict_in_batches(lambda x: model(x)[0].softmax(-1), images, rt)
+    return int((probs.max(1).values > threshold).sum())
+
+
+class _Best:
+    """Weights (and confident count) of the epoch with the most confident samples so far."""
+
+    def __init__(self, model, count: int):
+        self.count, self.state = count, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def offer(self, model, count: int) -> bool:
+        if count > self.count:
+            self.count, self.state = count, {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return True
+        return False
+
+    def state_dict(self):
+        return {"count": self.count, "state": self.state}
+
+    def load_state_dict(self, d):
+        self.count, self.state = d["count"], d["state"]
+
+
+def stage_selflabel(run: Run) -> dict:
+    """Fine-tune on confident pseudo-labels (weak view) with cross-entropy on a strong view."""
+    if (record := run.done("selflabel")) is not None:
+        return record
+    cfg, rt, s = run.cfg, run.rt, run.cfg.selflabel
+    seed_everything(cfg.seed + 2)
+    model = rt.prepare(load_clustering_model(run, "cluster"))
+    images = run.train.images.to(rt.device)
+    start = time.time()
+    initial = confident_count(model, images, rt, s.threshold)
+    if initial == 0:
+        say(rt, f"selflabel: no training image has confidence above selflabel.threshold={s.threshold}; "
+                f"keeping the cluster-stage model (lower the threshold or train the cluster stage longer)")
+        atomic_torch_save(run.path("selflabel", "model.pt"), model.state_dict())
+        return run.finish("selflabel", seconds=time.time() - start, skipped=True, confident=[0], history=[])
+    optimizer = build_optimizer(model.parameters(), s.optimizer, s.lr, s.weight_decay, s.momentum)
+    weak, strong = WeakAugment(cfg.augment, run.image_size), StrongAugment(cfg.augment, run.image_size)
+    ema = EMA(model, s.ema_decay) if s.ema_decay > 0 else None
+    evaluated = ema.model if ema else model
+    # The confident count usually dips when training on strong views starts, so the
+    # initial model does not compete: the best trained epoch is kept.
+    best = _Best(evaluated, -1)
+    n = len(images)
+    batch_size = min(s.batch_size, n)
+    steps = len(minibatches(n, batch_size))
+    since_best = {"epochs": 0}
+
+    def epoch_fn(epoch, tick):
+        model.train()
+        total, used = 0.0, 0
+        for idx in minibatches(n, batch_size):
+            x = rt.batch(images[idx])
+            with torch.no_grad(), rt.autocast():
+                weak_logits = model(weak(x))[0]
+            with rt.autocast():
+                strong_logits = model(strong(x))[0]
+            loss, count = selflabel_loss(weak_logits, strong_logits, s.threshold, s.class_balance)
+            check_finite(loss, "selflabel", epoch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if ema:
+                ema.update(model)
+            total += loss.item()
+            used += count
+            tick()
+        return {"loss": total / steps, "confident_in_batches": float(used)}
+
+    def after_epoch(epoch, stats):
+        count = confident_count(evaluated, images, rt, s.threshold)
+        stats["confident"] = count
+        improved = best.offer(evaluated, count)
+        since_best["epochs"] = 0 if improved else since_best["epochs"] + 1
+        return bool(s.patience) and since_best["epochs"] >= s.patience
+
+    states = {"model": model, "opt": optimizer, "best": best}
+    if ema:
+        states["ema"] = ema
+    history = run_epochs("selflabel", run.path("selflabel"), s.epochs, steps, states, epoch_fn,
+                         run.fingerprint("selflabel"), rt, after_epoch)
+    atomic_torch_save(run.path("selflabel", "model.pt"), best.state)
+    return run.finish("selflabel", seconds=time.time() - start, confident=[initial] + [h["confident"] for h in history],
+                      best_confident=best.count, history=history)
+
+
+# ------------------------------------------------------------------------ stage 5: evaluate
+
+def final_stage(run: Run) -> str:
+    return "selflabel" if run.cfg.selflabel.enabled and run.path("selflabel", "model.pt").exists() else "cluster"
+
+
+def stage_evaluate(run: Run) -> dict:
+    """Metrics of the k-means baseline and each trained stage on the eval split; writes metrics.json."""
+    rt = run.rt
+    start = time.time()
+    metrics: dict = {"split": run.cfg.data.eval_split, "num_eval": len(run.eval), "num_clusters": run.num_clusters}
+    labels = run.eval.labels
+    train_feats = np.load(_require(run.path("features", "train.npy"), "pretext"))
+    eval_feats = np.load(run.path("features", "eval.npy"))
+    kmeans = KMeans(run.num_clusters, n_init=10, random_state=run.cfg.seed).fit(_normalize(train_feats))
+    kmeans_pred = kmeans.predict(_normalize(eval_feats))
+    if labels is not None:
+        metrics["kmeans"] = evaluate_clustering(kmeans_pred, labels, run.info["num_classes"])
+    last = None
+    for stage in ("cluster", "selflabel"):
+        if not run.path(stage, "model.pt").exists() or (stage == "selflabel" and not run.cfg.selflabel.enabled):
+            continue
+        model = rt.prepare(load_clustering_model(run, stage)).eval()
+        probs = predict_in_batches(lambda x: model(x)[0].softmax(-1), run.eval.images, rt).numpy()
+        if labels is not None:
+            metrics[stage] = evaluate_clustering(probs, labels, run.info["num_classes"])
+        last = (stage, probs)
+    if last is None:
+        raise StageError(f"no trained model in {run.run_dir}: run the cluster stage first (scan cluster)")
+    metrics["final_stage"], probs = last
+    atomic_save_npy(run.path("probs.npy"), probs)
+    atomic_save_npy(run.path("predictions.npy"), probs.argmax(1))
+    for stage in STAGES[:-1]:
+        record = read_json(run.path(stage, "done.json"))
+        if record:
+            metrics.setdefault("seconds", {})[stage] = record.get("seconds")
+            if "purity" in record:
+                metrics["neighbor_purity"] = record["purity"]
+    metrics.setdefault("seconds", {})["evaluate"] = time.time() - start
+    atomic_write_json(run.path("metrics.json"), metrics)
+    return metrics
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+STAGE_FUNCTIONS = {"pretext": stage_pretext, "mine": stage_mine, "cluster": stage_cluster,
+                   "selflabel": stage_selflabel, "evaluate": stage_evaluate}
+
+
+def run_pipeline(run: Run, stages=STAGES) -> dict:
+    """Run (or resume) the given stages in order; returns the evaluation metrics."""
+    result: dict = {}
+    for stage in stages:
+        if stage == "selflabel" and not run.cfg.selflabel.enabled:
+            continue
+        result = STAGE_FUNCTIONS[stage](run)
+    return result
+
+
+def summary_line(run: Run, metrics: dict) -> str:
+    parts = []
+    for stage in ("kmeans", "cluster", "selflabel"):
+        if stage in metrics:
+            m = metrics[stage]
+            parts.append(f"{stage} acc {m['acc']:.3f} nmi {m['nmi']:.3f} ari {m['ari']:.3f}")
+    where = f"{metrics['num_eval']} '{metrics['split']}' images, {run.num_clusters} clusters"
+    if not parts:
+        return f"clustered {where} without labels; results in {run.run_dir}"
+    return f"{' | '.join(parts)}  ({where}; results in {run.run_dir})"

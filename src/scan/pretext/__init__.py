@@ -1,0 +1,33 @@
+"""Self-supervised pretext methods, chosen by `pretext.method` through a registry.
+
+A method is an nn.Module built from (backbone, config, image_size, channels) that exposes
+`.backbone`, `loss(x)` for a batch of float images in [0, 1] (it applies its own
+augmentations) and `after_step(step, total_steps)` for momentum/EMA updates. All persistent
+state (momentum encoders, queues) lives in the module, so checkpoints capture it.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+_METHODS: dict[str, Callable] = {}
+
+
+def register_pretext(name: str):
+    def deco(cls):
+        _METHODS[name] = cls
+        return cls
+    return deco
+
+
+def list_pretext_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def build_pretext(name: str, backbone, cfg, image_size: int, channels: int):
+    from scan.config import ConfigError
+    if name not in _METHODS:
+        raise ConfigError(f"pretext.method '{name}' is unknown; choose one of {', '.join(list_pretext_methods())}")
+    return _METHODS[name](backbone, cfg, image_size, channels)
+
+
+from scan.pretext import simclr  # noqa: E402,F401  (registers the built-in methods)

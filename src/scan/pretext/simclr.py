@@ -1,0 +1,28 @@
+"""SimCLR: two augmented views per image, NT-Xent over the batch (SCAN's pretext on small data sets)."""
+from __future__ import annotations
+
+from torch import nn
+
+from scan.augment import SimCLRAugment
+from scan.losses import nt_xent
+from scan.models import ContrastiveModel
+from scan.pretext import register_pretext
+
+
+@register_pretext("simclr")
+class SimCLR(nn.Module):
+    def __init__(self, backbone, cfg, image_size: int, channels: int):
+        super().__init__()
+        self.model = ContrastiveModel(backbone, cfg.model.projection_dim)
+        self.augment = SimCLRAugment(cfg.augment, image_size, channels)
+        self.temperature = cfg.pretext.temperature
+
+    @property
+    def backbone(self):
+        return self.model.backbone
+
+    def loss(self, x):
+        return nt_xent(self.model(self.augment(x)), self.model(self.augment(x)), self.temperature)
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """SimCLR keeps no momentum state."""
