@@ -47,6 +47,7 @@ class ModelConfig:
     backbone: str = _f("resnet_small")
     width: int = _f(32, lo=4)               # channels of the first stage (resnet_small only)
     blocks: tuple[int, ...] = (1, 1, 1)     # residual blocks per stage (resnet_small only)
+    stem_stride: int = _f(1, lo=1, hi=4)    # resnet_small only
     projection_dim: int = _f(128, lo=2)
 
 

@@ -111,7 +111,7 @@ class Run:
     def backbone(self) -> Backbone:
         m = self.cfg.model
         return build_backbone(m.backbone, self.channels, self.info["mean"], self.info["std"],
-                              width=m.width, blocks=m.blocks)
+                              width=m.width, blocks=m.blocks, stem_stride=m.stem_stride)
 
     def clustering_model(self, num_heads: int) -> ClusteringModel:
         return ClusteringModel(self.backbone(), self.num_clusters, num_heads)

@@ -1,0 +1,87 @@
+import json
+
+import numpy as np
+import pytest
+
+from scan.cli import main
+from scan.config import load_config
+from scan.pipeline import open_run, run_pipeline
+
+
+def test_tiny_pipeline_writes_every_artifact_and_skips_finished_stages(tmp_path, tiny_overrides):
+    cfg = load_config("digits", tiny_overrides)
+    run = open_run(cfg, tmp_path / "run")
+    metrics = run_pipeline(run)
+    for stage in ("kmeans", "cluster", "selflabel"):
+        assert 0.0 <= metrics[stage]["acc"] <= 1.0
+    assert metrics["num_eval"] == 360
+    probs = np.load(tmp_path / "run" / "probs.npy")
+    assert probs.shape == (360, 10)
+    assert np.allclose(probs.sum(1), 1, atol=1e-4)
+    assert np.load(tmp_path / "run" / "mine" / "neighbors.npy").shape == (1437, 5)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["final_stage"] == "selflabel"
+    # no checkpoints or temp files left behind once stages are done
+    assert not list((tmp_path / "run").rglob("*.tmp")) and not list((tmp_path / "run").rglob("checkpoint.pt"))
+
+    # a rerun with the same config skips every training stage: artifacts are not rewritten
+    model_file = tmp_path / "run" / "cluster" / "model.pt"
+    stamp = model_file.stat().st_mtime_ns
+    run_pipeline(open_run(cfg, tmp_path / "run"))
+    assert model_file.stat().st_mtime_ns == stamp
+    # changing a cluster setting recomputes cluster (and what follows) but not pretext
+    backbone = tmp_path / "run" / "pretext" / "backbone.pt"
+    b_stamp = backbone.stat().st_mtime_ns
+    run_pipeline(open_run(load_config("digits", tiny_overrides + ["cluster.entropy_weight=4"]), tmp_path / "run"))
+    assert model_file.stat().st_mtime_ns != stamp and backbone.stat().st_mtime_ns == b_stamp
+
+
+def test_same_seed_gives_identical_predictions_on_cpu(tmp_path, tiny_overrides):
+    cfg = load_config("digits", tiny_overrides + ["selflabel.enabled=false"])
+    a = run_pipeline(open_run(cfg, tmp_path / "a"))
+    b = run_pipeline(open_run(cfg, tmp_path / "b"))
+    assert np.array_equal(np.load(tmp_path / "a" / "predictions.npy"), np.load(tmp_path / "b" / "predictions.npy"))
+    assert a["cluster"]["acc"] == b["cluster"]["acc"]
+
+
+def test_overclustering_runs_and_is_evaluated(tmp_path, tiny_overrides):
+    cfg = load_config("digits", tiny_overrides + ["data.num_clusters=20", "selflabel.enabled=false"])
+    metrics = run_pipeline(open_run(cfg, tmp_path / "run"))
+    assert metrics["num_clusters"] == 20
+    assert np.load(tmp_path / "run" / "probs.npy").shape == (360, 20)
+    assert len(metrics["cluster"]["cluster_to_class"]) == 20
+
+
+def test_cli_run_on_npz_without_labels(tmp_path, tiny_overrides, capsys):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(64, 12, 12, 3), dtype=np.uint8)
+    np.savez(tmp_path / "pile.npz", images=images)
+    args = ["run", "--data", str(tmp_path / "pile.npz"), "--num-clusters", "3", "--out", str(tmp_path / "r")]
+    for o in tiny_overrides:
+        args += ["--set", o]
+    assert main(args) == 0
+    out = capsys.readouterr()
+    assert "without labels" in out.out
+    assert "chose defaults from the data" not in out.err   # --quiet silences it
+    assert np.load(tmp_path / "r" / "predictions.npy").shape == (64,)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--data", "/nonexistent/folder"], "/nonexistent/folder does not exist"),
+    (["run", "--set", "cluster.entropy_weight=-1"], "cluster.entropy_weight must be >= 0.0, got -1.0"),
+    (["run", "--set", "clustr.epochs=3"], "did you mean 'cluster'"),
+    (["run", "--set", "data.num_clusters=5000"], "larger than the number of images"),
+    (["run", "--set", "mine.num_neighbors=2000"], "must be smaller than the number of training images"),
+    (["run", "--device", "cuda:3"], "CUDA is not available"),
+])
+def test_cli_user_errors_are_one_line_without_traceback(tmp_path, args, message, capsys):
+    code = main(args + ["--out", str(tmp_path / "r"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_npz_without_labels_needs_num_clusters(tmp_path, capsys):
+    np.savez(tmp_path / "x.npz", images=np.zeros((30, 8, 8), dtype=np.uint8))
+    assert main(["run", "--data", str(tmp_path / "x.npz"), "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    assert "--num-clusters" in capsys.readouterr().err
