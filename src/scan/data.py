@@ -152,7 +152,7 @@ def _existing_path(request: LoadRequest, title: str, default: str | None = None,
     if path is None:
         raise DataError(f"{title} needs a data location: pass --data PATH")
     if not path.exists():
-        raise DataError(f"{path}: no such file or folder (expected {title} data){hint}")
+        raise DataError(f"{path} does not exist (expected {title} data){hint}")
     return path
 
 
@@ -592,7 +592,7 @@ def detect_format(path: Path | None) -> str:
     if path is None:
         raise DataError("dataset 'auto' needs a data location: pass --data PATH")
     if not path.exists():
-        raise DataError(f"{path}: no such file or folder")
+        raise DataError(f"{path} does not exist (expected an image folder, a data-set folder or a .npz file)")
     if path.is_file():
         if path.suffix.lower() == ".npz":
             return "npz"
