@@ -12,6 +12,8 @@ from PIL import Image
 from scan import data
 from scan.data import DataError, ImageDataset, list_datasets, load_dataset
 
+from fakes import cifar_rows, write_pickle
+
 FASHION = Path(data.FASHION_MNIST_PATH)
 
 
@@ -24,16 +26,6 @@ def write_idx(path: Path, array: np.ndarray, magic: int) -> Path:
     with opener(path, "wb") as f:
         f.write(raw)
     return path
-
-
-def write_pickle(path: Path, obj) -> None:
-    # Protocol 2 with bytes keys mimics the Python-2 era CIFAR files.
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=2)
-
-
-def cifar_rows(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, 3072), dtype=np.uint8)
 
 
 def save_image(path: Path, array: np.ndarray, mode: str | None = None, **kwargs) -> Path:
@@ -55,9 +47,9 @@ def solid(color, size=(12, 10)) -> np.ndarray:
 
 def test_registry_lists_every_format_and_rejects_unknown_names():
     assert set(list_datasets()) == {"digits", "fashion-mnist", "mnist", "idx", "cifar10", "cifar100-20",
-                                    "stl10", "folder", "npz"}
-    with pytest.raises(DataError, match=r"unknown dataset 'imagenet'.*cifar10.*stl10"):
-        load_dataset("imagenet")
+                                    "stl10", "folder", "npz", "imagenet", "imagenet50", "imagenet100", "imagenet200"}
+    with pytest.raises(DataError, match=r"unknown dataset 'tinyimagenet'.*cifar10.*stl10"):
+        load_dataset("tinyimagenet")
 
 
 def test_unsupported_split_is_a_data_error():
@@ -436,3 +428,10 @@ def test_auto_rejects_unusable_paths(tmp_path):
         load_dataset("auto", str(tmp_path / "missing"))
     with pytest.raises(DataError, match="'auto' needs a data location"):
         load_dataset("auto")
+
+
+def test_splitless_formats_are_known(tmp_path):
+    np.savez(tmp_path / "x.npz", images=np.zeros((3, 4, 4), np.uint8))
+    assert not data.has_splits("npz", None) and not data.has_splits("auto", str(tmp_path / "x.npz"))
+    assert not data.has_splits("folder", None)
+    assert data.has_splits("cifar10", None) and data.has_splits("digits", None)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scan.losses import balanced_cross_entropy, entropy, nt_xent, scan_loss, selflabel_loss
+from scan.losses import balanced_cross_entropy, entropy, info_nce, nt_xent, scan_loss, selflabel_loss
 
 
 def test_scan_loss_of_identical_one_hot_pairs_with_uniform_usage_is_minus_lambda_log_c():
@@ -75,3 +75,17 @@ def test_selflabel_loss_without_confident_samples_is_zero_and_differentiable():
     loss, count = selflabel_loss(torch.zeros(3, 4), strong, threshold=0.99)
     loss.backward()
     assert count == 0 and loss.item() == 0.0
+
+
+def test_info_nce_of_aligned_positives_and_orthogonal_negatives_matches_analytic_value():
+    b, k, t = 3, 5, 0.2
+    basis = torch.eye(b + k)
+    q = basis[:b]                             # each query equals its positive: q·k⁺ = 1
+    negatives = basis[b:]                     # orthogonal to every query: q·n = 0
+    expected = -math.log(math.exp(1 / t) / (math.exp(1 / t) + k))
+    assert info_nce(q, q.clone(), negatives, t).item() == pytest.approx(expected, rel=1e-6)
+    # ignored negatives drop out of the denominator (here two of the five, for every row)
+    ignore = torch.zeros(b, k, dtype=torch.bool)
+    ignore[:, :2] = True
+    fewer = -math.log(math.exp(1 / t) / (math.exp(1 / t) + k - 2))
+    assert info_nce(q, q.clone(), negatives, t, ignore).item() == pytest.approx(fewer, rel=1e-6)

@@ -93,3 +93,24 @@ def load_checkpoint(path: Path) -> dict | None:
     if not path.exists():
         return None
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# Wrappers that prefix a backbone's keys in other tools' checkpoints: DataParallel (`module.`),
+# MoCo's query encoder (`encoder_q.`) and our own ContrastiveModel / pretext modules (`backbone.`).
+STATE_PREFIXES = ("module.", "encoder_q.", "backbone.")
+
+
+def strip_prefixes(state: dict, prefixes: tuple[str, ...] = STATE_PREFIXES) -> dict:
+    """Remove any chain of leading wrapper prefixes from every key.
+
+    'module.encoder_q.backbone.trunk.stem.0.weight' -> 'trunk.stem.0.weight'. Keys under other
+    names (a projection 'head.', MoCo's 'encoder_k.') keep them, so a caller selecting the keys
+    of its model ignores them. When two keys strip to the same name the first one is kept.
+    """
+    out: dict = {}
+    for key, value in state.items():
+        stripped = key
+        while stripped.startswith(prefixes):
+            stripped = stripped[next(len(p) for p in prefixes if stripped.startswith(p)):]
+        out.setdefault(stripped, value)
+    return out

@@ -6,11 +6,12 @@ import logging
 import sys
 from pathlib import Path
 
-from scan.config import ConfigError, builtin_config_names, load_config, parse_override, _merge
+from scan.config import ConfigError, builtin_config_names, load_config, parse_override, _merge, _read_yaml
 from scan.data import DataError
 from scan.engine import StageError
+from scan.inference import RunError
 
-USER_ERRORS = (ConfigError, DataError, StageError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, StageError, RunError, FileNotFoundError)
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -28,6 +29,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set cluster.epochs=50 (repeatable)")
     p.add_argument("--restart", action="store_true", help="ignore finished stages and checkpoints; start afresh")
+    p.add_argument("--pretrained", metavar="NAME|FILE",
+                   help="skip pretext training: cluster cached features of a frozen network, efficientnet_lite0|1|2 "
+                        "(ImageNet) or a backbone state-dict FILE for model.backbone (applies configs/pretrained.yaml)")
+    p.add_argument("--refine", choices=("none", "spc"),
+                   help="refinement after self-labelling: spc = hierarchical pseudo-labels (sets refine.method)")
 
 
 def _user_overrides(args) -> dict:
@@ -36,7 +42,7 @@ def _user_overrides(args) -> dict:
         data = _merge(data, parse_override(text))
     shortcuts = {
         ("data", "path"): args.data, ("data", "dataset"): args.dataset, ("data", "num_clusters"): args.num_clusters,
-        ("device",): args.device, ("seed",): args.seed,
+        ("device",): args.device, ("seed",): args.seed, ("refine", "method"): args.refine,
         ("quiet",): True if args.quiet else None,
         ("data", "labels_from_folders"): True if args.labels_from_folders else None,
     }
@@ -49,7 +55,24 @@ def _user_overrides(args) -> dict:
         node[keys[-1]] = value
     if args.data and not args.dataset and not args.config:
         data.setdefault("data", {}).setdefault("dataset", "auto")
+    if args.pretrained:
+        data = _merge(_pretrained_overrides(args.pretrained), data)
     return data
+
+
+def _pretrained_overrides(value: str) -> dict:
+    """--pretrained: the built-in `pretrained` settings with a network name or a checkpoint file."""
+    from scan.pretrained import LITE_MODELS, list_pretrained
+    overlay = _read_yaml("pretrained")
+    if value in LITE_MODELS:
+        overlay["model"] = {"backbone": value}
+        overlay["data"] = {"image_size": LITE_MODELS[value].input_size}   # image folders: read at its resolution
+    elif Path(value).is_file():
+        overlay["model"] = {"init_checkpoint": value}   # the architecture comes from model.* as usual
+    else:
+        raise ConfigError(f"--pretrained {value}: neither a pretrained network ({'|'.join(list_pretrained())}) "
+                          f"nor an existing state-dict file")
+    return overlay
 
 
 def build_config(args):
@@ -61,7 +84,7 @@ def build_config(args):
     cfg = load_config(None, user)
     data = load_data(cfg)
     auto = auto_defaults(cfg, data[0])
-    if not cfg.quiet:
+    if not cfg.quiet and auto:
         print("scan: no --config given; chose defaults from the data: "
               + ", ".join(f"{k}={v}" for k, v in _flatten(auto)), file=sys.stderr)
     return load_config(None, _merge(auto, user)), data
@@ -79,6 +102,8 @@ def default_run_dir(cfg, args) -> Path:
     if args.out:
         return Path(args.out)
     name = Path(cfg.data.path).stem if cfg.data.path else cfg.data.dataset
+    if cfg.pretext.method == "pretrained":   # next to, not over, a from-scratch run on the same data
+        name += f"-{cfg.model.backbone}"
     return Path("runs") / f"{name}-seed{cfg.seed}"
 
 
@@ -89,7 +114,77 @@ def cmd_stages(args, stages) -> int:
     metrics = run_pipeline(run, stages)
     if "evaluate" in stages:
         print(summary_line(run, metrics))
+        from scan.inference import write_train_assignments
+        from scan.report import write_run_report
+        write_train_assignments(run)
+        print(f"report: {write_run_report(run)}")
     return 0
+
+
+# ------------------------------------------------------------------------ using a trained run
+
+def cmd_report(args) -> int:
+    from scan.report import write_report
+    print(write_report(args.run_dir, args.device))
+    return 0
+
+
+def cmd_name(args) -> int:
+    from scan.inference import cluster_title, load_names, set_names
+    names = set_names(args.run_dir, args.names) if args.names else load_names(args.run_dir)
+    for cluster, name in sorted(names.items()):
+        print(f"{cluster}\t{cluster_title(cluster, names)}")
+    if args.names:
+        print(f"saved; `scan report {args.run_dir}` shows the names in report.html", file=sys.stderr)
+    elif not names:
+        print(f"no cluster is named yet: scan name {args.run_dir} 0=NAME 1=NAME ...", file=sys.stderr)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from scan.checkpoint import atomic_write_text
+    from scan.inference import (assignments_csv, load_classifier, load_image_paths, load_names, open_trained_run,
+                                predict_proba)
+    run = open_trained_run(args.run_dir, args.device)
+    images = load_image_paths(args.images, run.info["image_shape"])
+    probs = predict_proba(load_classifier(run), images.images, run.rt)
+    table = assignments_csv(images.paths, probs, load_names(args.run_dir))
+    if args.out:
+        atomic_write_text(Path(args.out), table)
+        print(f"wrote {len(probs)} predictions to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(table)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from scan.export import export_run
+    print(export_run(args.run_dir, args.out, args.format))
+    return 0
+
+
+def _add_trained_run_commands(sub) -> None:
+    """Subcommands that use a finished run directory: report, name, predict, export."""
+    from scan.export import FORMATS
+    p = sub.add_parser("report", help="write RUN_DIR/report.html, a self-contained gallery of the clusters")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, mps")
+    p.set_defaults(handler=cmd_report)
+    p = sub.add_parser("name", help="name clusters: scan name RUN_DIR 0=cats 3=\"red cars\" (no names: list them)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("names", nargs="*", metavar="ID=NAME", help="cluster id and its name; ID= removes a name")
+    p.set_defaults(handler=cmd_name)
+    p = sub.add_parser("predict", help="assign new images (files or folders) to the clusters of a trained run")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("images", nargs="+", metavar="IMAGES", help="image files and/or folders (searched recursively)")
+    p.add_argument("--out", "-o", help="CSV file to write (default: print the CSV)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, mps")
+    p.set_defaults(handler=cmd_predict)
+    p = sub.add_parser("export", help="save the trained model as one file mapping images to cluster probabilities")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--format", default=FORMATS[0], choices=FORMATS, help="file format (default %(default)s)")
+    p.add_argument("--out", "-o", help="output file (default RUN_DIR/model.torchscript.pt)")
+    p.set_defaults(handler=cmd_export)
 
 
 def main(argv=None) -> int:
@@ -101,9 +196,12 @@ def main(argv=None) -> int:
     for stage in STAGES:
         p = sub.add_parser(stage, help=f"run only the {stage} stage (its inputs must exist in the run directory)")
         _add_run_options(p)
+    _add_trained_run_commands(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="scan: %(message)s")
     try:
+        if hasattr(args, "handler"):
+            return args.handler(args)
         stages = STAGES if args.command == "run" else (args.command,)
         return cmd_stages(args, stages)
     except USER_ERRORS as e:

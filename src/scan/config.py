@@ -49,6 +49,9 @@ class ModelConfig:
     blocks: tuple[int, ...] = (1, 1, 1)     # residual blocks per stage (resnet_small only)
     stem_stride: int = _f(1, lo=1, hi=4)    # resnet_small only
     projection_dim: int = _f(128, lo=2)
+    # local backbone weights to start from (our backbone.pt or a torchvision-style ResNet, e.g. MoCo's);
+    # wrappers like `module.`, `encoder_q.`, `backbone.` are stripped (models.load_backbone_weights)
+    init_checkpoint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -65,21 +68,29 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class PretextConfig:
-    method: str = "simclr"
+    method: str = "simclr"        # a registered pretext method: simclr | moco | byol_queue | rotnet (scan.pretext)
+    #                               or pretrained: a frozen network (model.backbone), heads on cached features
     epochs: int = _f(500, lo=0)
     batch_size: int = _f(512, lo=2)
     optimizer: str = _f("sgd", choices=("sgd", "adam", "adamw"))
     lr: float = _f(0.4, lo=0.0, lo_open=True)
     weight_decay: float = _f(1e-4, lo=0.0)
     momentum: float = _f(0.9, lo=0.0, hi=1.0)
-    temperature: float = _f(0.1, lo=0.0, lo_open=True)
+    temperature: float | None = _f(None, lo=0.0, lo_open=True)   # None: the method's (SimCLR 0.1, MoCo/BYOL 0.2)
     warmup_epochs: int = _f(0, lo=0)
+    queue_size: int = _f(65536, lo=1)        # MoCo/BYOL-queue negatives, capped at the data-set size
+    ema_momentum: float | None = _f(None, lo=0.0, hi=1.0)   # None: MoCo 0.999 (fixed), BYOL m_base 0.996 (→ 1)
+    cached_views: int = _f(0, lo=0)          # pretrained only: also cache features of V augmented views per image
 
 
 @dataclass(frozen=True)
 class MineConfig:
-    method: str = "knn"
+    method: str = _f("knn", choices=("knn", "multiview"))   # the miner registry (scan.mining)
     num_neighbors: int = _f(20, lo=1)
+    # multiview only: a clustering head trained briefly on plain kNN pairs (frozen backbone) ranks candidates
+    head_epochs: int = _f(30, lo=1)
+    head_lr: float = _f(1e-3, lo=0.0, lo_open=True)
+    head_entropy_weight: float = _f(5.0, lo=0.0)
 
 
 @dataclass(frozen=True)
@@ -94,6 +105,7 @@ class ClusterConfig:
     num_heads: int = _f(10, lo=1)
     update_backbone: bool = True
     augment: str = _f("strong", choices=("strong", "simclr", "weak", "none"))
+    head_hidden: int = _f(0, lo=0)           # 0: linear heads; else MLP heads with this many hidden units
 
 
 @dataclass(frozen=True)
@@ -112,6 +124,27 @@ class SelfLabelConfig:
 
 
 @dataclass(frozen=True)
+class RefineConfig:
+    """SPC refinement (hierarchical pseudo-labels, label propagation, mixup); the STL-10 setting."""
+    method: str = _f("none", choices=("none", "spc"))
+    threshold: float = _f(0.95, lo=0.0, hi=1.0, lo_open=True, hi_open=True)   # δ: confidence of the strong set S′
+    top_fraction: float = _f(0.03, lo=0.0, hi=1.0, lo_open=True)   # r: per-class share of the data kept in S
+    num_neighbors: int = _f(20, lo=1)           # k₂ of the propagation graph
+    mu: float = _f(0.01, lo=0.0, lo_open=True)  # propagation weight γ = 1 / (1 + μ)
+    cg_iterations: int = _f(20, lo=1)           # conjugate-gradient iterations per propagation
+    alpha: float = _f(1.0, lo=0.0, lo_open=True)     # mixup λ ~ Beta(α, α)
+    mix_weight: float = _f(1.0, lo=0.0)         # λ_M of the mixup loss term
+    rounds: int = _f(1, lo=1)                   # pseudo-labels are rebuilt every ⌈epochs / rounds⌉ epochs
+    epochs: int = _f(50, lo=0)
+    batch_size: int = _f(256, lo=2)             # for S and for W
+    optimizer: str = _f("sgd", choices=("sgd", "adam", "adamw"))
+    lr: float = _f(0.03, lo=0.0, lo_open=True)
+    weight_decay: float = _f(5e-4, lo=0.0)
+    momentum: float = _f(0.9, lo=0.0, hi=1.0)
+    nesterov: bool = True
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0
     device: str = "auto"
@@ -123,6 +156,7 @@ class Config:
     mine: MineConfig = field(default_factory=MineConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     selflabel: SelfLabelConfig = field(default_factory=SelfLabelConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -243,7 +277,7 @@ def builtin_config_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("scan.configs").iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_yaml(source: str) -> dict:
+def _read_yaml(source: str, seen: tuple[str, ...] = ()) -> dict:
     path = Path(source)
     if not path.exists() and source in builtin_config_names():
         text = resources.files("scan.configs").joinpath(source + ".yaml").read_text()
@@ -259,7 +293,13 @@ def _read_yaml(source: str) -> dict:
         raise ConfigError(f"{name} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{name} must hold a mapping of sections, got {type(data).__name__}")
-    return data
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    # `base: other` starts from another config, so a variant states only what differs
+    if base in seen + (source,):
+        raise ConfigError(f"{name}: 'base: {base}' refers back to itself")
+    return _merge(_read_yaml(base, seen + (source,)), data)
 
 
 def load_config(source: str | None = None, overrides: list[str] | dict | None = None) -> Config:

@@ -10,6 +10,7 @@ message naming the file and what was expected, never a raw OSError or pickle tra
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import os
 import pickle
@@ -18,6 +19,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -525,6 +527,15 @@ def _decode(file: Path, size: int) -> np.ndarray | None:
         return None
 
 
+def decode_images(files: list[Path], size: int) -> list[np.ndarray | None]:
+    """Each file as a (size, size, 3) uint8 RGB crop (see `_decode`), None where unreadable.
+
+    Public so that new images are preprocessed exactly like a training folder (scan predict).
+    """
+    with _decompression_bomb_guard(), ThreadPoolExecutor() as pool:  # Pillow decodes without the GIL
+        return list(pool.map(lambda f: _decode(f, size), files))
+
+
 def _list_files(root: Path) -> list[Path]:
     """All files under root, recursively, sorted for a deterministic order; hidden entries ignored."""
     found = []
@@ -570,8 +581,7 @@ def load_folder(request: LoadRequest) -> ImageDataset:
     if not files:
         raise DataError(f"{root}: folder is empty (expected {'/'.join(sorted(IMAGE_EXTENSIONS))} files)")
     candidates = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
-    with _decompression_bomb_guard(), ThreadPoolExecutor() as pool:  # Pillow decodes without the GIL
-        decoded = list(pool.map(lambda f: _decode(f, size), candidates))
+    decoded = decode_images(candidates, size)
     kept = [(f, img) for f, img in zip(candidates, decoded) if img is not None]
     if not kept:
         raise DataError(f"{root}: none of the {len(files)} files is a readable image "
@@ -585,7 +595,131 @@ def load_folder(request: LoadRequest) -> ImageDataset:
     return ImageDataset(images, labels, classes, paths=[str(f) for f, _ in kept])
 
 
+# ----------------------------------------------------------------------------- ImageNet (lazy)
+
+IMAGENET_SIDE = 224      # the resolution of the SCAN ImageNet experiments
+_IMAGENET_FOLDERS = {"train": "train", "test": "val"}   # the public labelled held-out part is val/
+
+
+class LazyImages:
+    """Images (N, 3, S, S) uint8 decoded from their files only when indexed.
+
+    Stands in for the image tensor of an `ImageDataset` too large to keep in memory (ImageNet):
+    it has the tensor's len/shape/dtype/ndim, and indexing with an int, slice, index array or
+    tensor decodes those files with a thread pool into a real uint8 tensor. `.to()` and
+    `.contiguous()` return the object itself: each decoded batch moves to the device instead.
+    """
+
+    dtype = torch.uint8
+    ndim = 4
+
+    def __init__(self, files: list[Path], size: int):
+        self.files = list(files)
+        self.size = size
+        self.shape = torch.Size((len(self.files), 3, size, size))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, torch.Tensor):
+            index = index.cpu().numpy()
+        rows = np.arange(len(self))[index]
+        files = [self.files[i] for i in np.atleast_1d(rows)]
+        decoded = decode_images(files, self.size)
+        for file, img in zip(files, decoded):
+            if img is None:
+                log.warning("%s: unreadable image, used as a black image", file)
+        batch = np.stack([np.zeros((self.size, self.size, 3), np.uint8) if img is None else img for img in decoded])
+        batch = torch.from_numpy(batch.transpose(0, 3, 1, 2).copy())
+        return batch[0] if np.ndim(rows) == 0 else batch
+
+    def to(self, *args, **kwargs) -> LazyImages:
+        return self
+
+    def contiguous(self, *args, **kwargs) -> LazyImages:
+        return self
+
+    def fingerprint(self) -> str:
+        """Hash of the file list with sizes and modification times (decoding every image would take hours)."""
+        h = hashlib.sha256(str(self.size).encode())
+        for f in self.files:
+            st = f.stat()
+            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:16]
+
+
+def content_hash(images: torch.Tensor | LazyImages) -> str:
+    """16 hex digits identifying a data set's images: of the pixels, or of the files for lazy images."""
+    if isinstance(images, LazyImages):
+        return images.fingerprint()
+    return hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
+
+
+def imagenet_subsets() -> list[str]:
+    """Names of the shipped class lists (data_files/imagenet*.txt): imagenet50, imagenet100, imagenet200."""
+    return sorted(p.name[:-4] for p in resources.files("scan").joinpath("data_files").iterdir()
+                  if p.name.startswith("imagenet") and p.name.endswith(".txt"))
+
+
+def read_class_list(subset: str) -> list[tuple[str, str]]:
+    """(WordNet ID, display name) per class of a shipped subset, in file order (= label order)."""
+    text = resources.files("scan").joinpath("data_files", f"{subset}.txt").read_text()
+    return [tuple(line.split(" ", 1)) for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _imagenet_dataset(request: LoadRequest, classes: list[tuple[str, str]] | None) -> ImageDataset:
+    """ImageNet-style folders root/{train,val}/<wnid>/*.JPEG, restricted to `classes` (None: every folder)."""
+    root = _existing_path(request, "ImageNet", hint=" (expected train/<wnid>/*.JPEG and val/<wnid>/*.JPEG)")
+    parts = _split_parts("ImageNet", request.split)
+    if classes is None:
+        train = root / "train"
+        if not train.is_dir():
+            raise DataError(f"{root}: no train/ folder (expected ImageNet-style train/<wnid>/*.JPEG)")
+        classes = [(d.name, d.name) for d in sorted(train.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    files, labels = [], []
+    for part in parts:
+        for label, (wnid, _) in enumerate(classes):
+            folder = root / _IMAGENET_FOLDERS[part] / wnid
+            if not folder.is_dir():
+                raise DataError(f"{folder}: class folder is missing (ImageNet layout {_IMAGENET_FOLDERS[part]}/<wnid>/)")
+            found = [f for f in _list_files(folder) if f.suffix.lower() in IMAGE_EXTENSIONS]
+            files += found
+            labels += [label] * len(found)
+    if not files:
+        raise DataError(f"{root}: no images in the {len(classes)} class folders of split '{request.split}'")
+    return ImageDataset(LazyImages(files, request.image_size or IMAGENET_SIDE), np.array(labels),
+                        [name for _, name in classes], paths=[str(f) for f in files])
+
+
+@register_dataset("imagenet")
+def load_imagenet(request: LoadRequest) -> ImageDataset:
+    """Every class folder of an ImageNet-style tree, decoded lazily at 224 px (train, val = val/)."""
+    return _imagenet_dataset(request, None)
+
+
+def _register_imagenet_subsets() -> None:
+    for subset in imagenet_subsets():
+        def load(request: LoadRequest, subset=subset) -> ImageDataset:
+            return _imagenet_dataset(request, read_class_list(subset))
+        load.__doc__ = f"The {subset} classes of the SCAN paper from an ImageNet-style tree, decoded lazily."
+        register_dataset(subset)(load)
+
+
+_register_imagenet_subsets()
+
+
 # ----------------------------------------------------------------------------- format detection
+
+SPLITLESS_FORMATS = frozenset({"folder", "npz"})
+
+
+def has_splits(name: str, path: str | None) -> bool:
+    """False for formats whose every split is the same images (so they are read once, not per split)."""
+    if name == "auto":
+        name = detect_format(Path(path) if path else None)
+    return name not in SPLITLESS_FORMATS
+
 
 def detect_format(path: Path | None) -> str:
     """Registry name for the data at `path`: a known benchmark layout, an image folder or a .npz."""

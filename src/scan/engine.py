@@ -5,6 +5,7 @@ import contextlib
 import copy
 import math
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -91,6 +92,15 @@ def cosine_schedule(base: float, total_steps: int, warmup_steps: int = 0, final:
     return values
 
 
+def momentum_schedule(base: float, total_steps: int) -> np.ndarray:
+    """Per-step EMA momentum rising from `base` to 1 on a cosine (BYOL):
+
+    m_n = 1 − (1 − m_base)(cos(π n / (N − 1)) + 1) / 2,  n = 0 .. N − 1,  so m_0 = m_base and m_{N−1} = 1.
+    """
+    n = np.arange(max(total_steps, 1), dtype=np.float64)
+    return 1 - (1 - base) * (np.cos(math.pi * n / max(total_steps - 1, 1)) + 1) / 2
+
+
 def build_optimizer(params, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
                     nesterov: bool = False) -> torch.optim.Optimizer:
     makers = {
@@ -109,8 +119,24 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def check_finite(loss: torch.Tensor, stage: str, epoch: int) -> None:
     if not torch.isfinite(loss):
-        raise StageError(f"{stage}: the loss became {loss.item()} in epoch {epoch + 1}; the last good checkpoint "
-                         f"is kept. Lower the learning rate ({stage}.lr) and rerun to resume.")
+        raise StageError(f"{stage}: the loss became {loss.item()} in epoch {epoch + 1}; the checkpoint of the last "
+                         f"good epoch is kept and a rerun resumes from it. If it recurs, lower {stage}.lr "
+                         f"(the stage then starts over).")
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy whose parameters take no gradients (an EMA teacher or momentum encoder)."""
+    target = copy.deepcopy(model)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return target
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+    """θ_target ← m·θ_target + (1 − m)·θ_online for every parameter (buffers are left alone)."""
+    for t, p in zip(target.parameters(), online.parameters()):
+        t.lerp_(p.detach(), 1 - momentum)
 
 
 class EMA:
@@ -118,14 +144,12 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.model = copy.deepcopy(model).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self.model = frozen_copy(model).eval()
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1 - self.decay)
+        ema_update(self.model, model, self.decay)
+        # the averaged model is evaluated, so it takes the live batch-norm statistics
         for e, b in zip(self.model.buffers(), model.buffers()):
             e.copy_(b)
 
@@ -196,12 +220,18 @@ def run_epochs(stage: str, stage_dir: Path, epochs: int, steps_per_epoch: int, s
         for epoch in range(start, epochs):
             if stopped:
                 break
+            started = time.perf_counter()
             stats = epoch_fn(epoch, lambda: bar.update(1))
             stats["epoch"] = epoch + 1
+            stats["seconds"] = time.perf_counter() - started
             if after_epoch is not None and after_epoch(epoch, stats):
                 stats["stop"] = stopped = True
             history.append(stats)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if isinstance(v, float)}, refresh=False)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if isinstance(v, float) and k != "seconds"},
+                            refresh=False)
+            started = time.perf_counter()
             atomic_torch_save(path, {"fingerprint": fingerprint, "epoch": epoch + 1, "history": history,
                                      "states": {k: v.state_dict() for k, v in states.items()}, "rng": rng_state()})
+            # measured after the save, so only the in-memory history (done.json) carries it
+            stats["checkpoint_seconds"] = time.perf_counter() - started
     return history

@@ -23,6 +23,22 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> tor
     return F.cross_entropy(sim, positives)
 
 
+def info_nce(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, temperature: float = 0.2,
+             ignore: torch.Tensor | None = None) -> torch.Tensor:
+    """InfoNCE of L2-normalised queries (B, D) against their positives (B, D) and shared negatives (K, D).
+
+    With s⁺_i = q_i·k⁺_i / τ and s_ij = q_i·n_j / τ:  L = −mean_i log( exp(s⁺_i) / (exp(s⁺_i) + Σ_j exp(s_ij)) ).
+    `ignore` (B, K) marks negatives left out of row i's sum (e.g. a stale key of the query's own image).
+    """
+    q = query.float()
+    pos = (q * positive.float()).sum(1, keepdim=True)           # (B, 1)
+    neg = q @ negatives.float().t()                             # (B, K)
+    if ignore is not None:
+        neg = neg.masked_fill(ignore, float("-inf"))
+    logits = torch.cat([pos, neg], 1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
 def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Shannon entropy H(p) = −Σ p log p along `dim` (natural log)."""
     return -(p * torch.log(p.clamp_min(EPS))).sum(dim)
@@ -75,6 +91,19 @@ def selflabel_loss(weak_logits: torch.Tensor, strong_logits: torch.Tensor, thres
     mask, targets = confidence_pseudo_labels(weak_logits.detach(), threshold)
     loss = balanced_cross_entropy(strong_logits[mask], targets[mask], strong_logits.shape[-1], class_balance)
     return loss, int(mask.sum())
+
+
+def spc_loss(strong_logits: torch.Tensor, strong_targets: torch.Tensor, mixed_logits: torch.Tensor,
+             mixed_targets: torch.Tensor, mix_weight: float = 1.0):
+    """SPC refinement loss on a strong-set batch (B, C) with hard labels (B,) and a mixed batch with soft targets.
+
+    L = CE(f(x_S), y_S) + λ_M · (−(1/B) Σ_i Σ_c ỹ_ic log softmax(f(x̃_i))_c).
+    An empty mixed batch (no weak set) contributes zero. Returns (L, CE_S, CE_mixed).
+    """
+    ce_strong = F.cross_entropy(strong_logits.float(), strong_targets)
+    ce_mixed = (F.cross_entropy(mixed_logits.float(), mixed_targets.float()) if len(mixed_targets)
+                else mixed_logits.sum() * 0.0)
+    return ce_strong + mix_weight * ce_mixed, ce_strong, ce_mixed
 
 
 def uniform_entropy(num_clusters: int) -> float:

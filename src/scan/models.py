@@ -6,6 +6,9 @@ pre-processing step that a user could get wrong.
 """
 from __future__ import annotations
 
+import re
+from itertools import accumulate
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -150,6 +153,60 @@ def build_backbone(name: str, in_channels: int, mean=None, std=None, **kwargs) -
     return Backbone(_BACKBONES[name](in_channels=in_channels, **kwargs), in_channels, mean, std)
 
 
+def torchvision_resnet_keys(state: dict) -> dict:
+    """Rename a torchvision-style ResNet state dict to the names of our `ResNet` trunk.
+
+    conv1/bn1 → stem.0/stem.1; layerL.B.* → layers.(B + number of blocks in layers 1..L−1).*;
+    downsample → shortcut; `fc` and other keys are dropped. Block counts come from the keys.
+    """
+    blocks: dict[int, int] = {}
+    for key in state:
+        if m := re.match(r"layer(\d+)\.(\d+)\.", key):
+            blocks[int(m[1])] = max(blocks.get(int(m[1]), 0), int(m[2]) + 1)
+    offsets = dict(zip(sorted(blocks), accumulate([0] + [blocks[k] for k in sorted(blocks)])))
+    out = {}
+    for key, value in state.items():
+        if key.startswith(("conv1.", "bn1.")):
+            out[("stem.0" if key.startswith("conv1.") else "stem.1") + key[key.index("."):]] = value
+        elif m := re.match(r"layer(\d+)\.(\d+)\.(.*)", key):
+            out[f"layers.{offsets[int(m[1])] + int(m[2])}.{m[3].replace('downsample.', 'shortcut.')}"] = value
+    return out
+
+
+def load_backbone_weights(backbone: Backbone, path: str) -> None:
+    """Initialise `backbone` in place from a local checkpoint (model.init_checkpoint).
+
+    Accepts our pretext/backbone.pt or a torchvision-style ResNet such as MoCo's, bare or under
+    'state_dict'/'model', wrapped in any of the prefixes `checkpoint.strip_prefixes` removes
+    (`module.`, `encoder_q.`, `backbone.`). Every trunk weight must be present with the right
+    shape; normalisation buffers missing from the file keep the data's statistics.
+    """
+    from scan.checkpoint import strip_prefixes
+    from scan.config import ConfigError
+    source = f"model.init_checkpoint={path}"
+    if not Path(path).is_file():
+        raise ConfigError(f"{source} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    state = strip_prefixes(state)
+    trunk = {k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")} or torchvision_resnet_keys(state)
+    expected = backbone.trunk.state_dict()
+    missing = [k for k in expected if k not in trunk]
+    if missing:
+        raise ConfigError(f"{source} lacks {len(missing)} of the {len(expected)} backbone weights, e.g. "
+                          f"'{missing[0]}' (check model.backbone)")
+    wrong = [k for k in expected if trunk[k].shape != expected[k].shape]
+    if wrong:
+        raise ConfigError(f"{source}: '{wrong[0]}' has shape {tuple(trunk[wrong[0]].shape)}, the backbone expects "
+                          f"{tuple(expected[wrong[0]].shape)} (check model.backbone, width, blocks)")
+    backbone.trunk.load_state_dict({k: trunk[k] for k in expected})
+    for name in ("mean", "std"):
+        if name in state and state[name].shape == getattr(backbone, name).shape:
+            getattr(backbone, name).copy_(state[name])
+
+
 def mlp(din: int, dhidden: int, dout: int, batchnorm: bool = False) -> nn.Sequential:
     mid = [nn.BatchNorm1d(dhidden)] if batchnorm else []
     return nn.Sequential(nn.Linear(din, dhidden), *mid, nn.ReLU(inplace=True), nn.Linear(dhidden, dout))
@@ -168,20 +225,28 @@ class ContrastiveModel(nn.Module):
 
 
 class ClusteringModel(nn.Module):
-    """Backbone + `num_heads` linear heads over `num_clusters` clusters.
+    """Backbone + `num_heads` heads over `num_clusters` clusters.
 
-    `forward(x)` returns logits (num_heads, B, num_clusters); `heads_from_features` does the
-    same from pre-computed features so heads can train without re-running the backbone.
+    Heads are linear, or MLPs with `hidden` units when hidden > 0. `forward(x)` returns logits
+    (num_heads, B, num_clusters); `heads_from_features` does the same from pre-computed
+    features so heads can train without re-running the backbone.
     """
 
-    def __init__(self, backbone: nn.Module, num_clusters: int, num_heads: int = 1):
+    def __init__(self, backbone: nn.Module, num_clusters: int, num_heads: int = 1, hidden: int = 0):
         super().__init__()
         self.backbone = backbone
         self.num_clusters = num_clusters
         self.num_heads = num_heads
-        self.heads = nn.ModuleList(nn.Linear(backbone.feature_dim, num_clusters) for _ in range(num_heads))
+        d = backbone.feature_dim
+        self.heads = nn.ModuleList(mlp(d, hidden, num_clusters) if hidden else nn.Linear(d, num_clusters)
+                                   for _ in range(num_heads))
 
     def heads_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        if all(isinstance(h, nn.Linear) for h in self.heads):
+            # all heads in one (D, H·C) product: H skinny (D, C) ones are several times slower
+            weight = torch.cat([h.weight for h in self.heads])
+            bias = torch.cat([h.bias for h in self.heads])
+            return F.linear(features, weight, bias).view(len(features), len(self.heads), -1).transpose(0, 1)
         return torch.stack([h(features) for h in self.heads])
 
     def forward(self, x):

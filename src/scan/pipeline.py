@@ -5,9 +5,11 @@ run_dir/
   data.json                   data set summary (sizes, classes, normalisation, content hash)
   pretext/backbone.pt         pretext backbone weights            (stage: pretext)
   features/{train,eval}.npy   backbone features                   (stage: pretext)
+  features/cache.json         key of cached pretrained features   (pretext.method: pretrained; scan.features)
   mine/neighbors.npy          (N_train, K) neighbour indices      (stage: mine)
   cluster/model.pt            clustering model, best head only    (stage: cluster)
   selflabel/model.pt          self-labelled model                 (stage: selflabel)
+  refine/model.pt             SPC-refined model (refine.method=spc; stage: refine)
   probs.npy, predictions.npy  final eval-split probabilities / clusters
   metrics.json                metrics of every stage              (stage: evaluate)
 
@@ -29,19 +31,26 @@ from sklearn.cluster import KMeans
 from tqdm.auto import tqdm
 
 from scan.augment import build_augment, WeakAugment, StrongAugment
-from scan.checkpoint import (atomic_save_npy, atomic_torch_save, atomic_write_json, read_json, seed_everything)
+from scan.checkpoint import (FORMAT_VERSION, atomic_save_npy, atomic_torch_save, atomic_write_json, read_json,
+                             seed_everything)
 from scan.config import Config, ConfigError, save_config
-from scan.data import ImageDataset, load_dataset
+from scan.data import ImageDataset, content_hash, has_splits, load_dataset
 from scan.engine import (EMA, Runtime, StageError, build_optimizer, check_finite, cosine_schedule, minibatches,
                          predict_in_batches, resolve_device, run_epochs, set_lr)
+from scan.features import cache_features, load_features, load_views
+from scan.heads import FrozenFeatures, attach_network, feature_probs, pair_logits, weak_strong_logits
 from scan.losses import scan_loss, selflabel_loss
 from scan.metrics import evaluate_clustering
-from scan.models import Backbone, ClusteringModel, build_backbone
-from scan.neighbors import mine_neighbors, neighbor_purity
+from scan.models import Backbone, ClusteringModel, build_backbone, load_backbone_weights
+from scan.mining import MiningInputs, mine
+from scan.neighbors import neighbor_purity
+from scan.refine import feature_inputs, image_inputs, train_spc
 from scan.pretext import build_pretext
+from scan.pretrained import build_pretrained, check_pretrained_config
 
 log = logging.getLogger("scan")
-STAGES = ("pretext", "mine", "cluster", "selflabel", "evaluate")
+STAGES = ("pretext", "mine", "cluster", "selflabel", "refine", "evaluate")
+MODEL_STAGES = ("cluster", "selflabel", "refine")   # stages that write <stage>/model.pt
 
 
 def _hash(*parts) -> str:
@@ -83,9 +92,10 @@ class Run:
         c = self.cfg.to_dict()
         own = {
             "pretext": (self.info["data_hash"], c["seed"], c["model"], c["augment"], c["pretext"]),
-            "mine": (c["mine"],),
+            "mine": (c["mine"], self.num_clusters),
             "cluster": (c["cluster"], c["augment"], self.num_clusters),
             "selflabel": (c["selflabel"], c["augment"]),
+            "refine": (c["refine"], c["augment"]),
         }
         upstream = STAGES[:STAGES.index(stage)]
         return _hash(*(own[s] for s in upstream + (stage,) if s in own))
@@ -113,8 +123,15 @@ class Run:
         return build_backbone(m.backbone, self.channels, self.info["mean"], self.info["std"],
                               width=m.width, blocks=m.blocks, stem_stride=m.stem_stride)
 
+    @property
+    def head_only(self) -> bool:
+        """Heads train on cached features of a frozen pretrained network (pretext.method: pretrained)."""
+        return self.cfg.pretext.method == "pretrained"
+
     def clustering_model(self, num_heads: int) -> ClusteringModel:
-        return ClusteringModel(self.backbone(), self.num_clusters, num_heads)
+        """Untrained heads over the backbone, or over the cached features in head-only runs."""
+        backbone = FrozenFeatures.fit(load_features(self, "train")) if self.head_only else self.backbone()
+        return ClusteringModel(backbone, self.num_clusters, num_heads, self.cfg.cluster.head_hidden)
 
 
 # ------------------------------------------------------------------------ set-up
@@ -123,7 +140,8 @@ def load_data(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
     d = cfg.data
     kwargs = dict(path=d.path, image_size=d.image_size, labels_from_folders=d.labels_from_folders, seed=cfg.seed)
     train = load_dataset(d.dataset, split=d.train_split, **kwargs)
-    evaluation = train if d.eval_split == d.train_split else load_dataset(d.dataset, split=d.eval_split, **kwargs)
+    same = d.eval_split == d.train_split or not has_splits(d.dataset, d.path)
+    evaluation = train if same else load_dataset(d.dataset, split=d.eval_split, **kwargs)
     return train, evaluation
 
 
@@ -144,7 +162,7 @@ def describe_data(cfg: Config, train: ImageDataset, evaluation: ImageDataset) ->
         raise ConfigError(f"mine.num_neighbors={cfg.mine.num_neighbors} must be smaller than the number of "
                           f"training images ({len(train)})")
     sample = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:10000]].float() / 255
-    digest = hashlib.sha256(x.numpy().tobytes()).hexdigest()[:16]
+    digest = content_hash(x)
     return {
         "dataset": cfg.data.dataset, "path": cfg.data.path, "num_train": len(train), "num_eval": len(evaluation),
         "image_shape": list(x.shape[1:]), "num_classes": num_classes, "num_clusters": int(num_clusters),
@@ -161,6 +179,8 @@ def auto_defaults(cfg: Config, train: ImageDataset) -> dict:
     On a CPU, a narrow ResNet and epoch counts scaled so that each stage sees a fixed number
     of images (a few minutes for a few thousand small images); on a GPU, the paper's ResNet-18.
     """
+    if cfg.pretext.method == "pretrained":
+        return {}   # nothing to scale: --pretrained brings the head-only settings (configs/pretrained.yaml)
     n, side = len(train), int(train.images.shape[-1])
     on_gpu = resolve_device(cfg.device).type == "cuda"
     if on_gpu:
@@ -175,12 +195,35 @@ def auto_defaults(cfg: Config, train: ImageDataset) -> dict:
                     "lr": 1e-3, "weight_decay": 1e-6},
         "cluster": {"epochs": epochs(40_000, 5, 100), "lr": 1e-4},
         "selflabel": {"epochs": epochs(25_000, 3, 200), "batch_size": min(256, n)},
+        "refine": {"epochs": epochs(25_000, 3, 50), "batch_size": min(256, n)},
     }
+
+
+def check_run_format(run_dir: Path, restart: bool) -> None:
+    """Refuse to mix artifacts with a run directory written in another layout version."""
+    marker = run_dir / "run.json"
+    version = (read_json(marker) or {}).get("format_version", FORMAT_VERSION) if marker.exists() else None
+    if version is None and run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / "config.yaml").exists():
+        raise ConfigError(f"{run_dir} exists and is not a scan run directory: choose another --out")
+    if version not in (None, FORMAT_VERSION) and not restart:
+        raise ConfigError(f"{run_dir} was written by a scan with run-directory format {version}, this one uses "
+                          f"{FORMAT_VERSION}: pass --restart to recompute it there, or choose another --out")
+    atomic_write_json(marker, {"format_version": FORMAT_VERSION})
+
+
+def remove_stale_temp_files(run_dir: Path) -> None:
+    """A process killed mid-write leaves its temp file behind (the target itself is intact)."""
+    for tmp in run_dir.rglob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def open_run(cfg: Config, run_dir: Path, restart: bool = False, data=None) -> Run:
     """Load data (unless given as (train, eval)), write config.yaml and data.json, return the Run."""
     run_dir = Path(run_dir)
+    if cfg.pretext.method == "pretrained":
+        check_pretrained_config(cfg)
+    check_run_format(run_dir, restart)
+    remove_stale_temp_files(run_dir)
     if restart and run_dir.exists():
         for stage in STAGES:
             for name in ("done.json", "checkpoint.pt"):
@@ -201,10 +244,17 @@ def stage_pretext(run: Run) -> dict:
     """Self-supervised training of the backbone; writes pretext/backbone.pt and features/*.npy."""
     if (record := run.done("pretext")) is not None:
         return record
+    if run.head_only:   # a frozen pretrained network: embed the images once, nothing to train
+        return run.finish("pretext", **cache_features(run))
     cfg, rt = run.cfg, run.rt
     p = cfg.pretext
     seed_everything(cfg.seed)
-    method = rt.prepare(build_pretext(p.method, run.backbone(), cfg, run.image_size, run.channels))
+    backbone = run.backbone()
+    if cfg.model.init_checkpoint:
+        load_backbone_weights(backbone, cfg.model.init_checkpoint)
+    elif p.epochs == 0:
+        log.warning("pretext.epochs=0 without model.init_checkpoint: the features are those of a random network")
+    method = rt.prepare(build_pretext(p.method, backbone, cfg, run.image_size, run.channels, len(run.train)))
     optimizer = build_optimizer(method.parameters(), p.optimizer, p.lr, p.weight_decay, p.momentum)
     images = run.train.images.to(rt.device)
     batch_size = min(p.batch_size, len(images))
@@ -219,7 +269,7 @@ def stage_pretext(run: Run) -> dict:
             step = epoch * steps + i
             set_lr(optimizer, lrs[step])
             with rt.autocast():
-                loss = method.loss(rt.batch(images[idx]))
+                loss = method.loss(rt.batch(images[idx]), idx.to(rt.device))
             check_finite(loss, "pretext", epoch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -262,17 +312,20 @@ def _require(path: Path, stage: str) -> Path:
 # ------------------------------------------------------------------------ stage 2: mine
 
 def stage_mine(run: Run) -> dict:
-    """K nearest neighbours of every training image in pretext feature space."""
+    """Neighbours of every training image in pretext feature space (mine.method: knn | multiview)."""
     if (record := run.done("mine")) is not None:
         return record
     start = time.time()
     features = np.load(_require(run.path("features", "train.npy"), "pretext"))
-    neighbors = mine_neighbors(features, run.cfg.mine.num_neighbors)
+    neighbors, facts = mine(MiningInputs(features, run.train.images, lambda: load_backbone(run), run.cfg,
+                                         run.num_clusters, run.rt, run.train.labels, lambda m: say(run.rt, m)))
     atomic_save_npy(run.path("mine", "neighbors.npy"), neighbors)
-    extra = {"seconds": time.time() - start, "num_neighbors": int(neighbors.shape[1])}
+    extra = {"seconds": time.time() - start, "method": run.cfg.mine.method, "num_neighbors": int(neighbors.shape[1]),
+             **facts}
     if run.train.labels is not None:
         extra["purity"] = neighbor_purity(neighbors, run.train.labels)
-        say(run.rt, f"mine: {neighbors.shape[1]} neighbours per image, purity {extra['purity']:.3f}")
+        baseline = f" (plain kNN {facts['knn_purity']:.3f})" if "knn_purity" in facts else ""
+        say(run.rt, f"mine: {neighbors.shape[1]} neighbours per image, purity {extra['purity']:.3f}{baseline}")
     return run.finish("mine", **extra)
 
 
@@ -296,12 +349,12 @@ def stage_cluster(run: Run) -> dict:
     seed_everything(cfg.seed + 1)
     neighbors = torch.from_numpy(np.load(_require(run.path("mine", "neighbors.npy"), "mine")))
     model = run.clustering_model(c.num_heads)
-    model.backbone.load_state_dict(load_backbone(run).state_dict())
+    if not run.head_only:
+        model.backbone.load_state_dict(load_backbone(run).state_dict())
     model = rt.prepare(model)
-    params = model.parameters() if c.update_backbone else model.heads.parameters()
+    params = model.parameters() if c.update_backbone and not run.head_only else model.heads.parameters()
     optimizer = build_optimizer(params, c.optimizer, c.lr, c.weight_decay, c.momentum)
-    augment = build_augment(c.augment, cfg.augment, run.image_size, run.channels)
-    images = run.train.images.to(rt.device)
+    logits_of = pair_logits(model, load_views(run)) if run.head_only else _image_pair_logits(run, model)
     n, k = neighbors.shape
     batch_size = min(c.batch_size, n)
     steps = len(minibatches(n, batch_size))
@@ -314,14 +367,7 @@ def stage_cluster(run: Run) -> dict:
         sums = np.zeros(3)
         for idx in minibatches(n, batch_size):
             nb = neighbors[idx, torch.randint(k, (len(idx),))]
-            x = augment(rt.batch(torch.cat([images[idx], images[nb]])))
-            with rt.autocast():
-                if c.update_backbone:
-                    logits = model(x)
-                else:
-                    with torch.no_grad():
-                        feats = model.backbone(x)
-                    logits = model.heads_from_features(feats)
+            logits = logits_of(idx, nb)
             total, consistency, h = scan_loss(logits[:, :len(idx)], logits[:, len(idx):], c.entropy_weight)
             loss = total.sum()
             check_finite(loss, "cluster", epoch)
@@ -335,9 +381,7 @@ def stage_cluster(run: Run) -> dict:
 
     history = run_epochs("cluster", run.path("cluster"), c.epochs, steps, {"model": model, "opt": optimizer},
                          epoch_fn, run.fingerprint("cluster"), rt)
-    model.eval()
-    probs = predict_in_batches(lambda x: model(x).softmax(-1).transpose(0, 1), run.train.images, rt)
-    probs = probs.transpose(0, 1)                     # (H, N, C)
+    probs = head_probs(run, model, "train")           # (H, N, C)
     losses = head_losses(probs, neighbors, c.entropy_weight)
     best = int(losses.argmin())
     model.keep_head(best)
@@ -347,6 +391,37 @@ def stage_cluster(run: Run) -> dict:
     return run.finish("cluster", **extra)
 
 
+def _image_pair_logits(run: Run, model: ClusteringModel):
+    """SCAN's forward on images: (anchor idx, neighbour idx) -> (H, 2B, C) logits of augmented views."""
+    cfg, rt, c = run.cfg, run.rt, run.cfg.cluster
+    augment = build_augment(c.augment, cfg.augment, run.image_size, run.channels)
+    images = run.train.images.to(rt.device)
+
+    def logits(idx, nb):
+        x = augment(rt.batch(torch.cat([images[idx], images[nb]])))
+        with rt.autocast():
+            if c.update_backbone:
+                return model(x)
+            with torch.no_grad():
+                feats = model.backbone(x)
+            return model.heads_from_features(feats)
+    return logits
+
+
+def head_probs(run: Run, model: ClusteringModel, split: str) -> torch.Tensor:
+    """(H, N, C) probabilities of every head on the unaugmented 'train' or 'eval' images, on the CPU."""
+    model.eval()
+    if run.head_only:
+        return feature_probs(model, load_features(run, split))
+    images = (run.train if split == "train" else run.eval).images
+    return predict_in_batches(lambda x: model(x).softmax(-1).transpose(0, 1), images, run.rt).transpose(0, 1)
+
+
+def head_only_train_outputs(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C) final-stage probabilities and (N, D) cached features of the training images (head-only runs)."""
+    return head_probs(run, load_stage_model(run, final_stage(run)), "train")[0], load_features(run, "train")
+
+
 def _warn_collapse(run: Run, pred: torch.Tensor, stage: str) -> None:
     share = torch.bincount(pred, minlength=run.num_clusters).max().item() / len(pred)
     if share > 0.9:
@@ -354,17 +429,25 @@ def _warn_collapse(run: Run, pred: torch.Tensor, stage: str) -> None:
                     "(now %s) and rerun", stage, 100 * share, run.cfg.cluster.entropy_weight)
 
 
-def load_clustering_model(run: Run, stage: str) -> ClusteringModel:
+def load_stage_model(run: Run, stage: str) -> ClusteringModel:
+    """A stage's model as it trained: over cached features in head-only runs, else over images."""
     model = run.clustering_model(1)
     model.load_state_dict(torch.load(_require(run.path(stage, "model.pt"), stage), map_location="cpu"))
     return model
 
 
+def load_clustering_model(run: Run, stage: str) -> ClusteringModel:
+    """A stage's model mapping images to logits (a head-only run gets its pretrained network attached)."""
+    model = load_stage_model(run, stage)
+    if run.head_only:
+        attach_network(model, build_pretrained(run.cfg, run.channels, run.info["mean"], run.info["std"]))
+    return model
+
+
 # ------------------------------------------------------------------------ stage 4: self-label
 
-def confident_count(model: ClusteringModel, images: torch.Tensor, rt: Runtime, threshold: float) -> int:
-    model.eval()
-    probs = predict_in_batches(lambda x: model(x)[0].softmax(-1), images, rt)
+def confident_count(run: Run, model: ClusteringModel, threshold: float) -> int:
+    probs = head_probs(run, model, "train")[0]
     return int((probs.max(1).values > threshold).sum())
 
 
@@ -393,23 +476,22 @@ def stage_selflabel(run: Run) -> dict:
         return record
     cfg, rt, s = run.cfg, run.rt, run.cfg.selflabel
     seed_everything(cfg.seed + 2)
-    model = rt.prepare(load_clustering_model(run, "cluster"))
-    images = run.train.images.to(rt.device)
+    model = rt.prepare(load_stage_model(run, "cluster"))
     start = time.time()
-    initial = confident_count(model, images, rt, s.threshold)
+    initial = confident_count(run, model, s.threshold)
     if initial == 0:
         say(rt, f"selflabel: no training image has confidence above selflabel.threshold={s.threshold}; "
                 f"keeping the cluster-stage model (lower the threshold or train the cluster stage longer)")
         atomic_torch_save(run.path("selflabel", "model.pt"), model.state_dict())
         return run.finish("selflabel", seconds=time.time() - start, skipped=True, confident=[0], history=[])
     optimizer = build_optimizer(model.parameters(), s.optimizer, s.lr, s.weight_decay, s.momentum)
-    weak, strong = WeakAugment(cfg.augment, run.image_size), StrongAugment(cfg.augment, run.image_size)
+    logits_of = weak_strong_logits(model, load_views(run)) if run.head_only else _image_weak_strong_logits(run, model)
     ema = EMA(model, s.ema_decay) if s.ema_decay > 0 else None
     evaluated = ema.model if ema else model
     # The confident count usually dips when training on strong views starts, so the
     # initial model does not compete: the best trained epoch is kept.
     best = _Best(evaluated, -1)
-    n = len(images)
+    n = len(run.train)
     batch_size = min(s.batch_size, n)
     steps = len(minibatches(n, batch_size))
     since_best = {"epochs": 0}
@@ -418,11 +500,7 @@ def stage_selflabel(run: Run) -> dict:
         model.train()
         total, used = 0.0, 0
         for idx in minibatches(n, batch_size):
-            x = rt.batch(images[idx])
-            with torch.no_grad(), rt.autocast():
-                weak_logits = model(weak(x))[0]
-            with rt.autocast():
-                strong_logits = model(strong(x))[0]
+            weak_logits, strong_logits = logits_of(idx)
             loss, count = selflabel_loss(weak_logits, strong_logits, s.threshold, s.class_balance)
             check_finite(loss, "selflabel", epoch)
             optimizer.zero_grad(set_to_none=True)
@@ -436,7 +514,7 @@ def stage_selflabel(run: Run) -> dict:
         return {"loss": total / steps, "confident_in_batches": float(used)}
 
     def after_epoch(epoch, stats):
-        count = confident_count(evaluated, images, rt, s.threshold)
+        count = confident_count(run, evaluated, s.threshold)
         stats["confident"] = count
         improved = best.offer(evaluated, count)
         since_best["epochs"] = 0 if improved else since_best["epochs"] + 1
@@ -452,10 +530,59 @@ def stage_selflabel(run: Run) -> dict:
                       best_confident=best.count, history=history)
 
 
+def _image_weak_strong_logits(run: Run, model: ClusteringModel):
+    """Self-labelling's forward on images: idx -> (weak-view logits without gradient, strong-view logits)."""
+    cfg, rt = run.cfg, run.rt
+    weak, strong = WeakAugment(cfg.augment, run.image_size), StrongAugment(cfg.augment, run.image_size)
+    images = run.train.images.to(rt.device)
+
+    def logits(idx):
+        x = rt.batch(images[idx])
+        with torch.no_grad(), rt.autocast():
+            weak_logits = model(weak(x))[0]
+        with rt.autocast():
+            return weak_logits, model(strong(x))[0]
+    return logits
+
+
+# ------------------------------------------------------------------------ optional: SPC refinement
+
+def stage_refine(run: Run) -> dict:
+    """SPC refinement (hierarchical pseudo-labels + mixup) of the latest model; writes refine/model.pt.
+
+    Starts from the self-labelled model when self-labelling ran, else from the cluster model.
+    """
+    cfg, rt = run.cfg, run.rt
+    if cfg.refine.method == "none":
+        raise StageError("refine.method is 'none': pass --refine spc (to scan evaluate as well) to refine with SPC")
+    if (record := run.done("refine")) is not None:
+        return record
+    source = ([s for s in trained_stages(run) if s != "refine"] or ["cluster"])[-1]
+    seed_everything(cfg.seed + 3)
+    model = rt.prepare(load_stage_model(run, source))
+    inputs = (feature_inputs(model, load_views(run)) if run.head_only
+              else image_inputs(model, run.train.images.to(rt.device), cfg.augment, rt))
+    start = time.time()
+    history, rounds = train_spc(model, inputs, len(run.train), cfg.refine, rt, run.path("refine"),
+                                run.fingerprint("refine"), run.train.labels, run.info["num_classes"])
+    atomic_torch_save(run.path("refine", "model.pt"), model.state_dict())
+    return run.finish("refine", seconds=time.time() - start, source=source, rounds=rounds, history=history)
+
+
 # ------------------------------------------------------------------------ stage 5: evaluate
 
+def stage_enabled(cfg: Config, stage: str) -> bool:
+    """selflabel and refine are optional; every other stage always runs."""
+    return {"selflabel": cfg.selflabel.enabled, "refine": cfg.refine.method != "none"}.get(stage, True)
+
+
+def trained_stages(run: Run) -> list[str]:
+    """Enabled model-producing stages whose model exists, in pipeline order."""
+    return [s for s in MODEL_STAGES if stage_enabled(run.cfg, s) and run.path(s, "model.pt").exists()]
+
+
 def final_stage(run: Run) -> str:
-    return "selflabel" if run.cfg.selflabel.enabled and run.path("selflabel", "model.pt").exists() else "cluster"
+    return (trained_stages(run) or ["cluster"])[-1]
 
 
 def stage_evaluate(run: Run) -> dict:
@@ -471,11 +598,9 @@ def stage_evaluate(run: Run) -> dict:
     if labels is not None:
         metrics["kmeans"] = evaluate_clustering(kmeans_pred, labels, run.info["num_classes"])
     last = None
-    for stage in ("cluster", "selflabel"):
-        if not run.path(stage, "model.pt").exists() or (stage == "selflabel" and not run.cfg.selflabel.enabled):
-            continue
-        model = rt.prepare(load_clustering_model(run, stage)).eval()
-        probs = predict_in_batches(lambda x: model(x)[0].softmax(-1), run.eval.images, rt).numpy()
+    for stage in trained_stages(run):
+        model = rt.prepare(load_stage_model(run, stage))
+        probs = head_probs(run, model, "eval")[0].numpy()
         if labels is not None:
             metrics[stage] = evaluate_clustering(probs, labels, run.info["num_classes"])
         last = (stage, probs)
@@ -500,14 +625,18 @@ def _normalize(x: np.ndarray) -> np.ndarray:
 
 
 STAGE_FUNCTIONS = {"pretext": stage_pretext, "mine": stage_mine, "cluster": stage_cluster,
-                   "selflabel": stage_selflabel, "evaluate": stage_evaluate}
+                   "selflabel": stage_selflabel, "refine": stage_refine, "evaluate": stage_evaluate}
 
 
 def run_pipeline(run: Run, stages=STAGES) -> dict:
-    """Run (or resume) the given stages in order; returns the evaluation metrics."""
+    """Run (or resume) the given stages in order; returns the evaluation metrics.
+
+    Disabled optional stages are skipped in a chain; a stage asked for alone always runs, so
+    that it can say how to enable it rather than silently doing nothing.
+    """
     result: dict = {}
     for stage in stages:
-        if stage == "selflabel" and not run.cfg.selflabel.enabled:
+        if len(stages) > 1 and not stage_enabled(run.cfg, stage):
             continue
         result = STAGE_FUNCTIONS[stage](run)
     return result
@@ -515,7 +644,7 @@ def run_pipeline(run: Run, stages=STAGES) -> dict:
 
 def summary_line(run: Run, metrics: dict) -> str:
     parts = []
-    for stage in ("kmeans", "cluster", "selflabel"):
+    for stage in ("kmeans", "cluster", "selflabel", "refine"):
         if stage in metrics:
             m = metrics[stage]
             parts.append(f"{stage} acc {m['acc']:.3f} nmi {m['nmi']:.3f} ari {m['ari']:.3f}")

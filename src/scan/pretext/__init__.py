@@ -1,9 +1,11 @@
 """Self-supervised pretext methods, chosen by `pretext.method` through a registry.
 
-A method is an nn.Module built from (backbone, config, image_size, channels) that exposes
-`.backbone`, `loss(x)` for a batch of float images in [0, 1] (it applies its own
-augmentations) and `after_step(step, total_steps)` for momentum/EMA updates. All persistent
-state (momentum encoders, queues) lives in the module, so checkpoints capture it.
+A method is an nn.Module built from (backbone, config, image_size, channels, num_samples) that
+exposes `.backbone`, `loss(x, index)` for a batch of float images in [0, 1] and their (B,)
+positions in the data set (it applies its own augmentations; queue methods use `index` to keep
+an image's own stale keys out of its negatives) and `after_step(step, total_steps)` for
+momentum/EMA updates. All persistent state (momentum encoders, queues) lives in the module, so
+checkpoints capture it.
 """
 from __future__ import annotations
 
@@ -23,11 +25,16 @@ def list_pretext_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def build_pretext(name: str, backbone, cfg, image_size: int, channels: int):
+def build_pretext(name: str, backbone, cfg, image_size: int, channels: int, num_samples: int):
     from scan.config import ConfigError
     if name not in _METHODS:
         raise ConfigError(f"pretext.method '{name}' is unknown; choose one of {', '.join(list_pretext_methods())}")
-    return _METHODS[name](backbone, cfg, image_size, channels)
+    return _METHODS[name](backbone, cfg, image_size, channels, num_samples)
 
 
-from scan.pretext import simclr  # noqa: E402,F401  (registers the built-in methods)
+def method_default(value, default):
+    """The configured value, or the method's own default where the config leaves it None."""
+    return default if value is None else value
+
+
+from scan.pretext import byol_queue, moco, rotnet, simclr  # noqa: E402,F401  (registers the built-in methods)

@@ -6,22 +6,22 @@ from torch import nn
 from scan.augment import SimCLRAugment
 from scan.losses import nt_xent
 from scan.models import ContrastiveModel
-from scan.pretext import register_pretext
+from scan.pretext import method_default, register_pretext
 
 
 @register_pretext("simclr")
 class SimCLR(nn.Module):
-    def __init__(self, backbone, cfg, image_size: int, channels: int):
+    def __init__(self, backbone, cfg, image_size: int, channels: int, num_samples: int):
         super().__init__()
         self.model = ContrastiveModel(backbone, cfg.model.projection_dim)
         self.augment = SimCLRAugment(cfg.augment, image_size, channels)
-        self.temperature = cfg.pretext.temperature
+        self.temperature = method_default(cfg.pretext.temperature, 0.1)
 
     @property
     def backbone(self):
         return self.model.backbone
 
-    def loss(self, x):
+    def loss(self, x, index):
         return nt_xent(self.model(self.augment(x)), self.model(self.augment(x)), self.temperature)
 
     def after_step(self, step: int, total_steps: int) -> None:

@@ -1,0 +1,67 @@
+"""BYOL with a negative queue (the pretext of the many-class SCAN variant).
+
+Online network: backbone → projector → predictor. Target network: an EMA copy of backbone →
+projector whose momentum rises from m_base = 0.996 to 1 on a cosine. Unlike plain BYOL the
+prediction of one view is scored with InfoNCE (τ = 0.2) against the target projection of the
+other view and a queue of past target projections, which suits data with many classes:
+
+    L = ½ InfoNCE(l_a, h_b, {h⁻}) + ½ InfoNCE(l_b, h_a, {h⁻}).
+
+The two views come from different mixes: both are a SimCLR crop with colour jitter followed by
+RandAugment ops; only view b adds Cutout.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scan.augment import SimCLRAugment, StrongAugment
+from scan.engine import ema_update, frozen_copy, momentum_schedule
+from scan.losses import info_nce
+from scan.models import ContrastiveModel, mlp
+from scan.pretext import method_default, register_pretext
+from scan.pretext.queue import NegativeQueue
+
+
+@register_pretext("byol_queue")
+class BYOLQueue(nn.Module):
+    def __init__(self, backbone, cfg, image_size: int, channels: int, num_samples: int):
+        super().__init__()
+        p, dim = cfg.pretext, cfg.model.projection_dim
+        self.online = ContrastiveModel(backbone, dim)         # backbone + projector
+        self.predictor = mlp(dim, backbone.feature_dim, dim, batchnorm=True)
+        self.target = frozen_copy(self.online)
+        self.queue = NegativeQueue(min(p.queue_size, num_samples), dim)
+        no_cutout = dataclasses.replace(cfg.augment, cutout_fraction=0.0)
+        self.view_a = nn.Sequential(SimCLRAugment(cfg.augment, image_size, channels), StrongAugment(no_cutout, image_size))
+        self.view_b = nn.Sequential(SimCLRAugment(cfg.augment, image_size, channels), StrongAugment(cfg.augment, image_size))
+        self.temperature = method_default(p.temperature, 0.2)
+        self.momentum_base = method_default(p.ema_momentum, 0.996)
+        self._schedule = None     # per-step momenta, built on the first step once the step count is known
+
+    @property
+    def backbone(self):
+        return self.online.backbone
+
+    def _predict(self, x):
+        """l = predictor(projector(backbone(x))), L2-normalised (B, D)."""
+        return F.normalize(self.predictor(self.online.head(self.online.backbone(x))), dim=1)
+
+    def loss(self, x, index):
+        xa, xb = self.view_a(x), self.view_b(x)
+        la, lb = self._predict(xa), self._predict(xb)
+        with torch.no_grad():
+            ha, hb = self.target(xa), self.target(xb)         # (B, D) normalised target projections
+        negatives, ignore = self.queue.negatives(index)
+        loss = 0.5 * (info_nce(la, hb, negatives, self.temperature, ignore)
+                      + info_nce(lb, ha, negatives, self.temperature, ignore))
+        self.queue.push(ha, index)    # one key per image keeps the queue spanning more images
+        return loss
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        if self._schedule is None or len(self._schedule) != total_steps:
+            self._schedule = momentum_schedule(self.momentum_base, total_steps)
+        ema_update(self.target, self.online, float(self._schedule[step]))

@@ -1,0 +1,65 @@
+"""Neighbour miners: plain kNN and the multi-view selection of the many-class variant."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from scan.config import MineConfig, load_config
+from scan.mining import list_miners
+from scan.neighbors import gathered_dot, mine_neighbors, select_multiview
+from scan.pipeline import open_run, stage_mine, stage_pretext
+
+
+def test_miner_registry_matches_the_config_choices():
+    choices = dataclasses.fields(MineConfig)[0].metadata["choices"]
+    assert sorted(choices) == list_miners() == ["knn", "multiview"]
+
+
+def test_gathered_dot_matches_a_direct_computation_across_chunks():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, 3)).astype(np.float32)
+    index = rng.integers(0, 7, size=(7, 4))
+    expected = np.einsum("nd,nkd->nk", x, x[index])
+    assert np.allclose(gathered_dot(x, index, chunk_elements=12), expected, atol=1e-6)   # one row per chunk
+
+
+def test_multiview_selection_follows_strong_view_then_cluster_agreement():
+    # one anchor (row 0) with candidates 1..4; the strong view keeps 2 and 3 (most similar),
+    # then cluster agreement keeps 3 (same cluster as the anchor) over 2
+    candidates = np.array([[1, 2, 3, 4]] + [[0, 2, 3, 4]] * 4)
+    strong = np.array([[1, 0], [0, 1], [1, 0.1], [1, 0.2], [-1, 0]], dtype=np.float32)
+    probs = np.array([[1, 0], [1, 0], [0, 1], [1, 0], [1, 0]], dtype=np.float32)
+    chosen = select_multiview(candidates, strong, probs, keep_strong=2, q=1)
+    assert chosen[0].tolist() == [3]
+
+
+def test_multiview_returns_q_unique_neighbours_within_the_4q_set_and_never_the_sample():
+    rng = np.random.default_rng(1)
+    n, q = 60, 4
+    feats = rng.normal(size=(n, 8)).astype(np.float32)
+    feats[1] = feats[0]                                 # an exact duplicate may rank before the sample itself
+    candidates = mine_neighbors(feats, 4 * q)
+    probs = rng.dirichlet(np.ones(5), size=n).astype(np.float32)
+    chosen = select_multiview(candidates, rng.normal(size=(n, 8)).astype(np.float32), probs, 2 * q, q)
+    assert chosen.shape == (n, q)
+    for i in range(n):
+        assert len(set(chosen[i])) == q
+        assert set(chosen[i]) <= set(candidates[i])
+        assert i not in chosen[i]
+
+
+def test_multiview_stage_reports_purity_of_both_and_stays_within_the_knn_candidates(tmp_path, tiny_overrides):
+    cfg = load_config("digits", tiny_overrides + ["pretext.epochs=1", "mine.method=multiview", "mine.head_epochs=2"])
+    run = open_run(cfg, tmp_path / "run")
+    stage_pretext(run)
+    record = stage_mine(run)
+    q = cfg.mine.num_neighbors
+    neighbors = np.load(tmp_path / "run" / "mine" / "neighbors.npy")
+    candidates = mine_neighbors(np.load(tmp_path / "run" / "features" / "train.npy"), 4 * q)
+    assert neighbors.shape == (1437, q)
+    assert all(set(row) <= set(c) and len(set(row)) == q for row, c in zip(neighbors, candidates))
+    assert not (neighbors == np.arange(1437)[:, None]).any()
+    saved = json.loads((tmp_path / "run" / "mine" / "done.json").read_text())
+    assert saved["method"] == "multiview" and saved["candidates"] == 4 * q
+    assert 0 <= saved["knn_purity"] <= 1 and saved["purity"] == pytest.approx(record["purity"])

@@ -1,0 +1,151 @@
+"""A run killed with SIGKILL at any point resumes to exactly the result of an uninterrupted run."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from scan.checkpoint import atomic_write_json
+
+# Enough epochs per stage that a kill can land between checkpoints of every training stage.
+SETTINGS = ["model.width=8", "pretext.epochs=4", "pretext.batch_size=128", "cluster.epochs=4",
+            "cluster.num_heads=3", "selflabel.epochs=3", "selflabel.threshold=0.5", "mine.num_neighbors=5"]
+
+
+def _command(out):
+    args = [sys.executable, "-m", "scan.cli", "run", "--out", str(out), "--seed", "3"]
+    for s in SETTINGS:
+        args += ["--set", s]
+    return args
+
+
+def _env():
+    # one thread: identical float results across runs regardless of the machine's core count
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _run_to_end(out) -> str:
+    done = subprocess.run(_command(out), env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout + done.stderr
+
+
+def _kill_when(out, ready, extra_delay, log) -> bool:
+    """Start a run, SIGKILL it `extra_delay` s after `ready()` holds; False if it finished first.
+
+    Its output is appended to the file `log`."""
+    with open(log, "a") as sink:
+        proc = subprocess.Popen(_command(out), env=_env(), stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            while proc.poll() is None and not ready():
+                time.sleep(0.02)
+            time.sleep(extra_delay)
+            if proc.poll() is not None:
+                return False
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+            return True
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_of_each_stage_then_resume_matches_uninterrupted(tmp_path):
+    _run_to_end(tmp_path / "reference")
+    expected = np.load(tmp_path / "reference" / "predictions.npy")
+
+    out = tmp_path / "killed"
+    rng = random.Random(0)
+    log = tmp_path / "killed.log"
+    kills = 0
+    # mid-stage kills: once a stage has checkpointed at least one epoch, kill it a random moment later
+    for stage in ("pretext", "cluster", "selflabel"):
+        kills += _kill_when(out, lambda: (out / stage / "checkpoint.pt").exists(), rng.uniform(0.0, 0.4), log)
+    # kills at random instants, wherever the run happens to be (also inside mine / evaluate / file writes)
+    for _ in range(2):
+        kills += _kill_when(out, lambda: True, rng.uniform(1.0, 6.0), log)
+    assert kills >= 2
+    _run_to_end(out)
+    assert "pretext: resuming from epoch" in log.read_text()  # the first kill left a mid-stage checkpoint
+
+    assert np.array_equal(np.load(out / "predictions.npy"), expected)
+    assert not list(out.rglob("*.tmp")), "temp files left behind"
+    assert not list(out.rglob("checkpoint.pt")), "checkpoints of finished stages left behind"
+
+
+def test_stale_temp_files_are_removed_and_foreign_formats_refused(tmp_path, tiny_overrides):
+    from scan.config import ConfigError, load_config
+    from scan.pipeline import open_run
+
+    cfg = load_config("digits", tiny_overrides)
+    run = tmp_path / "run"
+    open_run(cfg, run)
+    (run / "pretext").mkdir()
+    stale = run / "pretext" / ".checkpoint.pt.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    open_run(cfg, run)
+    assert not stale.exists()
+
+    atomic_write_json(run / "run.json", {"format_version": 99})
+    with pytest.raises(ConfigError, match=r"run-directory format 99.*--restart"):
+        open_run(cfg, run)
+    open_run(cfg, run, restart=True)  # --restart takes the folder over
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "holiday.jpg").write_bytes(b"")
+    with pytest.raises(ConfigError, match="not a scan run directory"):
+        open_run(cfg, tmp_path / "photos")
+
+
+def test_nan_loss_stops_the_stage_keeps_the_last_good_checkpoint_and_a_rerun_resumes(tmp_path, tiny_overrides,
+                                                                                      monkeypatch):
+    import torch
+
+    from scan import pipeline
+    from scan.checkpoint import load_checkpoint
+    from scan.config import load_config
+    from scan.engine import StageError
+
+    cfg = load_config("digits", tiny_overrides + ["cluster.epochs=3", "selflabel.enabled=false"])
+    real_loss, calls = pipeline.scan_loss, {"n": 0}
+    steps_per_epoch = len(pipeline.minibatches(1437, cfg.cluster.batch_size))
+
+    def poisoned(*args, **kwargs):  # NaN from the second epoch on
+        calls["n"] += 1
+        total, *rest = real_loss(*args, **kwargs)
+        return (total * float("nan") if calls["n"] > steps_per_epoch else total, *rest)
+
+    monkeypatch.setattr(pipeline, "scan_loss", poisoned)
+    with pytest.raises(StageError, match=r"cluster: the loss became nan in epoch 2.*rerun resumes"):
+        pipeline.run_pipeline(pipeline.open_run(cfg, tmp_path / "run"))
+    ckpt = load_checkpoint(tmp_path / "run" / "cluster" / "checkpoint.pt")
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["states"]["model"].values()
+                                      if v.is_floating_point())
+    assert not (tmp_path / "run" / "cluster" / "done.json").exists()
+
+    monkeypatch.setattr(pipeline, "scan_loss", real_loss)
+    metrics = pipeline.run_pipeline(pipeline.open_run(cfg, tmp_path / "run"))
+    assert len(pipeline.read_json(tmp_path / "run" / "cluster" / "done.json")["history"]) == 3
+    assert 0 <= metrics["cluster"]["acc"] <= 1
+
+
+def test_collapsed_clustering_is_warned_about_with_the_fix(caplog):
+    import logging
+    from types import SimpleNamespace
+
+    import torch
+
+    from scan.config import load_config
+    from scan.pipeline import _warn_collapse
+
+    run = SimpleNamespace(num_clusters=10, cfg=load_config(None))
+    with caplog.at_level(logging.WARNING, logger="scan"):
+        _warn_collapse(run, torch.tensor([0] * 95 + list(range(1, 6))), "cluster")
+        _warn_collapse(run, torch.arange(100) % 10, "cluster")
+    assert len(caplog.records) == 1
+    assert "95%" in caplog.text and "raise cluster.entropy_weight" in caplog.text
