@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from scan.cli import main
+from scan.cli import _pretrained_overrides, main
 from scan.config import ConfigError, load_config
 from scan.data import load_dataset
 from scan.heads import FrozenFeatures
@@ -143,3 +143,13 @@ def test_linear_heads_in_one_product_equal_each_head_alone():
     assert torch.allclose(model.heads_from_features(x), each, atol=1e-6)
     model.keep_head(2)
     assert torch.allclose(model.heads_from_features(x), each[2:3], atol=1e-6)
+
+
+def test_pretrained_option_takes_a_network_name_or_a_state_dict_file(tmp_path):
+    named = _pretrained_overrides("efficientnet_lite1")
+    assert named["pretext"]["method"] == "pretrained" and named["model"] == {"backbone": "efficientnet_lite1"}
+    assert named["data"]["image_size"] == 240
+    (tmp_path / "w.pt").write_bytes(b"")
+    assert _pretrained_overrides(str(tmp_path / "w.pt"))["model"] == {"init_checkpoint": str(tmp_path / "w.pt")}
+    with pytest.raises(ConfigError, match="neither a pretrained network"):
+        _pretrained_overrides("efficientnet_b7")

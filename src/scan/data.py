@@ -53,9 +53,12 @@ class DataError(ValueError):
 
 @dataclass
 class ImageDataset:
-    """Images as one uint8 tensor (N, C, H, W), C = 1 (grey) or 3 (RGB), with optional labels."""
+    """Images as one uint8 tensor (N, C, H, W), C = 1 (grey) or 3 (RGB), with optional labels.
 
-    images: torch.Tensor
+    Data sets too large for memory (ImageNet) hold a `LazyImages` instead, which decodes on indexing.
+    """
+
+    images: torch.Tensor | LazyImages
     labels: np.ndarray | None
     class_names: list[str] | None
     paths: list[str] | None = None
@@ -682,7 +685,7 @@ def _imagenet_dataset(request: LoadRequest, classes: list[tuple[str, str]] | Non
         for label, (wnid, _) in enumerate(classes):
             folder = root / _IMAGENET_FOLDERS[part] / wnid
             if not folder.is_dir():
-                raise DataError(f"{folder}: class folder is missing (ImageNet layout {_IMAGENET_FOLDERS[part]}/<wnid>/)")
+                raise DataError(f"{folder}: class folder is missing (layout {_IMAGENET_FOLDERS[part]}/<wnid>/*.JPEG)")
             found = [f for f in _list_files(folder) if f.suffix.lower() in IMAGE_EXTENSIONS]
             files += found
             labels += [label] * len(found)

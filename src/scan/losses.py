@@ -27,7 +27,8 @@ def info_nce(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tenso
              ignore: torch.Tensor | None = None) -> torch.Tensor:
     """InfoNCE of L2-normalised queries (B, D) against their positives (B, D) and shared negatives (K, D).
 
-    With s⁺_i = q_i·k⁺_i / τ and s_ij = q_i·n_j / τ:  L = −mean_i log( exp(s⁺_i) / (exp(s⁺_i) + Σ_j exp(s_ij)) ).
+    With s⁺_i = q_i·k⁺_i / τ and s_ij = q_i·n_j / τ:
+        L = −mean_i log( exp(s⁺_i) / (exp(s⁺_i) + Σ_j exp(s_ij)) ).
     `ignore` (B, K) marks negatives left out of row i's sum (e.g. a stale key of the query's own image).
     """
     q = query.float()

@@ -60,13 +60,19 @@ class SameConv2d(nn.Conv2d):
     symmetric padding would shift every feature map by half a pixel relative to training.
     """
 
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, **kwargs):
+        # at stride 1 (odd kernels) 'SAME' is symmetric: the convolution pads without copying x
+        super().__init__(cin, cout, kernel, stride, padding=kernel // 2 if stride == 1 else 0, **kwargs)
+
     def forward(self, x):
+        if self.stride == (1, 1):
+            return super().forward(x)
         pads = []
         for size, k, s in ((x.shape[-1], self.kernel_size[1], self.stride[1]),
                            (x.shape[-2], self.kernel_size[0], self.stride[0])):
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
             pads += [total // 2, total - total // 2]
-        return super().forward(F.pad(x, pads) if any(pads) else x)
+        return super().forward(F.pad(x, pads))
 
 
 def _conv_bn(cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1):
@@ -82,7 +88,8 @@ class MBConv(nn.Module):
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, expansion: int):
         super().__init__()
         mid = cin * expansion
-        if expansion != 1:
+        self.expands = expansion != 1    # the first stage has no expansion convolution
+        if self.expands:
             self._expand_conv, self._bn0 = _conv_bn(cin, mid)
         self._depthwise_conv, self._bn1 = _conv_bn(mid, mid, kernel, stride, groups=mid)
         self._project_conv, self._bn2 = _conv_bn(mid, cout)
@@ -90,7 +97,7 @@ class MBConv(nn.Module):
 
     def forward(self, x):
         out = x
-        if hasattr(self, "_expand_conv"):
+        if self.expands:
             out = F.relu6(self._bn0(self._expand_conv(out)))
         out = F.relu6(self._bn1(self._depthwise_conv(out)))
         out = self._bn2(self._project_conv(out))
@@ -144,7 +151,6 @@ class LiteBackbone(nn.Module):
 
     def __init__(self, name: str):
         super().__init__()
-        self.name = name
         spec = LITE_MODELS[name]
         self.input_size = spec.input_size
         self.net = EfficientNetLite(spec)

@@ -36,8 +36,10 @@ class BYOLQueue(nn.Module):
         self.target = frozen_copy(self.online)
         self.queue = NegativeQueue(min(p.queue_size, num_samples), dim)
         no_cutout = dataclasses.replace(cfg.augment, cutout_fraction=0.0)
-        self.view_a = nn.Sequential(SimCLRAugment(cfg.augment, image_size, channels), StrongAugment(no_cutout, image_size))
-        self.view_b = nn.Sequential(SimCLRAugment(cfg.augment, image_size, channels), StrongAugment(cfg.augment, image_size))
+        self.view_a = nn.Sequential(SimCLRAugment(cfg.augment, image_size, channels),
+                                    StrongAugment(no_cutout, image_size))
+        self.view_b = nn.Sequential(SimCLRAugment(cfg.augment, image_size, channels),
+                                    StrongAugment(cfg.augment, image_size))
         self.temperature = method_default(p.temperature, 0.2)
         self.momentum_base = method_default(p.ema_momentum, 0.996)
         self._schedule = None     # per-step momenta, built on the first step once the step count is known
