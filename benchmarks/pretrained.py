@@ -70,7 +70,7 @@ def one_dataset(name: str, backbone: str, overrides: list[str], run_dir: Path) -
         "neighbor_purity": metrics.get("neighbor_purity"),
         "seconds": {
             # a reused cache reports how long its embedding took when it was computed
-            "embedding": embed.get("embed_seconds", embed.get("seconds")), "embedding_reused": embed.get("reused"),
+            "embedding": embed.get("embed_seconds"), "embedding_reused": embed.get("reused"),
             "mine": record["mine"].get("seconds"), "cluster_heads": record["cluster"].get("seconds"),
             "selflabel_heads": record["selflabel"].get("seconds"), "head_training": heads,
             "total_this_run": time.time() - start},

@@ -18,20 +18,22 @@ def test_miner_registry_matches_the_config_choices():
 
 def test_gathered_dot_matches_a_direct_computation_across_chunks():
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(7, 3)).astype(np.float32)
-    index = rng.integers(0, 7, size=(7, 4))
-    expected = np.einsum("nd,nkd->nk", x, x[index])
-    assert np.allclose(gathered_dot(x, index, chunk_elements=12), expected, atol=1e-6)   # one row per chunk
+    x, y = rng.normal(size=(7, 3)).astype(np.float32), rng.normal(size=(9, 3)).astype(np.float32)
+    index = rng.integers(0, 9, size=(7, 4))
+    expected = np.einsum("nd,nkd->nk", x, y[index])
+    assert np.allclose(gathered_dot(x, y, index, chunk_elements=12), expected, atol=1e-6)   # one row per chunk
 
 
-def test_multiview_selection_follows_strong_view_then_cluster_agreement():
-    # one anchor (row 0) with candidates 1..4; the strong view keeps 2 and 3 (most similar),
-    # then cluster agreement keeps 3 (same cluster as the anchor) over 2
+def test_multiview_selection_follows_the_strong_view_then_cluster_agreement():
+    # anchor 0 with candidates 1..4: its strongly augmented view [1, 0] is nearest to the plain
+    # features of 2 and 3, and of those 3 shares the anchor's cluster. (Its plain feature [0, 1]
+    # would have picked 1: the strong view decides.)
     candidates = np.array([[1, 2, 3, 4]] + [[0, 2, 3, 4]] * 4)
-    strong = np.array([[1, 0], [0, 1], [1, 0.1], [1, 0.2], [-1, 0]], dtype=np.float32)
+    plain = np.array([[0, 1], [0, 1], [1, 0.1], [1, 0.2], [-1, 0]], dtype=np.float32)
+    strong = plain.copy()
+    strong[0] = [1, 0]
     probs = np.array([[1, 0], [1, 0], [0, 1], [1, 0], [1, 0]], dtype=np.float32)
-    chosen = select_multiview(candidates, strong, probs, keep_strong=2, q=1)
-    assert chosen[0].tolist() == [3]
+    assert select_multiview(candidates, plain, strong, probs, keep_strong=2, q=1)[0].tolist() == [3]
 
 
 def test_multiview_returns_q_unique_neighbours_within_the_4q_set_and_never_the_sample():
@@ -41,7 +43,7 @@ def test_multiview_returns_q_unique_neighbours_within_the_4q_set_and_never_the_s
     feats[1] = feats[0]                                 # an exact duplicate may rank before the sample itself
     candidates = mine_neighbors(feats, 4 * q)
     probs = rng.dirichlet(np.ones(5), size=n).astype(np.float32)
-    chosen = select_multiview(candidates, rng.normal(size=(n, 8)).astype(np.float32), probs, 2 * q, q)
+    chosen = select_multiview(candidates, feats, rng.normal(size=(n, 8)).astype(np.float32), probs, 2 * q, q)
     assert chosen.shape == (n, q)
     for i in range(n):
         assert len(set(chosen[i])) == q

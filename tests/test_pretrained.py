@@ -118,21 +118,33 @@ def test_cli_pretrained_end_to_end_then_reuses_the_cached_features(tmp_path, tin
     np.savez(tmp_path / "pile.npz", images=images, labels=labels)
     out = tmp_path / "r"
     args = ["run", "--data", str(tmp_path / "pile.npz"), "--pretrained", "efficientnet_lite0", "--out", str(out)]
-    for o in tiny_overrides + ["pretext.cached_views=1"]:
+    for o in tiny_overrides:
         args += ["--set", o]
+    embedded = []                                 # batch sizes the network was run on
+    forward = LiteBackbone.forward
+
+    def counting_forward(self, x):
+        embedded.append(len(x))
+        return forward(self, x)
+    monkeypatch.setattr(LiteBackbone, "forward", counting_forward)
+
     assert main(args) == 0
+    assert sum(embedded) == 24                    # npz: one split, embedded once for train and eval
     assert np.load(out / "features" / "train.npy").shape == (24, 1280)
-    assert np.load(out / "features" / "train_views.npy").shape == (1, 24, 1280)
     assert np.load(out / "predictions.npy").shape == (24,)
     metrics = (out / "metrics.json").read_text()
     assert '"kmeans"' in metrics and '"selflabel"' in metrics
 
-    # Second run from scratch (--restart) with other (MLP) heads: the network must not run
-    # again, not for the heads, the evaluation, nor the report.
-    def no_network(self, x):
-        raise AssertionError("the pretrained network ran again")
-    monkeypatch.setattr(LiteBackbone, "forward", no_network)
-    assert main(args + ["--restart", "--set", "cluster.head_hidden=16"]) == 0
+    # Adding augmented views embeds only them; heads, evaluation and report use the cache.
+    embedded.clear()
+    assert main(args + ["--set", "pretext.cached_views=1"]) == 0
+    assert sum(embedded) == 24
+    assert np.load(out / "features" / "train_views.npy").shape == (1, 24, 1280)
+
+    # Everything afresh (--restart) with other (MLP) heads: the network does not run at all.
+    embedded.clear()
+    assert main(args + ["--set", "pretext.cached_views=1", "--set", "cluster.head_hidden=16", "--restart"]) == 0
+    assert embedded == []
     assert np.load(out / "predictions.npy").shape == (24,)
 
 

@@ -198,3 +198,24 @@ def test_refinement_on_cached_features_corrects_a_noisy_head(tmp_path):
                                 tmp_path, "fp", labels, 2)
     assert len(history) == 6 and [rd["epoch"] for rd in rounds] == [1, 4]
     assert rounds[0]["acc_strong"] == 1.0 and before < 1.0 and accuracy() == 1.0
+
+
+def test_interrupted_refinement_resumes_mid_round_to_identical_predictions(tmp_path, tiny_overrides, monkeypatch):
+    import scan.refine
+    from scan.pipeline import open_run, run_pipeline
+    cfg = load_config("digits", tiny_overrides + TINY_REFINE + ["refine.method=spc", "refine.epochs=4"])
+    run_pipeline(open_run(cfg, tmp_path / "a"))
+    original = scan.refine.run_epochs
+
+    def interrupted(*args, after_epoch, **kwargs):
+        def stop(epoch, stats):   # epoch 2 of 4 is the middle of round 1: its labels come from the checkpoint
+            if epoch == 1:
+                raise KeyboardInterrupt
+            return after_epoch(epoch, stats)
+        return original(*args, after_epoch=stop, **kwargs)
+    monkeypatch.setattr(scan.refine, "run_epochs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(open_run(cfg, tmp_path / "b"))
+    monkeypatch.setattr(scan.refine, "run_epochs", original)
+    run_pipeline(open_run(cfg, tmp_path / "b"))
+    assert np.array_equal(np.load(tmp_path / "a" / "probs.npy"), np.load(tmp_path / "b" / "probs.npy"))

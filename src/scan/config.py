@@ -88,8 +88,8 @@ class MineConfig:
     method: str = _f("knn", choices=("knn", "multiview"))   # the miner registry (scan.mining)
     num_neighbors: int = _f(20, lo=1)
     # multiview only: a clustering head trained briefly on plain kNN pairs (frozen backbone) ranks candidates
-    head_epochs: int = _f(30, lo=1)
-    head_lr: float = _f(1e-3, lo=0.0, lo_open=True)
+    head_epochs: int = _f(100, lo=1)
+    head_lr: float = _f(1e-2, lo=0.0, lo_open=True)
     head_entropy_weight: float = _f(5.0, lo=0.0)
 
 

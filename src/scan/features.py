@@ -8,11 +8,11 @@ backbone never runs again:
   features/eval.npy         (N_eval, D) features of the unaugmented evaluation images
   features/train_views.npy  (V, N_train, D) float16 features of V augmented views per training
                             image (pretext.cached_views = V; absent when V = 0)
-  features/cache.json       the cache key: a hash of the weights, the pre-processing, both
-                            splits' pixels and the view settings
+  features/cache.json       the cache keys: a hash of the weights, the pre-processing and both
+                            splits' pixels; another adding the view settings (V, augment, seed)
 
-The embedding is skipped whenever cache.json holds the current key, even after `--restart`
-or a change of any later stage's settings.
+What the current keys show as cached is never embedded again, even after `--restart` or a
+change of any later stage's settings; changing V re-embeds only the views.
 """
 from __future__ import annotations
 
@@ -31,31 +31,25 @@ from scan.pretrained import build_pretrained, weights_identity
 CACHE_VERSION = 1   # bump when pre-processing or file layout change, so old caches are recomputed
 
 
-def cache_key(run) -> str:
-    """Hash of everything the cached features depend on."""
+def _digest(parts) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def cache_keys(run) -> tuple[str, str | None]:
+    """Hash of what the unaugmented features depend on, and of what the augmented views add (None: no views).
+
+    Two keys, so that changing pretext.cached_views re-embeds only the views.
+    """
     cfg = run.cfg
-    views = cfg.pretext.cached_views
     eval_hash = run.info["data_hash"] if run.eval is run.train else \
         hashlib.sha256(run.eval.images.numpy().tobytes()).hexdigest()[:16]
-    parts = [CACHE_VERSION, weights_identity(cfg), run.info["data_hash"], eval_hash, views]
-    if views:   # the augmented views also depend on the augmentation and the seed
-        parts += [cfg.to_dict()["augment"], cfg.seed]
-    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+    base = _digest([CACHE_VERSION, weights_identity(cfg), run.info["data_hash"], eval_hash])
+    views = cfg.pretext.cached_views
+    return base, (_digest([base, views, cfg.to_dict()["augment"], cfg.seed]) if views else None)
 
 
 def _views_path(run):
     return run.path("features", "train_views.npy")
-
-
-def cached(run, key: str) -> dict | None:
-    """The cache record when it holds `key` and every file it lists exists, else None."""
-    record = read_json(run.path("features", "cache.json"))
-    if record is None or record.get("key") != key:
-        return None
-    needed = [run.path("features", "train.npy"), run.path("features", "eval.npy")]
-    if record.get("cached_views"):
-        needed.append(_views_path(run))
-    return record if all(p.exists() for p in needed) else None
 
 
 def embed(backbone, images: torch.Tensor, rt, desc: str, augment=None) -> np.ndarray:
@@ -66,39 +60,57 @@ def embed(backbone, images: torch.Tensor, rt, desc: str, augment=None) -> np.nda
     return predict_in_batches(fn, images, rt, batch_size=batch_size, desc=desc).numpy()
 
 
-def cache_features(run) -> dict:
-    """The pretext stage of `pretext.method: pretrained`: embed the data (or reuse the cache).
-
-    Returns the stage record: embedding seconds (0 when reused), feature size and whether the
-    cache was reused.
-    """
-    cfg, rt = run.cfg, run.rt
-    key = cache_key(run)
-    record = cached(run, key)
-    if record is not None:
-        if not rt.quiet:
-            tqdm.write(f"pretext: reusing the cached {cfg.model.backbone} features in {run.path('features')}")
-        return {"seconds": 0.0, "method": "pretrained", "reused": True, "embed_seconds": record["seconds"],
-                "feature_dim": record["feature_dim"]}
-    start = time.time()
-    backbone = rt.prepare(build_pretrained(cfg, run.channels, run.info["mean"], run.info["std"])).eval()
-    train = embed(backbone, run.train.images, rt, f"embedding ({cfg.model.backbone}, train)")
+def _embed_splits(run, backbone) -> int:
+    """Write features/train.npy and eval.npy; returns the feature size."""
+    train = embed(backbone, run.train.images, run.rt, f"embedding ({run.cfg.model.backbone}, train)")
     # npz files and image folders have one split: evaluate on the very same features
-    evaluation = train if run.eval is run.train else embed(backbone, run.eval.images, rt, "embedding (eval)")
+    evaluation = train if run.eval is run.train else embed(backbone, run.eval.images, run.rt, "embedding (eval)")
     atomic_save_npy(run.path("features", "train.npy"), train)
     atomic_save_npy(run.path("features", "eval.npy"), evaluation)
+    return int(train.shape[1])
+
+
+def _embed_views(run, backbone) -> None:
+    """Write features/train_views.npy: pretext.cached_views SimCLR-augmented views of every training image."""
+    cfg = run.cfg
+    seed_everything(cfg.seed)
+    augment = SimCLRAugment(cfg.augment, run.image_size, run.channels)
     views = cfg.pretext.cached_views
-    if views:
-        seed_everything(cfg.seed)
-        augment = SimCLRAugment(cfg.augment, run.image_size, run.channels)
-        stacked = np.stack([embed(backbone, run.train.images, rt, f"embedding (view {v + 1}/{views})", augment)
-                            for v in range(views)])
-        atomic_save_npy(_views_path(run), stacked.astype(np.float16))   # half the disk; heads need no more
-    seconds = time.time() - start
-    atomic_write_json(run.path("features", "cache.json"),
-                      {"key": key, "backbone": cfg.model.backbone, "feature_dim": int(train.shape[1]),
-                       "cached_views": views, "seconds": seconds})
-    return {"seconds": seconds, "method": "pretrained", "reused": False, "feature_dim": int(train.shape[1])}
+    stacked = np.stack([embed(backbone, run.train.images, run.rt, f"embedding (view {v + 1}/{views})", augment)
+                        for v in range(views)])
+    atomic_save_npy(_views_path(run), stacked.astype(np.float16))   # half the disk; heads need no more
+
+
+def cache_features(run) -> dict:
+    """The pretext stage of `pretext.method: pretrained`: embed what the cache lacks, reuse the rest.
+
+    Returns the stage record: seconds spent now, whether everything was reused, and
+    embed_seconds, what computing the cached features took in all.
+    """
+    cfg, rt = run.cfg, run.rt
+    base_key, views_key = cache_keys(run)
+    record = read_json(run.path("features", "cache.json")) or {}
+    have_base = record.get("key") == base_key and all(run.path("features", f"{s}.npy").exists()
+                                                      for s in ("train", "eval"))
+    have_views = views_key is None or (record.get("views_key") == views_key and _views_path(run).exists())
+    start = time.time()
+    if have_base and have_views:
+        if not rt.quiet:
+            tqdm.write(f"pretext: reusing the cached {cfg.model.backbone} features in {run.path('features')}")
+    else:
+        backbone = rt.prepare(build_pretrained(cfg, run.channels, run.info["mean"], run.info["std"])).eval()
+        if not have_base:
+            record = {"key": base_key, "backbone": cfg.model.backbone,
+                      "feature_dim": _embed_splits(run, backbone), "base_seconds": time.time() - start}
+        if not have_views:
+            views_start = time.time()
+            _embed_views(run, backbone)
+            record["views_seconds"] = time.time() - views_start
+        record.update(views_key=views_key, cached_views=cfg.pretext.cached_views)
+        atomic_write_json(run.path("features", "cache.json"), record)
+    embed_seconds = record["base_seconds"] + (record.get("views_seconds", 0.0) if views_key else 0.0)
+    return {"seconds": time.time() - start, "method": "pretrained", "reused": have_base and have_views,
+            "embed_seconds": embed_seconds, "feature_dim": record["feature_dim"]}
 
 
 def load_features(run, split: str) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Neighbour mining strategies, chosen by `mine.method` through a registry.
 
 knn        the K = q nearest neighbours in pretext feature space (SCAN).
-multiview  the many-class variant: 4q plain-feature neighbours → the 2q nearest in the
-           feature space of a strongly augmented view → the q with the highest cluster
+multiview  the many-class variant: 4q plain-feature neighbours → the 2q nearest to a strongly
+           augmented view of the sample in feature space → the q with the highest cluster
            probability agreement under a clustering head applied to a weakly augmented view.
 
 A miner takes `MiningInputs` and returns (neighbours (N, q) int64, facts for mine/done.json).
@@ -104,7 +104,7 @@ def mine_multiview(inputs: MiningInputs) -> tuple[np.ndarray, dict]:
     head = train_brief_head(inputs.features, plain, inputs.num_clusters, m.head_epochs, m.head_lr,
                             m.head_entropy_weight, rt.device)
     probs = predict_in_batches(lambda x: head(backbone(weak(x))).softmax(-1), inputs.images, rt).numpy()
-    neighbors = select_multiview(candidates, strong_features, probs, min(2 * q, wide), q)
+    neighbors = select_multiview(candidates, inputs.features, strong_features, probs, min(2 * q, wide), q)
     info = {"candidates": wide, "strong_view_kept": min(2 * q, wide), "head": "trained briefly on plain kNN"}
     if inputs.labels is not None:
         info["knn_purity"] = neighbor_purity(plain, inputs.labels)

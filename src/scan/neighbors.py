@@ -29,18 +29,18 @@ def mine_neighbors(features: np.ndarray, k: int = 20) -> np.ndarray:
     return idx[~is_self].reshape(n, k).astype(np.int64)
 
 
-def gathered_dot(x: np.ndarray, index: np.ndarray, chunk_elements: int = 1 << 24) -> np.ndarray:
-    """(N, K) with out[n, k] = x[n] · x[index[n, k]], computed in row chunks.
+def gathered_dot(x: np.ndarray, y: np.ndarray, index: np.ndarray, chunk_elements: int = 1 << 24) -> np.ndarray:
+    """(N, K) with out[n, k] = x[n] · y[index[n, k]], computed in row chunks.
 
     The gathered (rows, K, D) block is never larger than `chunk_elements` values, so 4q = 200
     candidates of 2048-d ImageNet features stay within memory.
     """
     n, k = index.shape
-    rows = max(1, chunk_elements // max(k * x.shape[1], 1))
+    rows = max(1, chunk_elements // max(k * y.shape[1], 1))
     out = np.empty((n, k), dtype=np.float32)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
-        out[start:stop] = np.einsum("nd,nkd->nk", x[start:stop], x[index[start:stop]])
+        out[start:stop] = np.einsum("nd,nkd->nk", x[start:stop], y[index[start:stop]])
     return out
 
 
@@ -50,21 +50,21 @@ def _top_columns(candidates: np.ndarray, scores: np.ndarray, keep: int) -> np.nd
     return np.take_along_axis(candidates, order, axis=1)
 
 
-def select_multiview(candidates: np.ndarray, strong_features: np.ndarray, probs: np.ndarray, keep_strong: int,
-                     q: int) -> np.ndarray:
+def select_multiview(candidates: np.ndarray, features: np.ndarray, strong_features: np.ndarray, probs: np.ndarray,
+                     keep_strong: int, q: int) -> np.ndarray:
     """Multi-view neighbours (N, q) chosen among each sample's plain-feature kNN `candidates` (N, 4q).
 
-    1. keep the `keep_strong` (2q) candidates j with the highest cosine s_i·s_j between the
-       features of strongly augmented views (N, D);
+    1. keep the `keep_strong` (2q) candidates j nearest to a strongly augmented view of the
+       sample: highest cosine s_i·f_j between its view's features s_i and their features f_j (N, D);
     2. of those, keep the q with the highest cluster agreement p_i·p_j of the softmax
        probabilities (N, C) of weakly augmented views.
     The result is a subset of each row's candidates, so it never holds the sample itself when
     the candidates do not (`mine_neighbors` excludes it) and has no repeats.
     """
-    s = l2_normalize(strong_features)
-    mid = _top_columns(candidates, gathered_dot(s, candidates), keep_strong)
+    near = gathered_dot(l2_normalize(strong_features), l2_normalize(features), candidates)
+    mid = _top_columns(candidates, near, keep_strong)
     p = np.ascontiguousarray(probs, dtype=np.float32)
-    return _top_columns(mid, gathered_dot(p, mid), q)
+    return _top_columns(mid, gathered_dot(p, p, mid), q)
 
 
 def neighbor_purity(neighbors: np.ndarray, labels: np.ndarray) -> float:
