@@ -69,7 +69,7 @@ def test_same_padding_matches_tensorflow(side, corner):
     # 3x3 stride 2 over ones: the output side is ceil(side / 2). An even side needs one pixel of
     # padding, which TensorFlow puts at the bottom/right, so the top-left window sums 9 ones;
     # an odd side is padded on both sides and the top-left window sees 2 x 2 ones.
-    conv = SameConv2d(1, 1, 3, 2, bias=False)
+    conv = SameConv2d(1, 1, 3, 2, side=side, bias=False)
     torch.nn.init.ones_(conv.weight)
     with torch.no_grad():
         out = conv(torch.ones(1, 1, side, side))

@@ -54,44 +54,46 @@ def list_pretrained() -> list[str]:
 # ------------------------------------------------------------------------ architecture
 
 class SameConv2d(nn.Conv2d):
-    """Conv2d with TensorFlow 'SAME' padding: output side ceil(input / stride).
+    """Conv2d with TensorFlow 'SAME' padding: output side ceil(side / stride).
 
-    For stride 2 TensorFlow pads one pixel more at the bottom/right than at the top/left;
-    symmetric padding would shift every feature map by half a pixel relative to training.
+    At stride 2 TensorFlow pads one pixel more at the bottom/right than at the top/left, and
+    how much depends on the input `side`; symmetric padding would shift every feature map by
+    half a pixel relative to training. The network always sees its own resolution, so the
+    padding is fixed at construction (which also keeps a traced export free of shape logic).
     """
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, **kwargs):
-        # at stride 1 (odd kernels) 'SAME' is symmetric: the convolution pads without copying x
-        super().__init__(cin, cout, kernel, stride, padding=kernel // 2 if stride == 1 else 0, **kwargs)
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, side: int = 0, **kwargs):
+        if stride == 1:     # odd kernels: symmetric, the convolution pads without copying x
+            super().__init__(cin, cout, kernel, 1, padding=kernel // 2, **kwargs)
+            self.pads = None
+        else:
+            super().__init__(cin, cout, kernel, stride, **kwargs)
+            total = max((-(-side // stride) - 1) * stride + kernel - side, 0)
+            self.pads = (total // 2, total - total // 2) * 2    # left, right, top, bottom
 
     def forward(self, x):
-        if self.stride == (1, 1):
-            return super().forward(x)
-        pads = []
-        for size, k, s in ((x.shape[-1], self.kernel_size[1], self.stride[1]),
-                           (x.shape[-2], self.kernel_size[0], self.stride[0])):
-            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
-            pads += [total // 2, total - total // 2]
-        return super().forward(F.pad(x, pads))
+        return super().forward(x if self.pads is None else F.pad(x, self.pads))
 
 
-def _conv_bn(cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1):
-    return SameConv2d(cin, cout, kernel, stride, groups=groups, bias=False), nn.BatchNorm2d(cout, eps=BN_EPS)
+def _conv_bn(cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1, side: int = 0):
+    conv = SameConv2d(cin, cout, kernel, stride, side, groups=groups, bias=False)
+    return conv, nn.BatchNorm2d(cout, eps=BN_EPS)
 
 
 class MBConv(nn.Module):
     """Inverted residual block: 1x1 expand, depthwise k x k, 1x1 project (+ identity skip).
 
     Attribute names follow the checkpoint keys (`_blocks.3._depthwise_conv.weight`, ...).
+    `side` is the input's side (it sets the depthwise convolution's padding at stride 2).
     """
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expansion: int):
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expansion: int, side: int):
         super().__init__()
         mid = cin * expansion
         self.expands = expansion != 1    # the first stage has no expansion convolution
         if self.expands:
             self._expand_conv, self._bn0 = _conv_bn(cin, mid)
-        self._depthwise_conv, self._bn1 = _conv_bn(mid, mid, kernel, stride, groups=mid)
+        self._depthwise_conv, self._bn1 = _conv_bn(mid, mid, kernel, stride, groups=mid, side=side)
         self._project_conv, self._bn2 = _conv_bn(mid, cout)
         self.skip = stride == 1 and cin == cout
 
@@ -112,18 +114,21 @@ def _round_channels(channels: int, width: float, divisor: int = 8) -> int:
 
 
 class EfficientNetLite(nn.Module):
-    """EfficientNet-Lite on inputs already scaled to [-1, 1]; names match the published weights."""
+    """EfficientNet-Lite on (B, 3, S, S) inputs scaled to [-1, 1], S = spec.input_size; names match the weights."""
 
     def __init__(self, spec: LiteSpec, num_classes: int = 1000):
         super().__init__()
-        self._conv_stem, self._bn0 = _conv_bn(3, 32, 3, 2)
+        side = spec.input_size
+        self._conv_stem, self._bn0 = _conv_bn(3, 32, 3, 2, side=side)
+        side = -(-side // 2)
         blocks, cin = [], 32
         for i, (repeats, kernel, stride, expansion, cout) in enumerate(_STAGES):
             cout = _round_channels(cout, spec.width)
             if 0 < i < len(_STAGES) - 1:    # Lite keeps the first and last stage at one block
                 repeats = math.ceil(repeats * spec.depth)
             for j in range(repeats):
-                blocks.append(MBConv(cin, cout, kernel, stride if j == 0 else 1, expansion))
+                blocks.append(MBConv(cin, cout, kernel, stride if j == 0 else 1, expansion, side))
+                side = -(-side // stride) if j == 0 else side
                 cin = cout
         self._blocks = nn.ModuleList(blocks)
         self._conv_head, self._bn1 = _conv_bn(cin, FEATURE_DIM)
@@ -157,13 +162,11 @@ class LiteBackbone(nn.Module):
         self.feature_dim = FEATURE_DIM
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        size = (self.input_size, self.input_size)
-        if tuple(x.shape[-2:]) != size:
-            # antialiasing only matters (and is only supported everywhere) when shrinking
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False,
-                              antialias=max(x.shape[-2:]) > self.input_size)
+        x = x.expand(-1, 3, -1, -1)     # grey -> RGB; RGB unchanged
+        # antialiasing acts only when shrinking; at the same size this is an exact copy, so there
+        # is no branch on the input's shape (a traced export would freeze it)
+        x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
+                          antialias=True)
         # channels-last: depthwise convolutions run ~1.7x faster in it on CPUs too, not only on CUDA
         return ((x * 255 - 127) / 128).contiguous(memory_format=torch.channels_last)
 
