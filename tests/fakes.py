@@ -1,4 +1,5 @@
 """Writers of tiny data sets in the exact on-disk formats of the real ones."""
+import gzip
 import pickle
 from pathlib import Path
 
@@ -52,4 +53,23 @@ def write_stl10(root: Path, n_train: int, n_test: int, n_unlabeled: int, seed: i
         (folder / f"{part}_X.bin").write_bytes(rng.integers(0, 256, (n, 3, 96, 96), dtype=np.uint8).tobytes())
         if part != "unlabeled":
             (folder / f"{part}_y.bin").write_bytes(rng.integers(1, 11, n, dtype=np.uint8).tobytes())
+    return root
+
+
+def write_idx(path: Path, array: np.ndarray, magic: int) -> Path:
+    """IDX file: big-endian magic, big-endian uint32 dims, uint8 payload; gzipped if path ends .gz."""
+    raw = magic.to_bytes(4, "big") + np.array(array.shape, dtype=">u4").tobytes() + array.astype(np.uint8).tobytes()
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wb") as f:
+        f.write(raw)
+    return path
+
+
+def write_fashion_mnist(root: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
+    """The four gzipped IDX files of (Fashion-)MNIST, with 28x28 random images and labels 0..9."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for part, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(root / f"{part}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)), 2051)
+        write_idx(root / f"{part}-labels-idx1-ubyte.gz", np.arange(n) % 10, 2049)
     return root

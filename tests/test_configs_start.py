@@ -6,7 +6,7 @@ import pytest
 from scan.config import load_config
 from scan.pipeline import open_run, run_pipeline
 
-from fakes import write_cifar10, write_cifar100, write_stl10
+from fakes import write_cifar10, write_cifar100, write_fashion_mnist, write_stl10
 
 ONE_EPOCH = ["pretext.epochs=1", "cluster.epochs=1", "selflabel.epochs=1", "cluster.num_heads=2",
              "mine.num_neighbors=5", "quiet=true"]
@@ -33,3 +33,18 @@ def test_paper_config_runs_every_stage_on_fake_files(tmp_path, name):
     probs = np.load(tmp_path / "run" / "probs.npy")
     assert probs.shape == (metrics["num_eval"], expected_clusters)
     assert 0.0 <= metrics["cluster"]["acc"] <= 1.0
+
+
+def test_fashion_mnist_cpu_config_runs_every_stage_on_fake_idx_files(tmp_path):
+    """The shipped CPU-budget config (train split -> test split) runs on the real IDX layout."""
+    root = write_fashion_mnist(tmp_path / "fashion", n_train=60, n_test=20)
+    full = load_config("fashion-mnist")
+    assert (full.data.train_split, full.data.eval_split) == ("train", "test")
+    assert full.cluster.entropy_weight == 5.0 and full.mine.num_neighbors == 20
+    assert full.selflabel.threshold == 0.99
+    cfg = load_config("fashion-mnist", ONE_EPOCH + [f"data.path={root}", "pretext.batch_size=32"])
+    run = open_run(cfg, tmp_path / "run")
+    metrics = run_pipeline(run)
+    assert metrics["num_eval"] == 20 and metrics["num_clusters"] == 10
+    assert {"kmeans", "cluster", "selflabel"} <= set(metrics)
+    assert np.load(tmp_path / "run" / "probs.npy").shape == (20, 10)

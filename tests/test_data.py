@@ -12,21 +12,12 @@ from PIL import Image
 from scan import data
 from scan.data import DataError, ImageDataset, list_datasets, load_dataset
 
-from fakes import cifar_rows, write_pickle
+from fakes import cifar_rows, write_idx, write_pickle
 
 FASHION = Path(data.FASHION_MNIST_PATH)
 
 
 # ----------------------------------------------------------------------------- writers
-
-def write_idx(path: Path, array: np.ndarray, magic: int) -> Path:
-    """IDX file: big-endian magic, big-endian uint32 dims, uint8 payload; gzipped if path ends .gz."""
-    raw = magic.to_bytes(4, "big") + np.array(array.shape, dtype=">u4").tobytes() + array.astype(np.uint8).tobytes()
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "wb") as f:
-        f.write(raw)
-    return path
-
 
 def save_image(path: Path, array: np.ndarray, mode: str | None = None, **kwargs) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
