@@ -2,10 +2,11 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from scan.cli import main
 from scan.config import load_config
-from scan.pipeline import open_run, run_pipeline
+from scan.pipeline import open_run, run_pipeline, shrunk_cluster
 
 
 def test_tiny_pipeline_writes_every_artifact_and_skips_finished_stages(tmp_path, tiny_overrides):
@@ -85,3 +86,26 @@ def test_cli_npz_without_labels_needs_num_clusters(tmp_path, capsys):
     np.savez(tmp_path / "x.npz", images=np.zeros((30, 8, 8), dtype=np.uint8))
     assert main(["run", "--data", str(tmp_path / "x.npz"), "--out", str(tmp_path / "r"), "--quiet"]) == 2
     assert "--num-clusters" in capsys.readouterr().err
+
+
+def test_shrunk_cluster_finds_the_cluster_that_lost_most():
+    ref = torch.tensor([10, 10, 10, 0])
+    assert shrunk_cluster(torch.tensor([10, 10, 10, 0]), ref, 0.5) is None
+    assert shrunk_cluster(torch.tensor([12, 4, 14, 0]), ref, 0.5) == 1
+    assert shrunk_cluster(torch.tensor([6, 4, 20, 0]), ref, 0.5) == 1      # the worst one is named
+    assert shrunk_cluster(torch.tensor([12, 4, 14, 0]), ref, 0.0) is None   # 0 turns the check off
+    assert shrunk_cluster(torch.tensor([10, 6, 14, 0]), ref, 0.5) is None   # 60% kept is allowed
+
+
+def test_selflabel_that_merges_clusters_stops_and_keeps_the_cluster_model(tmp_path, tiny_overrides):
+    # keep = 1.0 treats any shrinking cluster as merging, and a large rate makes the first epoch move images
+    cfg = load_config("digits", tiny_overrides + ["selflabel.min_cluster_keep=1.0", "selflabel.lr=0.01",
+                                                  "selflabel.epochs=3"])
+    metrics = run_pipeline(open_run(cfg, tmp_path / "run"))
+    done = json.loads((tmp_path / "run" / "selflabel" / "done.json").read_text())
+    assert len(done["history"]) == 1 and done["history"][0]["stop"]
+    assert done["best_epoch"] == 0 and done["merged"]["size"] < done["merged"]["cluster_stage_size"]
+    kept = torch.load(tmp_path / "run" / "selflabel" / "model.pt")
+    cluster = torch.load(tmp_path / "run" / "cluster" / "model.pt")
+    assert kept.keys() == cluster.keys() and all(torch.equal(kept[k], cluster[k]) for k in kept)
+    assert metrics["selflabel"]["acc"] == metrics["cluster"]["acc"]

@@ -121,6 +121,9 @@ class SelfLabelConfig:
     class_balance: bool = True
     ema_decay: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True)   # 0 disables the EMA (0.999 in the paper)
     patience: int = _f(0, lo=0)     # stop after this many epochs without more confident samples; 0 = never
+    # an epoch that shrinks any cluster below this fraction of its cluster-stage size is merging
+    # clusters (confident errors feed on themselves): stop and keep the last epoch that did not; 0 = off
+    min_cluster_keep: float = _f(0.5, lo=0.0, hi=1.0)
 
 
 @dataclass(frozen=True)

@@ -446,28 +446,40 @@ def load_clustering_model(run: Run, stage: str) -> ClusteringModel:
 
 # ------------------------------------------------------------------------ stage 4: self-label
 
-def confident_count(run: Run, model: ClusteringModel, threshold: float) -> int:
+def confident_count(run: Run, model: ClusteringModel, threshold: float) -> tuple[int, torch.Tensor]:
+    """(training images with p_max > threshold, images per cluster by argmax)."""
     probs = head_probs(run, model, "train")[0]
-    return int((probs.max(1).values > threshold).sum())
+    return int((probs.max(1).values > threshold).sum()), torch.bincount(probs.argmax(1), minlength=probs.shape[1])
+
+
+def shrunk_cluster(sizes: torch.Tensor, reference: torch.Tensor, keep: float) -> int | None:
+    """The cluster that shrank most below `keep` x its reference size, or None if none did.
+
+    Clusters already empty in the reference cannot shrink (overclustering leaves some empty).
+    """
+    ratio = torch.where(reference > 0, sizes.double() / reference.double().clamp_min(1), torch.inf)
+    worst = int(ratio.argmin())
+    return worst if keep > 0 and ratio[worst] < keep else None
 
 
 class _Best:
-    """Weights (and confident count) of the epoch with the most confident samples so far."""
+    """Weights, confident count and epoch (0: the starting model) of the epoch with the most confident samples."""
 
     def __init__(self, model, count: int):
-        self.count, self.state = count, {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.count, self.epoch, self.state = count, 0, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    def offer(self, model, count: int) -> bool:
+    def offer(self, model, count: int, epoch: int) -> bool:
         if count > self.count:
-            self.count, self.state = count, {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.count, self.epoch = count, epoch
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             return True
         return False
 
     def state_dict(self):
-        return {"count": self.count, "state": self.state}
+        return {"count": self.count, "epoch": self.epoch, "state": self.state}
 
     def load_state_dict(self, d):
-        self.count, self.state = d["count"], d["state"]
+        self.count, self.epoch, self.state = d["count"], d.get("epoch", 0), d["state"]
 
 
 def stage_selflabel(run: Run) -> dict:
@@ -478,7 +490,7 @@ def stage_selflabel(run: Run) -> dict:
     seed_everything(cfg.seed + 2)
     model = rt.prepare(load_stage_model(run, "cluster"))
     start = time.time()
-    initial = confident_count(run, model, s.threshold)
+    initial, initial_sizes = confident_count(run, model, s.threshold)
     if initial == 0:
         say(rt, f"selflabel: no training image has confidence above selflabel.threshold={s.threshold}; "
                 f"keeping the cluster-stage model (lower the threshold or train the cluster stage longer)")
@@ -514,9 +526,17 @@ def stage_selflabel(run: Run) -> dict:
         return {"loss": total / steps, "confident_in_batches": float(used)}
 
     def after_epoch(epoch, stats):
-        count = confident_count(run, evaluated, s.threshold)
+        count, sizes = confident_count(run, evaluated, s.threshold)
         stats["confident"] = count
-        improved = best.offer(evaluated, count)
+        stats["smallest_cluster"] = int(sizes.min())
+        if (k := shrunk_cluster(sizes, initial_sizes, s.min_cluster_keep)) is not None:
+            stats["merged"] = {"cluster": k, "size": int(sizes[k]), "cluster_stage_size": int(initial_sizes[k])}
+            kept = f"epoch {best.epoch}" if best.epoch else "the cluster-stage model"
+            say(rt, f"selflabel: epoch {epoch + 1} shrank cluster {k} from {int(initial_sizes[k])} to {int(sizes[k])} "
+                    f"training images (below selflabel.min_cluster_keep={s.min_cluster_keep} of its size): "
+                    f"self-labelling is merging clusters, so it stops and keeps {kept}")
+            return True
+        improved = best.offer(evaluated, count, epoch + 1)
         since_best["epochs"] = 0 if improved else since_best["epochs"] + 1
         return bool(s.patience) and since_best["epochs"] >= s.patience
 
@@ -527,7 +547,9 @@ def stage_selflabel(run: Run) -> dict:
                          run.fingerprint("selflabel"), rt, after_epoch)
     atomic_torch_save(run.path("selflabel", "model.pt"), best.state)
     return run.finish("selflabel", seconds=time.time() - start, confident=[initial] + [h["confident"] for h in history],
-                      best_confident=best.count, history=history)
+                      best_confident=best.count, best_epoch=best.epoch,
+                      merged=next((h["merged"] for h in history if "merged" in h), None),
+                      history=history)
 
 
 def _image_weak_strong_logits(run: Run, model: ClusteringModel):
