@@ -446,7 +446,7 @@ def load_clustering_model(run: Run, stage: str) -> ClusteringModel:
 
 # ------------------------------------------------------------------------ stage 4: self-label
 
-def confident_count(run: Run, model: ClusteringModel, threshold: float) -> tuple[int, torch.Tensor]:
+def confidence_and_sizes(run: Run, model: ClusteringModel, threshold: float) -> tuple[int, torch.Tensor]:
     """(training images with p_max > threshold, images per cluster by argmax)."""
     probs = head_probs(run, model, "train")[0]
     return int((probs.max(1).values > threshold).sum()), torch.bincount(probs.argmax(1), minlength=probs.shape[1])
@@ -490,7 +490,7 @@ def stage_selflabel(run: Run) -> dict:
     seed_everything(cfg.seed + 2)
     model = rt.prepare(load_stage_model(run, "cluster"))
     start = time.time()
-    initial, initial_sizes = confident_count(run, model, s.threshold)
+    initial, initial_sizes = confidence_and_sizes(run, model, s.threshold)
     if initial == 0:
         say(rt, f"selflabel: no training image has confidence above selflabel.threshold={s.threshold}; "
                 f"keeping the cluster-stage model (lower the threshold or train the cluster stage longer)")
@@ -526,7 +526,7 @@ def stage_selflabel(run: Run) -> dict:
         return {"loss": total / steps, "confident_in_batches": float(used)}
 
     def after_epoch(epoch, stats):
-        count, sizes = confident_count(run, evaluated, s.threshold)
+        count, sizes = confidence_and_sizes(run, evaluated, s.threshold)
         stats["confident"] = count
         stats["smallest_cluster"] = int(sizes.min())
         if (k := shrunk_cluster(sizes, initial_sizes, s.min_cluster_keep)) is not None:
