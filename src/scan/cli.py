@@ -77,17 +77,34 @@ def _pretrained_overrides(value: str) -> dict:
 
 def build_config(args):
     """Resolve the configuration; with --data and no --config, pick defaults from the data itself."""
-    from scan.pipeline import auto_defaults, load_data
+    from scan.defaults import auto_defaults
+    from scan.pipeline import load_data
     user = _user_overrides(args)
     if args.config or not args.data:
         return load_config(args.config or "digits", user), None
     cfg = load_config(None, user)
     data = load_data(cfg)
     auto = auto_defaults(cfg, data[0])
+    resolved = load_config(None, _merge(auto, user))
     if not cfg.quiet and auto:
         print("scan: no --config given; chose defaults from the data: "
               + ", ".join(f"{k}={v}" for k, v in _flatten(auto)), file=sys.stderr)
-    return load_config(None, _merge(auto, user)), data
+    if not cfg.quiet:
+        _print_estimate(resolved, data)
+    return resolved, data
+
+
+def _print_estimate(cfg, data) -> None:
+    """Time each stage will take, from a short timing of the backbone on this machine."""
+    from scan.defaults import estimate_seconds, training_rate
+    from scan.engine import resolve_device
+    train, evaluation = data
+    shape = train.images.shape
+    rate = training_rate(cfg, int(shape[1]), int(shape[-1]), resolve_device(cfg.device))
+    seconds = estimate_seconds(cfg, len(train), len(evaluation) if evaluation is not train else 0, rate)
+    print("scan: estimated time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
+          + f" (total {sum(seconds.values()) / 60:.1f} min; {rate:.0f} images/s through the backbone)",
+          file=sys.stderr)
 
 
 def _flatten(d: dict, prefix: str = ""):

@@ -87,6 +87,10 @@ class PretextConfig:
 class MineConfig:
     method: str = _f("knn", choices=("knn", "multiview"))   # the miner registry (scan.mining)
     num_neighbors: int = _f(20, lo=1)
+    # the space neighbours are searched in (scan.mining.MINING_SPACES): the pretext backbone's features,
+    # PCA-whitened raw pixels, or both with equal weight (what the automatic defaults use: it never
+    # falls far below the better of the two, and a weak pretext cannot make neighbours worse than pixels)
+    features: str = _f("backbone", choices=("backbone", "pixels", "backbone+pixels"))
     # multiview only: a clustering head trained briefly on plain kNN pairs (frozen backbone) ranks candidates
     head_epochs: int = _f(100, lo=1)
     head_lr: float = _f(1e-2, lo=0.0, lo_open=True)

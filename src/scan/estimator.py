@@ -25,7 +25,8 @@ from scan.config import Config, _merge, config_from_dict, load_config, save_conf
 from scan.data import ImageDataset
 from scan.inference import (as_image_tensor, cached_train_outputs, load_classifier, load_image_paths, load_names,
                             match_shape, open_trained_run, predict_proba, train_outputs)
-from scan.pipeline import Run, auto_defaults, load_data, open_run, run_pipeline
+from scan.defaults import auto_defaults
+from scan.pipeline import Run, load_data, open_run, run_pipeline
 
 ARRAY_FILE = "images.npz"   # an in-memory training array is kept here so the run can be reopened
 

@@ -60,6 +60,29 @@ def scan_loss(anchor_logits: torch.Tensor, neighbor_logits: torch.Tensor, entrop
     return consistency - entropy_weight * h, consistency, h
 
 
+def scan_loss_over_pairs(probs: torch.Tensor, neighbors: torch.Tensor, entropy_weight: float = 5.0,
+                         chunk_elements: int = 1 << 25):
+    """The SCAN loss of `scan_loss` over every mined pair at once, from probabilities (H, N, C).
+
+    consistency_h = −(1/NK) Σ_i Σ_k log⟨p_h(x_i), p_h(x_{n_ik})⟩ for neighbours (N, K), H_h the
+    entropy of head h's mean prediction; rows are gathered in chunks of at most `chunk_elements`
+    values, so 10 heads × 260k images × 50 neighbours × 200 classes never materialise at once.
+    Returns (total, consistency, H), each of shape (H,), for choosing the head with the lowest total.
+    """
+    heads, n, c = probs.shape
+    k = neighbors.shape[1]
+    rows = max(1, chunk_elements // (heads * k * c))
+    log_sum = torch.zeros(heads, dtype=torch.float64)
+    for start in range(0, n, rows):
+        nb = neighbors[start:start + rows]                                   # (r, K)
+        anchor = probs[:, start:start + rows].unsqueeze(2)                  # (H, r, 1, C)
+        similarity = (anchor * probs[:, nb]).sum(-1)                        # (H, r, K)
+        log_sum += torch.log(similarity.clamp_min(EPS)).double().sum(dim=(1, 2))
+    consistency = (-log_sum / (n * k)).float()
+    h = entropy(probs.mean(1))
+    return consistency - entropy_weight * h, consistency, h
+
+
 def confidence_pseudo_labels(weak_logits: torch.Tensor, threshold: float):
     """Pseudo-labels from the weakly augmented view: (mask, targets) where max softmax > threshold."""
     p = weak_logits.float().softmax(-1)

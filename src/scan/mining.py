@@ -21,7 +21,7 @@ from scan.checkpoint import seed_everything
 from scan.config import Config, ConfigError
 from scan.engine import Runtime, minibatches, predict_in_batches
 from scan.losses import scan_loss
-from scan.neighbors import mine_neighbors, neighbor_purity, select_multiview
+from scan.neighbors import combine_features, mine_neighbors, neighbor_purity, pixel_features, select_multiview
 
 HEAD_BATCH_SIZE = 256     # the brief head trains on pre-computed features: batches are cheap
 
@@ -36,6 +36,18 @@ class MiningInputs:
     rt: Runtime
     labels: np.ndarray | None = None          # ground truth, only to report purity
     say: Callable[[str], None] = print
+
+
+# mine.features: the (N, D) matrix neighbours are searched in, from the backbone features and the images
+MINING_SPACES: dict[str, Callable[[np.ndarray, torch.Tensor, int], np.ndarray]] = {
+    "backbone": lambda features, images, seed: features,
+    "pixels": lambda features, images, seed: pixel_features(images, seed=seed),
+    "backbone+pixels": lambda features, images, seed: combine_features(features, pixel_features(images, seed=seed)),
+}
+
+
+def mining_space(inputs: MiningInputs) -> np.ndarray:
+    return MINING_SPACES[inputs.cfg.mine.features](inputs.features, inputs.images, inputs.cfg.seed)
 
 
 Miner = Callable[[MiningInputs], tuple[np.ndarray, dict]]
@@ -62,7 +74,7 @@ def mine(inputs: MiningInputs) -> tuple[np.ndarray, dict]:
 
 @register_miner("knn")
 def mine_knn(inputs: MiningInputs) -> tuple[np.ndarray, dict]:
-    return mine_neighbors(inputs.features, inputs.cfg.mine.num_neighbors), {}
+    return mine_neighbors(mining_space(inputs), inputs.cfg.mine.num_neighbors), {}
 
 
 def train_brief_head(features: np.ndarray, neighbors: np.ndarray, num_clusters: int, epochs: int, lr: float,
@@ -93,7 +105,7 @@ def mine_multiview(inputs: MiningInputs) -> tuple[np.ndarray, dict]:
     seed_everything(cfg.seed + 3)
     q, n = m.num_neighbors, len(inputs.features)
     wide = min(4 * q, n - 1)
-    candidates = mine_neighbors(inputs.features, wide)               # (N, 4q), most similar first
+    candidates = mine_neighbors(mining_space(inputs), wide)          # (N, 4q), most similar first
     plain = candidates[:, :q]                                         # what knn returns (up to ties)
     size = int(inputs.images.shape[-1])
     backbone = rt.prepare(inputs.load_backbone()).eval()

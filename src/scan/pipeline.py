@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
 from tqdm.auto import tqdm
 
 from scan.augment import build_augment, WeakAugment, StrongAugment
@@ -39,7 +38,9 @@ from scan.engine import (EMA, Runtime, StageError, build_optimizer, check_finite
                          predict_in_batches, resolve_device, run_epochs, set_lr)
 from scan.features import cache_features, load_features, load_views
 from scan.heads import FrozenFeatures, attach_network, feature_probs, pair_logits, weak_strong_logits
-from scan.losses import scan_loss, selflabel_loss
+from scan.baselines import kmeans_assign, pixel_kmeans, unsupervised_scores
+from scan.checks import baseline_check, cluster_check, pretext_check, report, selflabel_check
+from scan.losses import scan_loss, scan_loss_over_pairs, selflabel_loss
 from scan.metrics import evaluate_clustering
 from scan.models import Backbone, ClusteringModel, build_backbone, load_backbone_weights
 from scan.mining import MiningInputs, mine
@@ -173,32 +174,6 @@ def describe_data(cfg: Config, train: ImageDataset, evaluation: ImageDataset) ->
     }
 
 
-def auto_defaults(cfg: Config, train: ImageDataset) -> dict:
-    """Overrides chosen from the data when no data-set config is given.
-
-    On a CPU, a narrow ResNet and epoch counts scaled so that each stage sees a fixed number
-    of images (a few minutes for a few thousand small images); on a GPU, the paper's ResNet-18.
-    """
-    if cfg.pretext.method == "pretrained":
-        return {}   # nothing to scale: --pretrained brings the head-only settings (configs/pretrained.yaml)
-    n, side = len(train), int(train.images.shape[-1])
-    on_gpu = resolve_device(cfg.device).type == "cuda"
-    if on_gpu:
-        backbone = {"backbone": "resnet18_cifar" if side <= 64 else "resnet18"}
-        return {"model": backbone}
-
-    def epochs(budget: int, lo: int, hi: int) -> int:
-        return int(np.clip(round(budget / n), lo, hi))
-    return {
-        "model": {"backbone": "resnet_small", "width": 32 if side <= 32 else 16},
-        "pretext": {"epochs": epochs(150_000, 10, 500), "batch_size": min(256, n), "optimizer": "adam",
-                    "lr": 1e-3, "weight_decay": 1e-6},
-        "cluster": {"epochs": epochs(40_000, 5, 100), "lr": 1e-4},
-        "selflabel": {"epochs": epochs(25_000, 3, 200), "batch_size": min(256, n)},
-        "refine": {"epochs": epochs(25_000, 3, 50), "batch_size": min(256, n)},
-    }
-
-
 def check_run_format(run_dir: Path, restart: bool) -> None:
     """Refuse to mix artifacts with a run directory written in another layout version."""
     marker = run_dir / "run.json"
@@ -284,7 +259,8 @@ def stage_pretext(run: Run) -> dict:
     backbone = method.backbone
     atomic_torch_save(run.path("pretext", "backbone.pt"), backbone.state_dict())
     _write_features(run, backbone)
-    return run.finish("pretext", seconds=time.time() - start, history=history, method=p.method)
+    return run.finish("pretext", seconds=time.time() - start, history=history, method=p.method,
+                      check=report("pretext", pretext_check(history)))
 
 
 def _write_features(run: Run, backbone: Backbone) -> None:
@@ -331,34 +307,68 @@ def stage_mine(run: Run) -> dict:
 
 # ------------------------------------------------------------------------ stage 3: cluster
 
-def head_losses(probs: torch.Tensor, neighbors: torch.Tensor, entropy_weight: float) -> torch.Tensor:
-    """Per-head SCAN loss over all mined pairs, from unaugmented probabilities (H, N, C)."""
-    anchor = probs.unsqueeze(2)                      # (H, N, 1, C)
-    neighbor = probs[:, neighbors]                   # (H, N, K, C)
-    consistency = -torch.log((anchor * neighbor).sum(-1).clamp_min(1e-8)).mean(dim=(1, 2))
-    mean = probs.mean(1)
-    h = -(mean * torch.log(mean.clamp_min(1e-8))).sum(-1)
-    return consistency - entropy_weight * h
+# the cluster stage retries a run whose heads never left the uniform prediction at 10x, then 100x
+# the learning rate, never above this bound (Adam on linear heads diverges past it)
+RESCUE_LR_FACTORS = (10.0, 100.0)
+RESCUE_MAX_LR = 1e-2
 
 
 def stage_cluster(run: Run) -> dict:
-    """Train `num_heads` clustering heads with the SCAN loss; keep the head with the lowest loss."""
+    """Train `num_heads` clustering heads with the SCAN loss; keep the head with the lowest loss.
+
+    A training whose kept head stayed at the uniform prediction is retried with a higher
+    learning rate (`RESCUE_LR_FACTORS`, at most `RESCUE_MAX_LR`); the check and any rescue
+    are recorded in done.json.
+    """
     if (record := run.done("cluster")) is not None:
         return record
-    cfg, rt, c = run.cfg, run.rt, run.cfg.cluster
-    seed_everything(cfg.seed + 1)
+    c = run.cfg.cluster
     neighbors = torch.from_numpy(np.load(_require(run.path("mine", "neighbors.npy"), "mine")))
+    start = time.time()
+    lrs = [c.lr] + [c.lr * f for f in RESCUE_LR_FACTORS if c.lr * f <= RESCUE_MAX_LR]
+    tried = []
+    for attempt, lr in enumerate(lrs):
+        model, history = _train_heads(run, neighbors, lr, attempt)
+        probs = head_probs(run, model, "train")           # (H, N, C)
+        losses, consistency, _ = scan_loss_over_pairs(probs, neighbors, c.entropy_weight)
+        best = int(losses.argmin())
+        confidence = float(probs[best].max(1).values.mean())
+        check = cluster_check(float(consistency[best]), confidence, run.num_clusters)
+        tried.append({"lr": lr, "status": check["status"], "consistency": float(consistency[best])})
+        if check["status"] == "ok":
+            break
+        if attempt + 1 < len(lrs):
+            say(run.rt, f"cluster: the heads did not learn at lr {lr:g} (consistency {float(consistency[best]):.3f}, "
+                        f"uniform {check['uniform_consistency']:.3f}); retrying at lr {lrs[attempt + 1]:g}")
+    if attempt > 0 and check["status"] == "ok":
+        check = {**check, "status": "rescued",
+                 "message": f"the heads did not learn at cluster.lr={c.lr:g}; retrained at lr {lr:g}: "
+                            + check["message"], "fix": f"set cluster.lr={lr:g} to skip the failed attempts"}
+    check["attempts"] = tried
+    model.keep_head(best)
+    atomic_torch_save(run.path("cluster", "model.pt"), model.state_dict())
+    extra = {"seconds": time.time() - start, "head_losses": losses.tolist(), "best_head": best, "history": history,
+             "check": report("cluster", check)}
+    _warn_collapse(run, probs[best].argmax(1), "cluster")
+    for retry in run.path("cluster").glob("retry*/checkpoint.pt"):
+        retry.unlink()
+    return run.finish("cluster", **extra)
+
+
+def _train_heads(run: Run, neighbors: torch.Tensor, lr: float, attempt: int):
+    """One training of the clustering heads (and backbone, if updated) at learning rate `lr`."""
+    cfg, rt, c = run.cfg, run.rt, run.cfg.cluster
+    seed_everything(cfg.seed + 1 + attempt)
     model = run.clustering_model(c.num_heads)
     if not run.head_only:
         model.backbone.load_state_dict(load_backbone(run).state_dict())
     model = rt.prepare(model)
     params = model.parameters() if c.update_backbone and not run.head_only else model.heads.parameters()
-    optimizer = build_optimizer(params, c.optimizer, c.lr, c.weight_decay, c.momentum)
+    optimizer = build_optimizer(params, c.optimizer, lr, c.weight_decay, c.momentum)
     logits_of = pair_logits(model, load_views(run)) if run.head_only else _image_pair_logits(run, model)
     n, k = neighbors.shape
     batch_size = min(c.batch_size, n)
     steps = len(minibatches(n, batch_size))
-    start = time.time()
 
     def epoch_fn(epoch, tick):
         model.train()
@@ -379,16 +389,12 @@ def stage_cluster(run: Run) -> dict:
         sums /= steps
         return {"loss": sums[0], "consistency": sums[1], "entropy": sums[2]}
 
-    history = run_epochs("cluster", run.path("cluster"), c.epochs, steps, {"model": model, "opt": optimizer},
-                         epoch_fn, run.fingerprint("cluster"), rt)
-    probs = head_probs(run, model, "train")           # (H, N, C)
-    losses = head_losses(probs, neighbors, c.entropy_weight)
-    best = int(losses.argmin())
-    model.keep_head(best)
-    atomic_torch_save(run.path("cluster", "model.pt"), model.state_dict())
-    extra = {"seconds": time.time() - start, "head_losses": losses.tolist(), "best_head": best, "history": history}
-    _warn_collapse(run, probs[best].argmax(1), "cluster")
-    return run.finish("cluster", **extra)
+    # a retry keeps its own checkpoint, so a kill during it resumes the retry, not the failed attempt
+    where = run.path("cluster") if attempt == 0 else run.path("cluster", f"retry{attempt}")
+    fingerprint = run.fingerprint("cluster") + ("" if attempt == 0 else f"-lr{lr:g}")
+    history = run_epochs("cluster", where, c.epochs, steps, {"model": model, "opt": optimizer},
+                         epoch_fn, fingerprint, rt)
+    return model, history
 
 
 def _image_pair_logits(run: Run, model: ClusteringModel):
@@ -492,10 +498,9 @@ def stage_selflabel(run: Run) -> dict:
     start = time.time()
     initial, initial_sizes = confidence_and_sizes(run, model, s.threshold)
     if initial == 0:
-        say(rt, f"selflabel: no training image has confidence above selflabel.threshold={s.threshold}; "
-                f"keeping the cluster-stage model (lower the threshold or train the cluster stage longer)")
         atomic_torch_save(run.path("selflabel", "model.pt"), model.state_dict())
-        return run.finish("selflabel", seconds=time.time() - start, skipped=True, confident=[0], history=[])
+        return run.finish("selflabel", seconds=time.time() - start, skipped=True, confident=[0], history=[],
+                          check=report("selflabel", selflabel_check(0, None, s.threshold)))
     optimizer = build_optimizer(model.parameters(), s.optimizer, s.lr, s.weight_decay, s.momentum)
     logits_of = weak_strong_logits(model, load_views(run)) if run.head_only else _image_weak_strong_logits(run, model)
     ema = EMA(model, s.ema_decay) if s.ema_decay > 0 else None
@@ -546,10 +551,10 @@ def stage_selflabel(run: Run) -> dict:
     history = run_epochs("selflabel", run.path("selflabel"), s.epochs, steps, states, epoch_fn,
                          run.fingerprint("selflabel"), rt, after_epoch)
     atomic_torch_save(run.path("selflabel", "model.pt"), best.state)
+    merged = next((h["merged"] for h in history if "merged" in h), None)
     return run.finish("selflabel", seconds=time.time() - start, confident=[initial] + [h["confident"] for h in history],
                       best_confident=best.count, best_epoch=best.epoch,
-                      merged=next((h["merged"] for h in history if "merged" in h), None),
-                      history=history)
+                      merged=merged, history=history, check=report("selflabel", selflabel_check(initial, merged, s.threshold)))
 
 
 def _image_weak_strong_logits(run: Run, model: ClusteringModel):
@@ -608,29 +613,32 @@ def final_stage(run: Run) -> str:
 
 
 def stage_evaluate(run: Run) -> dict:
-    """Metrics of the k-means baseline and each trained stage on the eval split; writes metrics.json."""
-    rt = run.rt
+    """Metrics of the baselines and each trained stage on the eval split, label-free scores against
+    k-means on raw pixels, and every stage's self-check; writes metrics.json."""
+    rt, k, seed = run.rt, run.num_clusters, run.cfg.seed
     start = time.time()
-    metrics: dict = {"split": run.cfg.data.eval_split, "num_eval": len(run.eval), "num_clusters": run.num_clusters}
-    labels = run.eval.labels
+    metrics: dict = {"split": run.cfg.data.eval_split, "num_eval": len(run.eval), "num_clusters": k}
+    labels, classes = run.eval.labels, run.info["num_classes"]
     train_feats = np.load(_require(run.path("features", "train.npy"), "pretext"))
-    eval_feats = np.load(run.path("features", "eval.npy"))
-    kmeans = KMeans(run.num_clusters, n_init=10, random_state=run.cfg.seed).fit(_normalize(train_feats))
-    kmeans_pred = kmeans.predict(_normalize(eval_feats))
+    kmeans_train, kmeans_eval = kmeans_assign(train_feats, np.load(run.path("features", "eval.npy")), k, seed)
+    pixels = pixel_kmeans(run.train.images, run.eval.images, k, seed)
     if labels is not None:
-        metrics["kmeans"] = evaluate_clustering(kmeans_pred, labels, run.info["num_classes"])
+        metrics["kmeans"] = evaluate_clustering(kmeans_eval, labels, classes)
+        if pixels is not None:
+            metrics["kmeans_pixels"] = evaluate_clustering(pixels[1], labels, classes)
     last = None
     for stage in trained_stages(run):
         model = rt.prepare(load_stage_model(run, stage))
         probs = head_probs(run, model, "eval")[0].numpy()
         if labels is not None:
-            metrics[stage] = evaluate_clustering(probs, labels, run.info["num_classes"])
-        last = (stage, probs)
+            metrics[stage] = evaluate_clustering(probs, labels, classes)
+        last = (stage, probs, model)
     if last is None:
         raise StageError(f"no trained model in {run.run_dir}: run the cluster stage first (scan cluster)")
-    metrics["final_stage"], probs = last
+    metrics["final_stage"], probs, model = last
     atomic_save_npy(run.path("probs.npy"), probs)
     atomic_save_npy(run.path("predictions.npy"), probs.argmax(1))
+    metrics.update(_label_free(run, head_probs(run, model, "train")[0].numpy(), kmeans_train, pixels))
     for stage in STAGES[:-1]:
         record = read_json(run.path(stage, "done.json"))
         if record:
@@ -642,8 +650,20 @@ def stage_evaluate(run: Run) -> dict:
     return metrics
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+def _label_free(run: Run, train_probs: np.ndarray, kmeans_train: np.ndarray, pixels) -> dict:
+    """Scores that need no labels for ours and the baselines (training images), and every stage's check."""
+    path = run.path("mine", "neighbors.npy")
+    neighbors = np.load(path) if path.exists() else None
+    k = run.num_clusters
+    scores = {"ours": unsupervised_scores(train_probs.argmax(1), neighbors, k, train_probs),
+              "kmeans_features": unsupervised_scores(kmeans_train, neighbors, k)}
+    if pixels is not None:
+        scores["kmeans_pixels"] = unsupervised_scores(pixels[0], neighbors, k)
+    checks = {stage: record["check"] for stage in STAGES[:-1]
+              if (record := read_json(run.path(stage, "done.json"))) and "check" in record}
+    if neighbors is not None and pixels is not None:
+        checks["baseline"] = report("baseline", baseline_check(scores["ours"], scores["kmeans_pixels"]))
+    return {"unsupervised": scores, "checks": checks}
 
 
 STAGE_FUNCTIONS = {"pretext": stage_pretext, "mine": stage_mine, "cluster": stage_cluster,
@@ -666,11 +686,13 @@ def run_pipeline(run: Run, stages=STAGES) -> dict:
 
 def summary_line(run: Run, metrics: dict) -> str:
     parts = []
-    for stage in ("kmeans", "cluster", "selflabel", "refine"):
+    for stage in ("kmeans_pixels", "kmeans", "cluster", "selflabel", "refine"):
         if stage in metrics:
             m = metrics[stage]
             parts.append(f"{stage} acc {m['acc']:.3f} nmi {m['nmi']:.3f} ari {m['ari']:.3f}")
     where = f"{metrics['num_eval']} '{metrics['split']}' images, {run.num_clusters} clusters"
+    problems = [f"{stage} {c['status']}" for stage, c in metrics.get("checks", {}).items() if c["status"] != "ok"]
+    checks = f"; checks: {', '.join(problems)} (see metrics.json)" if problems else "; every self-check ok"
     if not parts:
-        return f"clustered {where} without labels; results in {run.run_dir}"
-    return f"{' | '.join(parts)}  ({where}; results in {run.run_dir})"
+        return f"clustered {where} without labels{checks}; results in {run.run_dir}"
+    return f"{' | '.join(parts)}  ({where}{checks}; results in {run.run_dir})"

@@ -1,0 +1,49 @@
+"""The obvious baselines every run is compared with, and scores that need no labels.
+
+k-means on PCA-whitened raw pixels is what a user could get in seconds with scikit-learn; a
+clustering that does not beat it is not worth the minutes SCAN takes. Without labels the
+comparison uses the mined neighbours: the share of neighbour pairs a clustering keeps
+together, next to cluster-size balance and confidence.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+
+from scan.checks import size_balance
+from scan.neighbors import l2_normalize, neighbor_agreement, pixel_features
+
+FIT_SAMPLE = 20_000   # k-means and PCA are fitted on at most this many training images
+
+
+def kmeans_assign(train: np.ndarray, evaluation: np.ndarray | None, k: int, seed: int):
+    """k-means (10 restarts) on L2-normalised training features (a sample of at most FIT_SAMPLE);
+    returns the clusters of the training and of the evaluation rows."""
+    train, rng = l2_normalize(train), np.random.default_rng(seed)
+    sample = train if len(train) <= FIT_SAMPLE else train[rng.choice(len(train), FIT_SAMPLE, replace=False)]
+    kmeans = KMeans(k, n_init=10, random_state=seed).fit(sample)
+    return kmeans.predict(train), None if evaluation is None else kmeans.predict(l2_normalize(evaluation))
+
+
+def pixel_kmeans(train_images, eval_images, k: int, seed: int):
+    """k-means on PCA-whitened raw pixels: (train clusters, eval clusters), or None for lazily decoded data."""
+    if not isinstance(train_images, torch.Tensor) or not isinstance(eval_images, torch.Tensor):
+        return None
+    if eval_images is train_images:
+        train = evaluation = pixel_features(train_images, seed=seed)
+    else:
+        train, evaluation = pixel_features(train_images, seed=seed, also=eval_images)
+    return kmeans_assign(train, evaluation, k, seed)
+
+
+def unsupervised_scores(assignments: np.ndarray, neighbors: np.ndarray | None, num_clusters: int,
+                        probs: np.ndarray | None = None) -> dict:
+    """Label-free scores of a clustering of the training images (N,): neighbour agreement, size balance,
+    and the mean top probability when the clustering gives probabilities (N, C)."""
+    scores = {"size_balance": size_balance(assignments, num_clusters)}
+    if neighbors is not None:
+        scores["neighbor_agreement"] = neighbor_agreement(assignments, neighbors)
+    if probs is not None:
+        scores["confidence"] = float(np.asarray(probs).max(1).mean())
+    return scores
