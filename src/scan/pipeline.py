@@ -308,7 +308,7 @@ def stage_mine(run: Run) -> dict:
 # ------------------------------------------------------------------------ stage 3: cluster
 
 # the cluster stage retries a run whose heads never left the uniform prediction at 10x, then 100x
-# the learning rate, never above this bound (Adam on linear heads diverges past it)
+# the learning rate, never above this bound (Adam on the backbone diverges past it)
 RESCUE_LR_FACTORS = (10.0, 100.0)
 RESCUE_MAX_LR = 1e-2
 
@@ -325,7 +325,8 @@ def stage_cluster(run: Run) -> dict:
     c = run.cfg.cluster
     neighbors = torch.from_numpy(np.load(_require(run.path("mine", "neighbors.npy"), "mine")))
     start = time.time()
-    lrs = [c.lr] + [c.lr * f for f in RESCUE_LR_FACTORS if c.lr * f <= RESCUE_MAX_LR]
+    lrs = [c.lr] + sorted({min(c.lr * f, RESCUE_MAX_LR) for f in RESCUE_LR_FACTORS} - {c.lr})
+    lrs = [lr for lr in lrs if lr >= c.lr]
     tried = []
     for attempt, lr in enumerate(lrs):
         model, history = _train_heads(run, neighbors, lr, attempt)

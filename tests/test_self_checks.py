@@ -1,0 +1,167 @@
+"""Defaults from the data, self-checks that cannot be silent, and the raw-pixel baseline."""
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import scan.pipeline as pipeline
+from scan.checks import baseline_check, cluster_check, pretext_check, selflabel_check, size_balance
+from scan.cli import main
+from scan.config import load_config
+from scan.data import ImageDataset
+from scan.defaults import auto_defaults, estimate_seconds, stem_stride
+from scan.losses import scan_loss, scan_loss_over_pairs
+from scan.neighbors import combine_features, mine_neighbors, neighbor_agreement, pixel_features
+from scan.pipeline import open_run, run_pipeline
+
+
+# ---------------------------------------------------------------- pure checks, values by hand
+
+def test_pretext_check_fails_when_the_loss_barely_falls():
+    assert pretext_check([{"loss": 5.0}, {"loss": 4.9}])["status"] == "failed"     # 2% < 5%
+    ok = pretext_check([{"loss": 5.0}, {"loss": 3.0}])
+    assert ok["status"] == "ok" and ok["drop"] == pytest.approx(0.4)
+
+
+def test_cluster_check_flags_the_uniform_prediction():
+    c = 10
+    assert cluster_check(math.log(c) * 0.95, 0.12, c)["status"] == "failed"
+    assert cluster_check(math.log(c) * 0.5, 0.8, c)["status"] == "ok"
+
+
+def test_selflabel_check_says_when_nothing_was_confident():
+    assert selflabel_check(0, None, 0.99)["status"] == "warning"
+    merged = {"cluster": 2, "size": 5, "cluster_stage_size": 100}
+    assert "shrank from 100 to 5" in selflabel_check(7, merged, 0.99)["message"]
+    assert selflabel_check(7, None, 0.99)["status"] == "ok"
+
+
+def test_size_balance_and_neighbor_agreement_by_hand():
+    assert size_balance(np.array([0, 1, 2, 3]), 4) == pytest.approx(1.0)
+    assert size_balance(np.array([1, 1, 1, 1]), 4) == pytest.approx(0.0)
+    assignments = np.array([0, 0, 1, 1])
+    neighbors = np.array([[1, 2], [0, 3], [3, 0], [2, 1]])   # agreeing pairs: (0,1) (1,0) (2,3) (3,2)
+    assert neighbor_agreement(assignments, neighbors) == pytest.approx(4 / 8)
+    assert baseline_check({"neighbor_agreement": 0.5}, {"neighbor_agreement": 0.6})["status"] == "warning"
+    assert baseline_check({"neighbor_agreement": 0.7}, {"neighbor_agreement": 0.6})["status"] == "ok"
+
+
+def test_scan_loss_over_pairs_matches_the_batch_loss_and_is_chunked():
+    torch.manual_seed(0)
+    heads, n, k, c = 3, 40, 4, 5
+    logits = torch.randn(heads, n, c)
+    neighbors = torch.randint(n, (n, k))
+    total, consistency, h = scan_loss_over_pairs(logits.softmax(-1), neighbors, 2.0, chunk_elements=7 * heads * k * c)
+    # the same loss with every (anchor, neighbour) pair laid out as a batch; entropy over the anchors
+    anchors = logits.repeat_interleave(k, dim=1)
+    _, ref_consistency, _ = scan_loss(anchors, logits[:, neighbors.reshape(-1)], 2.0)
+    assert torch.allclose(consistency, ref_consistency, atol=1e-5)
+    p_mean = logits.softmax(-1).mean(1)
+    assert torch.allclose(h, -(p_mean * p_mean.log()).sum(-1), atol=1e-6)
+    assert torch.allclose(total, consistency - 2.0 * h)
+
+
+# ---------------------------------------------------------------- defaults from the data
+
+def _images(n, side, channels=1):
+    return ImageDataset(torch.zeros(n, channels, side, side, dtype=torch.uint8), None, None)
+
+
+def test_auto_defaults_scale_budgets_in_images_seen():
+    cfg = load_config(None, {"device": "cpu"})
+    small = auto_defaults(cfg, _images(5000, 28))
+    assert small["model"]["stem_stride"] == 2 and small["mine"]["features"] == "backbone+pixels"
+    assert small["pretext"]["epochs"] == 40          # 40 images seen per image: 200k
+    assert small["cluster"]["epochs"] == 11 and small["cluster"]["lr"] == 3e-3    # 54k anchors seen
+    assert small["selflabel"]["epochs"] == 6         # 6 x 5k = 30k images
+    big = auto_defaults(cfg, _images(100_000, 28))
+    assert big["pretext"]["epochs"] == 8             # the 800k ceiling: time stays flat past 20k images
+    tiny = auto_defaults(cfg, _images(1000, 8))
+    assert tiny["pretext"]["epochs"] == 150 and tiny["model"]["stem_stride"] == 1   # the 150k floor
+    assert [stem_stride(s) for s in (8, 28, 32, 64, 224)] == [1, 2, 2, 4, 4]
+
+
+def test_estimate_counts_images_through_the_backbone():
+    cfg = load_config(None, {"pretext": {"epochs": 10}, "cluster": {"epochs": 5, "update_backbone": False},
+                             "selflabel": {"epochs": 2}})
+    est = estimate_seconds(cfg, 300, 0, rate=100.0)
+    assert est["pretext"] == pytest.approx(1.5 * (2 * 300 * 10 + 300 / 3) / 100)
+    assert est["cluster"] == pytest.approx(1.5 * (2 * 300 * 5 / 3 + 300 / 3) / 100)
+    assert est["selflabel"] == pytest.approx(1.5 * (300 * 2 * (1 + 2 / 3)) / 100)
+
+
+def test_cli_prints_the_chosen_defaults_and_a_time_estimate(tmp_path, capsys):
+    images = np.random.default_rng(0).integers(0, 255, size=(40, 10, 10), dtype=np.uint8)
+    np.savez(tmp_path / "pile.npz", images=images)
+    args = ["run", "--data", str(tmp_path / "pile.npz"), "--num-clusters", "2", "--out", str(tmp_path / "r"),
+            "--set", "pretext.epochs=1", "--set", "cluster.epochs=1", "--set", "selflabel.enabled=false",
+            "--set", "mine.num_neighbors=3", "--set", "model.width=4"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "chose defaults from the data" in err and "mine.features=backbone+pixels" in err
+    assert "estimated time: pretext" in err and "images/s through the backbone" in err
+
+
+# ---------------------------------------------------------------- settings reach the code
+
+def test_mine_features_setting_reaches_the_miner(tmp_path, tiny_overrides):
+    cfg = load_config("digits", tiny_overrides + ["mine.features=pixels"])
+    run = open_run(cfg, tmp_path / "run")
+    run_pipeline(run, ("pretext", "mine"))
+    expected = mine_neighbors(pixel_features(run.train.images, seed=0), 5)
+    assert np.array_equal(np.load(run.path("mine", "neighbors.npy")), expected)
+    both = combine_features(np.ones((3, 2)) * [[1, 0], [0, 1], [1, 1]], np.eye(3))
+    assert np.allclose(np.linalg.norm(both, axis=1), 1)   # two unit blocks, scaled by 1/sqrt(2)
+
+
+def test_a_cluster_stage_that_cannot_learn_says_so(tmp_path, tiny_overrides, caplog):
+    """lr 1e-9: the heads stay uniform; the retries at 10x and 100x cannot help; the run says so."""
+    overrides = tiny_overrides + ["cluster.lr=0.000000001", "selflabel.enabled=false"]
+    with caplog.at_level(logging.WARNING, logger="scan"):
+        metrics = run_pipeline(open_run(load_config("digits", overrides), tmp_path / "run"))
+    check = metrics["checks"]["cluster"]
+    assert check["status"] == "failed"
+    assert [a["lr"] for a in check["attempts"]] == pytest.approx([1e-9, 1e-8, 1e-7])
+    assert "cluster check FAILED" in caplog.text and "raise cluster.lr" in caplog.text
+    on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert on_disk["checks"]["cluster"]["status"] == "failed"
+    assert "cluster failed" in pipeline.summary_line(open_run(load_config("digits", overrides), tmp_path / "run"),
+                                                     metrics)
+
+
+def test_the_cluster_stage_rescues_itself_with_a_higher_learning_rate(tmp_path, tiny_overrides, monkeypatch):
+    seen_lrs = []
+    real_build, real_check = pipeline.build_optimizer, pipeline.cluster_check
+
+    def recording_build(params, name, lr, *args, **kwargs):
+        seen_lrs.append(lr)
+        return real_build(params, name, lr, *args, **kwargs)
+
+    calls = []
+
+    def first_fails(consistency, confidence, c):
+        calls.append(consistency)
+        result = real_check(consistency, confidence, c)
+        return {**result, "status": "failed"} if len(calls) == 1 else {**result, "status": "ok"}
+
+    cfg = load_config("digits", tiny_overrides + ["cluster.lr=0.0002"])
+    run = open_run(cfg, tmp_path / "run")
+    run_pipeline(run, ("pretext", "mine"))
+    monkeypatch.setattr(pipeline, "build_optimizer", recording_build)
+    monkeypatch.setattr(pipeline, "cluster_check", first_fails)
+    record = run_pipeline(run, ("cluster",))
+    assert seen_lrs == pytest.approx([2e-4, 2e-3])
+    assert record["check"]["status"] == "rescued" and "cluster.lr=0.002" in record["check"]["fix"]
+    assert not list(run.path("cluster").rglob("checkpoint.pt"))
+
+
+def test_every_evaluation_reports_kmeans_on_pixels_and_label_free_scores(tmp_path, tiny_overrides):
+    metrics = run_pipeline(open_run(load_config("digits", tiny_overrides), tmp_path / "run"))
+    assert 0.5 < metrics["kmeans_pixels"]["acc"] < 0.95          # k-means on digits pixels: ~0.8
+    for name in ("ours", "kmeans_pixels", "kmeans_features"):
+        assert set(metrics["unsupervised"][name]) >= {"neighbor_agreement", "size_balance"}
+    assert set(metrics["checks"]) == {"pretext", "cluster", "selflabel", "baseline"}
+    assert metrics["checks"]["baseline"]["neighbor_agreement"] == metrics["unsupervised"]["ours"]["neighbor_agreement"]
