@@ -1,19 +1,25 @@
 """Neighbour miners: plain kNN and the multi-view selection of the many-class variant."""
-import dataclasses
 import json
 
 import numpy as np
 import pytest
 
-from scan.config import MineConfig, load_config
+from scan.config import ConfigError, load_config
 from scan.mining import list_miners
 from scan.neighbors import gathered_dot, mine_neighbors, select_multiview
 from scan.pipeline import open_run, stage_mine, stage_pretext
 
 
-def test_miner_registry_matches_the_config_choices():
-    choices = dataclasses.fields(MineConfig)[0].metadata["choices"]
-    assert sorted(choices) == list_miners() == ["knn", "multiview"]
+def test_config_choices_come_from_the_registries():
+    assert list_miners() == ["knn", "multiview"]
+    with pytest.raises(ConfigError, match=r"mine.method 'multivew' is unknown \(did you mean 'multiview'\?\)"):
+        load_config("digits", ["mine.method=multivew"])
+    with pytest.raises(ConfigError, match="mine.features 'pixel' is unknown"):
+        load_config("digits", ["mine.features=pixel"])
+    with pytest.raises(ConfigError, match="did you mean 'resnet_small'"):
+        load_config("digits", ["model.backbone=resnet_smal"])
+    with pytest.raises(ConfigError, match="did you mean 'moco'"):
+        load_config("digits", ["pretext.method=mocco"])
 
 
 def test_gathered_dot_matches_a_direct_computation_across_chunks():

@@ -121,6 +121,7 @@ def test_each_method_trains_one_epoch_through_the_pipeline(tmp_path, tiny_overri
 
 def test_unknown_method_is_a_config_error(tmp_path, tiny_overrides):
     from scan.config import ConfigError
-    run = open_run(load_config("digits", tiny_overrides + ["pretext.method=simsiam"]), tmp_path / "run")
-    with pytest.raises(ConfigError, match="pretext.method 'simsiam' is unknown; choose one of byol_queue, moco"):
-        stage_pretext(run)
+    # refused when the config is loaded, before any data or run directory is touched
+    with pytest.raises(ConfigError, match="pretext.method .simsiam. is unknown.*choose one of byol_queue, moco"):
+        load_config("digits", tiny_overrides + ["pretext.method=simsiam"])
+    assert not (tmp_path / "run").exists()

@@ -85,12 +85,12 @@ class PretextConfig:
 
 @dataclass(frozen=True)
 class MineConfig:
-    method: str = _f("knn", choices=("knn", "multiview"))   # the miner registry (scan.mining)
+    method: str = "knn"           # the miner registry (scan.mining.MINERS): knn | multiview
     num_neighbors: int = _f(20, lo=1)
     # the space neighbours are searched in (scan.mining.MINING_SPACES): the pretext backbone's features,
     # PCA-whitened raw pixels, or both with equal weight (what the automatic defaults use: it never
     # falls far below the better of the two, and a weak pretext cannot make neighbours worse than pixels)
-    features: str = _f("backbone", choices=("backbone", "pixels", "backbone+pixels"))
+    features: str = "backbone"    # scan.mining.MINING_SPACES: backbone | pixels | backbone+pixels
     # multiview only: a clustering head trained briefly on plain kNN pairs (frozen backbone) ranks candidates
     head_epochs: int = _f(100, lo=1)
     head_lr: float = _f(1e-2, lo=0.0, lo_open=True)
@@ -258,6 +258,20 @@ def validate(cfg, prefix: str = "") -> None:
             _check_range(prefix + f.name, value, dict(f.metadata))
 
 
+def check_choices(cfg: Config) -> None:
+    """Names chosen from registries exist (with a did-you-mean), checked before any data is loaded."""
+    from scan.mining import MINERS, MINING_SPACES
+    from scan.models import BACKBONES
+    from scan.pretext import METHODS
+    from scan.pretrained import LITE_MODELS
+    if cfg.pretext.method != "pretrained":
+        METHODS.check(cfg.pretext.method)
+    if cfg.model.backbone not in LITE_MODELS or cfg.pretext.method != "pretrained":
+        BACKBONES.check(cfg.model.backbone)
+    MINERS.check(cfg.mine.method)
+    MINING_SPACES.check(cfg.mine.features)
+
+
 def _merge(base: dict, update: dict) -> dict:
     out = dict(base)
     for k, v in update.items():
@@ -319,12 +333,14 @@ def load_config(source: str | None = None, overrides: list[str] | dict | None = 
             data = _merge(data, parse_override(text))
     cfg = _build(Config, data)
     validate(cfg)
+    check_choices(cfg)
     return cfg
 
 
 def config_from_dict(data: dict) -> Config:
     cfg = _build(Config, data)
     validate(cfg)
+    check_choices(cfg)
     return cfg
 
 

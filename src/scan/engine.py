@@ -172,13 +172,13 @@ class EMA:
 
 @torch.no_grad()
 def predict_in_batches(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, rt: Runtime,
-                       batch_size: int = 512, desc: str | None = None) -> torch.Tensor:
-    """Apply `fn` to uint8 images in batches (no augmentation) and concatenate on the CPU."""
+                       batch_size: int = 512, desc: str | None = None, dtype=torch.float32) -> torch.Tensor:
+    """Apply `fn` to uint8 images in batches (no augmentation) and concatenate on the CPU as `dtype`."""
     out = []
     bar = tqdm(range(0, len(images), batch_size), desc=desc, disable=rt.quiet or desc is None, leave=False)
     for i in bar:
         with rt.autocast():
-            out.append(fn(rt.batch(images[i:i + batch_size])).float().cpu())
+            out.append(fn(rt.batch(images[i:i + batch_size])).to(dtype).cpu())
     return torch.cat(out)
 
 

@@ -88,9 +88,10 @@ def weak_strong_logits(model: ClusteringModel, views: torch.Tensor) -> Callable:
 
 
 @torch.no_grad()
-def feature_probs(model: ClusteringModel, features: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
-    """(H, N, C) probabilities of every head for (N, D) cached features, on the CPU."""
+def feature_probs(model: ClusteringModel, features: torch.Tensor, batch_size: int = 8192,
+                  dtype=torch.float32) -> torch.Tensor:
+    """(H, N, C) probabilities of every head for (N, D) cached features, on the CPU as `dtype`."""
     model.eval()
     device = model.backbone.mean.device
-    return torch.cat([feature_logits(model, features[i:i + batch_size].to(device)).softmax(-1).cpu()
+    return torch.cat([feature_logits(model, features[i:i + batch_size].to(device)).softmax(-1).to(dtype).cpu()
                       for i in range(0, len(features), batch_size)], dim=1)

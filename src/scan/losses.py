@@ -67,19 +67,22 @@ def scan_loss_over_pairs(probs: torch.Tensor, neighbors: torch.Tensor, entropy_w
     consistency_h = −(1/NK) Σ_i Σ_k log⟨p_h(x_i), p_h(x_{n_ik})⟩ for neighbours (N, K), H_h the
     entropy of head h's mean prediction; rows are gathered in chunks of at most `chunk_elements`
     values, so 10 heads × 260k images × 50 neighbours × 200 classes never materialise at once.
+    `probs` may be float16 (each chunk is computed in float32).
     Returns (total, consistency, H), each of shape (H,), for choosing the head with the lowest total.
     """
     heads, n, c = probs.shape
     k = neighbors.shape[1]
     rows = max(1, chunk_elements // (heads * k * c))
     log_sum = torch.zeros(heads, dtype=torch.float64)
+    prob_sum = torch.zeros(heads, c, dtype=torch.float64)
     for start in range(0, n, rows):
-        nb = neighbors[start:start + rows]                                   # (r, K)
-        anchor = probs[:, start:start + rows].unsqueeze(2)                  # (H, r, 1, C)
-        similarity = (anchor * probs[:, nb]).sum(-1)                        # (H, r, K)
-        log_sum += torch.log(similarity.clamp_min(EPS)).double().sum(dim=(1, 2))
+        anchor = probs[:, start:start + rows].float()                      # (H, r, C)
+        neighbor = probs[:, neighbors[start:start + rows]].float()         # (H, r, K, C)
+        similarity = torch.einsum("hrc,hrkc->hrk", anchor, neighbor)       # (H, r, K)
+        log_sum += torch.log(similarity.clamp_min(EPS)).sum(dim=(1, 2)).double()
+        prob_sum += anchor.sum(1).double()
     consistency = (-log_sum / (n * k)).float()
-    h = entropy(probs.mean(1))
+    h = entropy((prob_sum / n).float())
     return consistency - entropy_weight * h, consistency, h
 
 

@@ -18,9 +18,10 @@ from torch import nn
 
 from scan.augment import StrongAugment, WeakAugment
 from scan.checkpoint import seed_everything
-from scan.config import Config, ConfigError
+from scan.config import Config
 from scan.engine import Runtime, minibatches, predict_in_batches
 from scan.losses import scan_loss
+from scan.registry import Registry
 from scan.neighbors import combine_features, mine_neighbors, neighbor_purity, pixel_features, select_multiview
 
 HEAD_BATCH_SIZE = 256     # the brief head trains on pre-computed features: batches are cheap
@@ -39,37 +40,28 @@ class MiningInputs:
 
 
 # mine.features: the (N, D) matrix neighbours are searched in, from the backbone features and the images
-MINING_SPACES: dict[str, Callable[[np.ndarray, torch.Tensor, int], np.ndarray]] = {
-    "backbone": lambda features, images, seed: features,
-    "pixels": lambda features, images, seed: pixel_features(images, seed=seed),
-    "backbone+pixels": lambda features, images, seed: combine_features(features, pixel_features(images, seed=seed)),
-}
+MINING_SPACES: Registry[Callable[[np.ndarray, torch.Tensor, int], np.ndarray]] = Registry("mine.features")
+MINING_SPACES.add("backbone", lambda features, images, seed: features)
+MINING_SPACES.add("pixels", lambda features, images, seed: pixel_features(images, seed=seed))
+MINING_SPACES.add("backbone+pixels",
+                  lambda features, images, seed: combine_features(features, pixel_features(images, seed=seed)))
 
 
 def mining_space(inputs: MiningInputs) -> np.ndarray:
-    return MINING_SPACES[inputs.cfg.mine.features](inputs.features, inputs.images, inputs.cfg.seed)
+    return MINING_SPACES.get(inputs.cfg.mine.features)(inputs.features, inputs.images, inputs.cfg.seed)
 
 
 Miner = Callable[[MiningInputs], tuple[np.ndarray, dict]]
-_MINERS: dict[str, Miner] = {}
-
-
-def register_miner(name: str):
-    def deco(fn: Miner) -> Miner:
-        _MINERS[name] = fn
-        return fn
-    return deco
+MINERS: Registry[Miner] = Registry("mine.method")
+register_miner = MINERS.register
 
 
 def list_miners() -> list[str]:
-    return sorted(_MINERS)
+    return MINERS.names()
 
 
 def mine(inputs: MiningInputs) -> tuple[np.ndarray, dict]:
-    name = inputs.cfg.mine.method
-    if name not in _MINERS:
-        raise ConfigError(f"mine.method '{name}' is unknown; choose one of {', '.join(list_miners())}")
-    return _MINERS[name](inputs)
+    return MINERS.get(inputs.cfg.mine.method)(inputs)
 
 
 @register_miner("knn")

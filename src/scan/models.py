@@ -15,18 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_BACKBONES: dict[str, Callable[..., "Backbone"]] = {}
+from scan.registry import Registry
 
-
-def register_backbone(name: str):
-    def deco(fn):
-        _BACKBONES[name] = fn
-        return fn
-    return deco
+BACKBONES: Registry[Callable[..., nn.Module]] = Registry("model.backbone")
+register_backbone = BACKBONES.register
 
 
 def list_backbones() -> list[str]:
-    return sorted(_BACKBONES)
+    return BACKBONES.names()
 
 
 class BasicBlock(nn.Module):
@@ -147,10 +143,7 @@ def resnet50(in_channels: int, **_) -> nn.Module:
 
 
 def build_backbone(name: str, in_channels: int, mean=None, std=None, **kwargs) -> Backbone:
-    if name not in _BACKBONES:
-        from scan.config import ConfigError
-        raise ConfigError(f"model.backbone '{name}' is unknown; choose one of {', '.join(list_backbones())}")
-    return Backbone(_BACKBONES[name](in_channels=in_channels, **kwargs), in_channels, mean, std)
+    return Backbone(BACKBONES.get(name)(in_channels=in_channels, **kwargs), in_channels, mean, std)
 
 
 def torchvision_resnet_keys(state: dict) -> dict:

@@ -11,25 +11,18 @@ from __future__ import annotations
 
 from typing import Callable
 
-_METHODS: dict[str, Callable] = {}
+from scan.registry import Registry
 
-
-def register_pretext(name: str):
-    def deco(cls):
-        _METHODS[name] = cls
-        return cls
-    return deco
+METHODS: Registry[Callable] = Registry("pretext.method")
+register_pretext = METHODS.register
 
 
 def list_pretext_methods() -> list[str]:
-    return sorted(_METHODS)
+    return METHODS.names()
 
 
 def build_pretext(name: str, backbone, cfg, image_size: int, channels: int, num_samples: int):
-    from scan.config import ConfigError
-    if name not in _METHODS:
-        raise ConfigError(f"pretext.method '{name}' is unknown; choose one of {', '.join(list_pretext_methods())}")
-    return _METHODS[name](backbone, cfg, image_size, channels, num_samples)
+    return METHODS.get(name)(backbone, cfg, image_size, channels, num_samples)
 
 
 def method_default(value, default):
