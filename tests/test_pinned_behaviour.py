@@ -295,6 +295,7 @@ QUALITY_RUN = ["model.width=16", "pretext.epochs=30", "cluster.epochs=20", "clus
                "selflabel.enabled=false", "quiet=true"]
 
 
+@pytest.mark.slow
 def test_short_digits_run_clusters_far_above_chance_and_above_kmeans(tmp_path):
     start = time.time()
     metrics = run_pipeline(open_run(load_config("digits", QUALITY_RUN), tmp_path / "run"))
