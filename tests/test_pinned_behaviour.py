@@ -22,10 +22,10 @@ import scan.augment
 import scan.propagation
 from scan.config import load_config
 from scan.engine import minibatches
-from scan.losses import info_nce, nt_xent
+from scan.losses import info_nce, nt_xent, scan_loss_over_pairs
 from scan.metrics import cluster_accuracy, cluster_to_class, evaluate_clustering
 from scan.models import Backbone, ClusteringModel, build_backbone
-from scan.pipeline import (head_losses, head_probs, load_stage_model, open_run, run_pipeline, stage_cluster,
+from scan.pipeline import (head_probs, load_stage_model, open_run, run_pipeline, stage_cluster,
                            stage_mine, stage_pretext, stage_selflabel)
 from scan.pretext import build_pretext
 from scan.propagation import hierarchical_pseudo_labels
@@ -106,7 +106,8 @@ def test_cluster_stage_keeps_and_saves_the_head_with_the_lowest_loss(mined_run, 
     # and its loss, recomputed from its own probabilities, is the smallest recorded one
     model = load_stage_model(run, "cluster")
     neighbors = torch.from_numpy(np.load(run.path("mine", "neighbors.npy")))
-    loss = head_losses(head_probs(run, model, "train"), neighbors, run.cfg.cluster.entropy_weight)
+    probs = head_probs(run, model, "train", dtype=torch.float16)   # as the stage chooses heads
+    loss = scan_loss_over_pairs(probs, neighbors, run.cfg.cluster.entropy_weight)[0]
     assert loss.shape == (1,)
     assert loss.item() == pytest.approx(losses.min(), abs=1e-5)
 
@@ -291,7 +292,7 @@ def test_spc_strong_set_size_is_exactly_ceil_r_n_per_class_without_propagation_e
 # no self-labelling (about 30 s on one core). Measured (seed 0, CPU): k-means on the pretext
 # features 0.856, cluster stage 0.928 on the 360 held-out images; other seeds gave 0.82-0.83
 # against k-means 0.77-0.80. Chance is 0.1.
-QUALITY_RUN = ["model.width=16", "pretext.epochs=30", "cluster.epochs=20", "cluster.num_heads=3",
+QUALITY_RUN = ["model.width=16", "pretext.epochs=30", "cluster.epochs=20", "cluster.num_heads=10",
                "selflabel.enabled=false", "quiet=true"]
 
 
@@ -304,7 +305,7 @@ def test_short_digits_run_clusters_far_above_chance_and_above_kmeans(tmp_path):
     assert saved["num_eval"] == 360 and saved["final_stage"] == "cluster"
     kmeans, cluster = saved["kmeans"]["acc"], saved["cluster"]["acc"]
     assert metrics["cluster"]["acc"] == cluster
-    assert cluster >= 0.80, f"cluster-stage ACC {cluster:.3f} (measured 0.928)"
+    assert cluster >= 0.80, f"cluster-stage ACC {cluster:.3f} (measured 0.908; seeds 1, 2: 0.858, 0.831 against k-means 0.817, 0.769)"
     assert cluster > kmeans, f"cluster-stage ACC {cluster:.3f} is not above k-means {kmeans:.3f}"
     assert saved["cluster"]["nmi"] >= 0.70
     print(f"digits quality run: k-means {kmeans:.3f}, cluster {cluster:.3f}, {seconds:.0f} s")
