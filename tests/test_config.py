@@ -21,6 +21,10 @@ def test_unknown_key_is_rejected_with_suggestion():
     ("mine.num_neighbors=0", "mine.num_neighbors must be >= 1"),
     ("cluster.optimizer=lamb", "cluster.optimizer must be one of sgd, adam, adamw"),
     ("cluster.epochs=ten", "cluster.epochs must be an integer"),
+    (f"seed={2 ** 70}", "seed must be <= 4294967295"),       # torch and scikit-learn cannot take it
+    ("seed=-1", "seed must be >= 0"),
+    ("model.blocks=[]", "model.blocks must hold at least 1 value"),
+    ("model.blocks=[1, 0]", "model.blocks must be >= 1, got 0"),
 ])
 def test_out_of_range_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
@@ -85,3 +89,11 @@ def test_a_config_can_start_from_a_base_and_cycles_are_refused(tmp_path):
     (tmp_path / "b.yaml").write_text(f"base: {tmp_path / 'a.yaml'}\n")
     with pytest.raises(ConfigError, match="refers back to itself"):
         load_config(str(tmp_path / "a.yaml"))
+
+
+def test_exponent_numbers_without_a_dot_are_numbers():
+    """YAML 1.1 reads 1e-3 as a string (it wants 1.0e-3); every user writes it without the dot."""
+    cfg = load_config(None, ["cluster.lr=1e-3", "selflabel.lr=2E-5", "pretext.epochs=1e2"])
+    assert cfg.cluster.lr == 0.001 and cfg.selflabel.lr == 2e-5 and cfg.pretext.epochs == 100
+    with pytest.raises(ConfigError, match="cluster.lr must be a number, got '1e-3x'"):
+        load_config(None, ["cluster.lr=1e-3x"])

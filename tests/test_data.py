@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from scan import data
+from scan import data, imagefiles
 from scan.data import DataError, ImageDataset, list_datasets, load_dataset
 
 from fakes import cifar_rows, write_idx, write_pickle
@@ -379,7 +379,7 @@ def test_folder_sixteen_bit_grey_is_rescaled(tmp_path):
 
 
 def test_folder_skips_decompression_bombs(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 200)
+    monkeypatch.setattr(imagefiles, "MAX_IMAGE_PIXELS", 200)
     save_image(tmp_path / "ok.png", solid((5, 5, 5), (10, 10)))        # 100 px
     save_image(tmp_path / "warn.png", solid((5, 5, 5), (15, 15)))      # 225 px: Pillow's warning zone
     save_image(tmp_path / "huge.png", solid((5, 5, 5), (30, 30)))      # 900 px: Pillow's error zone

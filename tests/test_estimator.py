@@ -86,6 +86,7 @@ def test_user_errors_are_one_line(fitted, tmp_path):
         (lambda: fitted.predict(np.zeros((2, 9, 9), np.uint8)), RunError, "the model expects 8x8"),
         (lambda: fitted.predict(np.zeros((2, 8, 8), np.int32)), RunError, "must be uint8"),
         (lambda: fitted.predict(np.zeros((8, 8), np.uint8)), RunError, "must have shape"),
+        (lambda: fitted.predict(np.full((2, 8, 8), np.nan)), RunError, "NaN or infinite"),
         (lambda: fitted.predict(str(tmp_path / "nope.png")), DataError, "nope.png does not exist"),
         (lambda: SCANClustering.load(tmp_path), RunError, "not a scan run directory"),
     ]

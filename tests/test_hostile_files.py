@@ -4,13 +4,15 @@ import logging
 import os
 import random
 import re
+import threading
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from scan import data
-from scan.data import load_dataset
+from scan import imagefiles
+from scan.data import DataError, load_dataset
+from scan.imagefiles import decode_images
 
 
 def _png_bytes(img: Image.Image, **kw) -> bytes:
@@ -57,7 +59,7 @@ BAD = {
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_folder_loader_survives_a_zoo_of_broken_and_unusual_files(tmp_path, monkeypatch, caplog, seed):
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 100_000)  # so a small file can play the bomb
+    monkeypatch.setattr(imagefiles, "MAX_IMAGE_PIXELS", 100_000)  # so a small file can play the bomb
     rng = np.random.default_rng(seed)
     pick = random.Random(seed)
     root = tmp_path / "zoo"
@@ -107,3 +109,32 @@ def test_good_zoo_members_decode_to_their_content(tmp_path):
     ds = load_dataset("folder", str(tmp_path), image_size=8)
     for path, img in zip(ds.paths, ds.images):
         assert np.abs(img[:, 4, 4].numpy().astype(int) - colour).max() <= 6, path
+
+
+def test_a_fifo_named_like_an_image_is_skipped_not_waited_on(tmp_path, caplog):
+    """Opening a FIFO for reading blocks until a writer comes: it must be skipped and counted."""
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.jpg"):
+        (tmp_path / name).write_bytes(GOOD["rgb.png" if name.endswith("png") else "rgb.jpg"](rng))
+    os.mkfifo(tmp_path / "pipe.png")
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(ds=load_dataset("folder", str(tmp_path), image_size=8)),
+                              daemon=True)
+    with caplog.at_level(logging.WARNING, logger="scan.data"):
+        worker.start()
+        worker.join(timeout=60)
+    assert not worker.is_alive(), "the loader hangs on the FIFO"
+    assert [os.path.basename(p) for p in result["ds"].paths] == ["a.png", "b.jpg"]
+    assert "skipped 1 of 3 files" in caplog.text and "pipe.png" in caplog.text
+    assert decode_images([tmp_path / "pipe.png"], 8) == [None]   # scan predict PIPE.png: unreadable, no hang
+
+
+def test_running_out_of_memory_is_not_reported_as_unreadable_files(tmp_path, monkeypatch):
+    (tmp_path / "a.png").write_bytes(GOOD["rgb.png"](np.random.default_rng(0)))
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+    monkeypatch.setattr(imagefiles.Image, "open", no_memory)
+    with pytest.raises(DataError, match="out of memory while decoding 1 images") as info:
+        load_dataset("folder", str(tmp_path), image_size=8)
+    assert "readable" not in str(info.value)

@@ -153,7 +153,7 @@ def test_report_renders_in_a_headless_browser(trained, tmp_path):
 def test_names_show_in_report_assignments_and_predictions(trained, tmp_path, capsys):
     run = trained["run"]
     assert scan("name", run, "0=zeros", "3=red cars")[0] == 0
-    assert json.loads((run / "names.json").read_text()) == {"0": "zeros", "3": "red cars"}
+    assert json.loads((run / "names.json").read_text())["names"] == {"0": "zeros", "3": "red cars"}
     code, _ = scan("report", run)                       # a rerun of report keeps the names
     assert code == 0 and "red cars" in (run / "report.html").read_text()
     named = {r["cluster"]: r["cluster_name"] for r in read_csv(run / "assignments.csv")}
@@ -164,7 +164,7 @@ def test_names_show_in_report_assignments_and_predictions(trained, tmp_path, cap
     assert code == 0 and len(rows) == NUM_IMAGES
     assert all(r["cluster_name"] == {"0": "zeros", "3": "red cars"}.get(r["cluster"], "") for r in rows)
     assert scan("name", run, "3=")[0] == 0              # an empty name removes it
-    assert json.loads((run / "names.json").read_text()) == {"0": "zeros"}
+    assert json.loads((run / "names.json").read_text())["names"] == {"0": "zeros"}
 
 
 @pytest.mark.parametrize("args, message", [

@@ -86,10 +86,16 @@ def test_stale_temp_files_are_removed_and_foreign_formats_refused(tmp_path, tiny
     run = tmp_path / "run"
     open_run(cfg, run)
     (run / "pretext").mkdir()
-    stale = run / "pretext" / ".checkpoint.pt.abc123.tmp"
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()   # its pid is free now
+    stale = run / "pretext" / f".checkpoint.pt.scan-{dead.pid}.0abc.tmp"
     stale.write_bytes(b"half a checkpoint")
+    live = run / "pretext" / f".model.pt.scan-{os.getppid()}.0abc.tmp"   # a live process is still writing it
+    live.write_bytes(b"being written")
+    foreign = run / "pretext" / ".notes.txt.tmp"   # not ours: never touched
+    foreign.write_bytes(b"someone else's")
     open_run(cfg, run)
-    assert not stale.exists()
+    assert not stale.exists() and live.exists() and foreign.exists()
 
     atomic_write_json(run / "run.json", {"format_version": 99})
     with pytest.raises(ConfigError, match=r"run-directory format 99.*--restart"):

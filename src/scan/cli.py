@@ -6,12 +6,14 @@ import logging
 import sys
 from pathlib import Path
 
+from scan.checkpoint import ArtifactError
 from scan.config import ConfigError, builtin_config_names, load_config, parse_override, _merge, _read_yaml
 from scan.data import DataError
 from scan.engine import StageError
 from scan.inference import RunError
+from scan.rundir import CONFIG_FILE, is_run_dir
 
-USER_ERRORS = (ConfigError, DataError, StageError, RunError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, StageError, RunError, ArtifactError, FileNotFoundError)
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -22,7 +24,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-clusters", type=int, help="number of clusters C (sets data.num_clusters)")
     p.add_argument("--labels-from-folders", action="store_true",
                    help="use first-level sub-folder names as ground truth for evaluation")
-    p.add_argument("--out", "-o", help="run directory (default runs/<name>)")
+    p.add_argument("--out", "-o", help="run directory (default runs/<name>); an existing run is continued with "
+                                       "its own config.yaml, plus any --config/--set given")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, mps")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or status lines")
@@ -76,10 +79,16 @@ def _pretrained_overrides(value: str) -> dict:
 
 
 def build_config(args):
-    """Resolve the configuration; with --data and no --config, pick defaults from the data itself."""
+    """Resolve the configuration; with --data and no --config, pick defaults from the data itself.
+
+    An existing run (--out RUN) starts from its own config.yaml: a stage subcommand or a rerun
+    must continue that run, not replace it with the built-in defaults.
+    """
     from scan.defaults import auto_defaults
     from scan.pipeline import load_data
     user = _user_overrides(args)
+    if args.out and not args.config and is_run_dir(args.out) and (Path(args.out) / CONFIG_FILE).is_file():
+        return load_config(str(Path(args.out) / CONFIG_FILE), user), None
     if args.config or not args.data:
         return load_config(args.config or "digits", user), None
     cfg = load_config(None, user)
@@ -158,10 +167,17 @@ def cmd_name(args) -> int:
     return 0
 
 
+def _check_out_file(out, example: str) -> None:
+    """--out of predict/export names a file to write: refuse a folder before any work is done."""
+    if out and Path(out).is_dir():
+        raise RunError(f"--out {out} is a folder; give a file name, e.g. --out {Path(out) / example}")
+
+
 def cmd_predict(args) -> int:
     from scan.checkpoint import atomic_write_text
-    from scan.inference import (assignments_csv, load_classifier, load_image_paths, load_names, open_trained_run,
-                                predict_proba)
+    from scan.images_in import load_image_paths
+    from scan.inference import assignments_csv, load_classifier, load_names, open_trained_run, predict_proba
+    _check_out_file(args.out, "predictions.csv")
     run = open_trained_run(args.run_dir, args.device)
     images = load_image_paths(args.images, run.info["image_shape"])
     probs = predict_proba(load_classifier(run), images.images, run.rt)
@@ -175,7 +191,8 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from scan.export import export_run
+    from scan.export import DEFAULT_NAME, export_run
+    _check_out_file(args.out, DEFAULT_NAME)
     print(export_run(args.run_dir, args.out, args.format))
     return 0
 
@@ -222,7 +239,11 @@ def main(argv=None) -> int:
         stages = STAGES if args.command == "run" else (args.command,)
         return cmd_stages(args, stages)
     except USER_ERRORS as e:
-        print(f"scan: error: {e}", file=sys.stderr)
+        print("scan: error: " + " ".join(str(e).splitlines()), file=sys.stderr)   # always one line
+        return 2
+    except MemoryError:
+        print("scan: error: out of memory; lower data.image_size or the batch sizes, or use fewer images "
+              "(finished stages and checkpoints are kept: rerun to resume)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("scan: interrupted; the last finished epoch is checkpointed: rerun the same command to resume",

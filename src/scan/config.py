@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -22,9 +23,10 @@ class ConfigError(ValueError):
     """A user-facing configuration mistake; the message is one line naming the key."""
 
 
-def _range(lo=None, hi=None, lo_open=False, hi_open=False, choices=None):
-    """Field metadata describing the allowed values (checked by `validate`)."""
-    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices}
+def _range(lo=None, hi=None, lo_open=False, hi_open=False, choices=None, min_len=None):
+    """Field metadata describing the allowed values (checked by `validate`); for a tuple field,
+    the bounds apply to every element and min_len to its length."""
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices, "min_len": min_len}
 
 
 def _f(default, **rng):
@@ -46,7 +48,7 @@ class DataConfig:
 class ModelConfig:
     backbone: str = _f("resnet_small")
     width: int = _f(32, lo=4)               # channels of the first stage (resnet_small only)
-    blocks: tuple[int, ...] = (1, 1, 1)     # residual blocks per stage (resnet_small only)
+    blocks: tuple[int, ...] = _f((1, 1, 1), lo=1, min_len=1)   # residual blocks per stage (resnet_small only)
     stem_stride: int = _f(1, lo=1, hi=4)    # resnet_small only
     projection_dim: int = _f(128, lo=2)
     # local backbone weights to start from (our backbone.pt or a torchvision-style ResNet, e.g. MoCo's);
@@ -153,7 +155,7 @@ class RefineConfig:
 
 @dataclass(frozen=True)
 class Config:
-    seed: int = 0
+    seed: int = _f(0, lo=0, hi=2**32 - 1)   # the range numpy and scikit-learn generators accept
     device: str = "auto"
     quiet: bool = False
     data: DataConfig = field(default_factory=DataConfig)
@@ -181,8 +183,14 @@ def _is_dataclass_type(tp) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+# YAML 1.1 (PyYAML) reads a float only with a dot: 1e-3 stays a string, 1.0e-3 is a number.
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, tp, key: str):
     """Convert a YAML value to the annotated type, or raise a ConfigError naming the key."""
+    if tp in (int, float) and isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+        value = float(value)
     origin = get_origin(tp)
     if origin is Union or str(origin) == "<class 'types.UnionType'>":
         args = [a for a in get_args(tp) if a is not type(None)]
@@ -233,6 +241,12 @@ def _build(cls, values: dict, prefix: str = ""):
 
 def _check_range(key: str, value, meta: dict) -> None:
     if value is None or not meta:
+        return
+    if isinstance(value, tuple):
+        if meta.get("min_len") and len(value) < meta["min_len"]:
+            raise ConfigError(f"{key} must hold at least {meta['min_len']} value(s), got {list(value)}")
+        for item in value:
+            _check_range(key, item, {**meta, "min_len": None})
         return
     choices = meta.get("choices")
     if choices is not None and value not in choices:

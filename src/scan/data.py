@@ -12,26 +12,21 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
-import os
 import pickle
-import warnings
 import zlib
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+
+from scan.imagefiles import IMAGE_EXTENSIONS, decode_images, list_files
 
 log = logging.getLogger("scan.data")
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 DEFAULT_IMAGE_SIZE = 64          # side of folder images when no image_size is given
-MAX_IMAGE_PIXELS = 50_000_000    # ~7000 x 7000: far above useful inputs, stops decompression bombs
 FASHION_MNIST_PATH = "/usr/share/datasets/fashion-mnist"
 MNIST_PATH = "/usr/share/datasets/mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -485,69 +480,6 @@ def load_npz(request: LoadRequest) -> ImageDataset:
 
 # ----------------------------------------------------------------------------- image folders
 
-@contextmanager
-def _decompression_bomb_guard() -> Iterator[None]:
-    """Make Pillow refuse images above MAX_IMAGE_PIXELS (its warning becomes an error to skip on).
-
-    Set in the calling thread around the whole pool: the warning filters are process-wide, so
-    workers see them without each one racing to install and restore them.
-    """
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) as 8-bit RGB, alpha dropped."""
-    if img.mode.startswith("I") or img.mode == "F":
-        # Pillow's own conversion clips high-bit-depth values at 255; rescale a 16-bit range instead.
-        values = np.asarray(img, dtype=np.float32)
-        if values.size and values.max() > 255:
-            values = values * (255 / 65535)
-        img = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
-    elif img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")  # Pillow warns when a transparent palette goes straight to RGB
-    return img.convert("RGB")
-
-
-def _decode(file: Path, size: int) -> np.ndarray | None:
-    """(size, size, 3) uint8: shorter side resized to `size`, centre crop. None if unreadable."""
-    try:
-        with Image.open(file) as img:
-            img.draft(None, (size, size))  # JPEG: let the decoder downscale by 2^k, still >= size
-            img = _to_rgb(ImageOps.exif_transpose(img))
-            side = min(img.size)
-            left, top = (img.width - side) / 2, (img.height - side) / 2
-            img = img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side),
-                             reducing_gap=3.0)
-            return np.asarray(img, dtype=np.uint8)
-    except Exception:  # truncated/corrupt/bomb files raise many types; one bad file must not stop the load
-        return None
-
-
-def decode_images(files: list[Path], size: int) -> list[np.ndarray | None]:
-    """Each file as a (size, size, 3) uint8 RGB crop (see `_decode`), None where unreadable.
-
-    Public so that new images are preprocessed exactly like a training folder (scan predict).
-    """
-    with _decompression_bomb_guard(), ThreadPoolExecutor() as pool:  # Pillow decodes without the GIL
-        return list(pool.map(lambda f: _decode(f, size), files))
-
-
-def _list_files(root: Path) -> list[Path]:
-    """All files under root, recursively, sorted for a deterministic order; hidden entries ignored."""
-    found = []
-    for folder, subfolders, files in os.walk(root):
-        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
-        found += [Path(folder, f) for f in files if not f.startswith(".")]
-    return sorted(found, key=lambda p: p.relative_to(root).parts)
-
-
 def _folder_labels(root: Path, files: list[Path], enabled: bool) -> tuple[np.ndarray | None, list[str] | None]:
     """Labels from first-level subfolders when enabled, every image is in one, and there are >= 2."""
     tops = [f.relative_to(root).parts[0] if len(f.relative_to(root).parts) > 1 else None for f in files]
@@ -580,11 +512,15 @@ def load_folder(request: LoadRequest) -> ImageDataset:
         raise DataError(f"{root}: not a folder (expected a folder of images or a .npz file)")
     _split_parts("image folder", request.split)  # only to reject misspelt split names
     size = request.image_size or DEFAULT_IMAGE_SIZE
-    files = _list_files(root)
+    files = list_files(root)
     if not files:
         raise DataError(f"{root}: folder is empty (expected {'/'.join(sorted(IMAGE_EXTENSIONS))} files)")
     candidates = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
-    decoded = decode_images(candidates, size)
+    try:
+        decoded = decode_images(candidates, size)
+    except MemoryError:
+        raise DataError(f"{root}: out of memory while decoding {len(candidates)} images at {size}x{size}; "
+                        f"lower data.image_size or use fewer images") from None
     kept = [(f, img) for f, img in zip(candidates, decoded) if img is not None]
     if not kept:
         raise DataError(f"{root}: none of the {len(files)} files is a readable image "
@@ -686,7 +622,7 @@ def _imagenet_dataset(request: LoadRequest, classes: list[tuple[str, str]] | Non
             folder = root / _IMAGENET_FOLDERS[part] / wnid
             if not folder.is_dir():
                 raise DataError(f"{folder}: class folder is missing (layout {_IMAGENET_FOLDERS[part]}/<wnid>/*.JPEG)")
-            found = [f for f in _list_files(folder) if f.suffix.lower() in IMAGE_EXTENSIONS]
+            found = [f for f in list_files(folder) if f.suffix.lower() in IMAGE_EXTENSIONS]
             files += found
             labels += [label] * len(found)
     if not files:

@@ -11,7 +11,6 @@ naming, export, resuming) works on it, and `SCANClustering.load` opens any `scan
 """
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,13 +19,15 @@ import numpy as np
 import torch
 from sklearn.exceptions import NotFittedError
 
-from scan.checkpoint import read_json
-from scan.config import Config, _merge, config_from_dict, load_config, save_config
+from scan.checkpoint import TEMP_PATTERN, read_json
+from scan.config import Config, _merge, config_from_dict, load_config
 from scan.data import ImageDataset
-from scan.inference import (as_image_tensor, cached_train_outputs, load_classifier, load_image_paths, load_names,
-                            match_shape, open_trained_run, predict_proba, train_outputs)
+from scan.images_in import as_image_tensor, load_image_paths, match_shape
+from scan.inference import (cached_train_outputs, load_classifier, load_names, open_trained_run, predict_proba,
+                            train_outputs)
 from scan.defaults import auto_defaults
 from scan.pipeline import Run, load_data, open_run, run_pipeline
+from scan.rundir import LOCK_FILE, RunError, is_run_dir, release_run_dir, rewrite_data_path
 
 ARRAY_FILE = "images.npz"   # an in-memory training array is kept here so the run can be reopened
 
@@ -40,6 +41,11 @@ def _nested(params: dict) -> dict:
             node = {part: node}
         out = _merge(out, node)
     return out
+
+
+def _not_copied(folder, names: list[str]) -> list[str]:
+    """What `save` leaves behind: training checkpoints, the run's lock and our temporary files."""
+    return [n for n in names if n in ("checkpoint.pt", LOCK_FILE) or TEMP_PATTERN.match(n)]
 
 
 def _is_path(x) -> bool:
@@ -85,12 +91,15 @@ class SCANClustering:
             data = (dataset, dataset)
             user = _merge(user, {"data": {"dataset": "npz", "path": str((run_dir / ARRAY_FILE).resolve())}})
         cfg = self._resolve_config(user, data)
-        run = open_run(cfg, run_dir, data=data)
-        if data is not None:
-            # saved after open_run (which insists on an empty or existing run directory)
-            np.savez(run_dir / ARRAY_FILE, images=data[0].images.permute(0, 2, 3, 1).numpy())
-        run_pipeline(run)
-        return self._learn(run)
+        try:
+            run = open_run(cfg, run_dir, data=data)
+            if data is not None:
+                # saved after open_run (which insists on an empty or existing run directory)
+                np.savez(run_dir / ARRAY_FILE, images=data[0].images.permute(0, 2, 3, 1).numpy())
+            run_pipeline(run)
+            return self._learn(run)
+        finally:   # a fitted estimator only reads its run: another process may continue training it
+            release_run_dir(run_dir)
 
     def fit_predict(self, X, y=None) -> np.ndarray:
         """Train on X and return its cluster ids."""
@@ -152,18 +161,36 @@ class SCANClustering:
 
     # -------------------------------------------------------------- persistence
 
-    def save(self, path) -> Path:
-        """Copy the run directory (config, weights, artifacts; no training checkpoints) to `path`."""
+    def save(self, path, overwrite: bool = False) -> Path:
+        """Copy the run directory (config, weights, artifacts; no training checkpoints) to `path`.
+
+        `path` must not exist or be empty; overwrite=True replaces an earlier saved model or run
+        there (never a folder that is not one: that is refused rather than deleted).
+        """
         self._check_fitted()
         path = Path(path)
         if path.resolve() == Path(self.run_dir_).resolve():
             return path
-        shutil.copytree(self.run_dir_, path, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("checkpoint.pt", ".*.tmp"))
-        if self.config_.data.path == str((Path(self.run_dir_) / ARRAY_FILE).resolve()):
-            # the copy must read its own copy of the training array (the original may be a temp dir)
-            data = dataclasses.replace(self.config_.data, path=str((path / ARRAY_FILE).resolve()))
-            save_config(dataclasses.replace(self.config_, data=data), path / "config.yaml")
+        if path.resolve().is_relative_to(Path(self.run_dir_).resolve()):
+            raise RunError(f"{path} is inside the run directory {self.run_dir_}: save elsewhere")
+        if path.exists() and not path.is_dir():
+            raise RunError(f"{path} is a file: save to a folder")
+        if path.is_dir() and any(path.iterdir()):
+            if not overwrite:
+                raise RunError(f"{path} is not empty: pass overwrite=True to replace the model saved there, "
+                               f"or save elsewhere")
+            if not is_run_dir(path):
+                raise RunError(f"{path} holds something other than a saved model: not overwriting it")
+        # Copied next to the target and swapped in, so a failed copy leaves the old content intact.
+        staging = path.with_name(f".{path.name}.saving")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(self.run_dir_, staging, ignore=_not_copied)
+        array = str((Path(self.run_dir_) / ARRAY_FILE).resolve())
+        # the copy must read its own copy of the training array (the original may be a temp dir)
+        rewrite_data_path(staging, array, str((path / ARRAY_FILE).resolve()))
+        if path.exists():
+            shutil.rmtree(path)
+        staging.rename(path)
         return path
 
     @classmethod

@@ -10,12 +10,14 @@ file as `scan.json` (read with `torch.jit.load(path, _extra_files={"scan.json": 
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from scan.checkpoint import atomic_write_bytes
 from scan.inference import RunError, load_classifier, load_names, open_trained_run
 
 FORMATS = ("torchscript",)
@@ -48,6 +50,9 @@ def export_run(run_dir, out=None, fmt: str = "torchscript") -> Path:
     meta = {"image_shape": run.info["image_shape"], "num_clusters": run.num_clusters,
             "names": {str(k): v for k, v in load_names(run_dir).items()}, "input": "NCHW uint8 0..255 or float 0..1"}
     path = Path(out) if out else run.path(DEFAULT_NAME)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.jit.save(scripted, str(path), _extra_files={"scan.json": json.dumps(meta)})
+    if path.is_dir():
+        raise RunError(f"--out {path} is a folder; give a file name, e.g. --out {path / DEFAULT_NAME}")
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer, _extra_files={"scan.json": json.dumps(meta)})
+    atomic_write_bytes(path, buffer.getvalue())   # a full disk or read-only folder: one clear error
     return path

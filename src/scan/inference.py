@@ -1,43 +1,46 @@
 """Using a trained run: reopen it, name its clusters and assign images to them.
 
-A run directory is the whole model: `config.yaml` rebuilds the network, `data.json` gives the
-input shape and normalisation, `<final stage>/model.pt` holds the weights. New images are
-preprocessed exactly like the training data (same decoding, crop, size and channels).
+A run directory is the whole model: `<final stage>/model.pt` holds the weights, and the
+configuration and data summary that built it (its snapshot, scan.rundir; else config.yaml and
+data.json) rebuild the network, input shape and normalisation. New images are preprocessed
+exactly like the training data (same decoding, crop, size and channels).
 
 Files written here:
-  names.json          {"3": "red cars", ...}                     (scan name)
+  names.json          {"model": "<sha256 of the named model.pt>", "names": {"3": "red cars", ...}}  (scan name)
   train_outputs.pt    probabilities and features of the training images, cached per model
   assignments.csv     path, cluster, cluster_name, confidence, top3 of every training image
+
+Text cells of the CSV files that a spreadsheet would run as a formula (=, +, -, @ ...) are
+prefixed with ' (see `csv_cell`).
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from scan.checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text, read_json
-from scan.config import load_config
-from scan.data import IMAGE_EXTENSIONS, DataError, ImageDataset, decode_images, load_dataset
+from scan.checkpoint import (ArtifactError, atomic_torch_save, atomic_write_json, atomic_write_text, load_torch,
+                             read_json)
+from scan.data import ImageDataset
 from scan.engine import Runtime, predict_in_batches, resolve_device
+from scan.images_in import as_image_tensor, load_image_paths, match_shape  # re-exported for callers of this API
 from scan.models import Classifier
 from scan.pipeline import (Run, describe_data, final_stage, head_only_train_outputs, load_clustering_model,
                            load_data)
+from scan.rundir import RunError, model_config, read_run_config
+
+log = logging.getLogger("scan")
 
 NAMES_FILE = "names.json"
 OUTPUTS_FILE = "train_outputs.pt"
 ASSIGNMENTS_FILE = "assignments.csv"
 TOP_K = 3
-
-
-class RunError(ValueError):
-    """A user mistake with a trained run (not a run directory, bad cluster name, wrong image shape).
-
-    str(e) is one line naming the file or argument and what was expected.
-    """
 
 
 # ------------------------------------------------------------------------ reopening a run
@@ -50,11 +53,10 @@ def open_trained_run(run_dir, device: str = "auto", with_data: bool = False) -> 
     be the very images the run was trained on.
     """
     run_dir = Path(run_dir)
-    config_file, info = run_dir / "config.yaml", read_json(run_dir / "data.json")
-    if not config_file.is_file() or info is None:
-        raise RunError(f"{run_dir}: not a scan run directory (no config.yaml/data.json); "
-                       f"train one with `scan run --out {run_dir}`")
-    cfg = load_config(str(config_file))
+    latest, latest_info = read_run_config(run_dir)
+    placeholder = ImageDataset(torch.zeros((1, *latest_info["image_shape"]), dtype=torch.uint8), None, None)
+    stage = final_stage(Run(latest, run_dir, Runtime(torch.device("cpu")), placeholder, placeholder, latest_info))
+    cfg, info = model_config(run_dir, stage, latest, latest_info)
     rt = Runtime(resolve_device(device), quiet=True)
     if not with_data:
         placeholder = ImageDataset(torch.zeros((1, *info["image_shape"]), dtype=torch.uint8), None, None)
@@ -68,7 +70,15 @@ def open_trained_run(run_dir, device: str = "auto", with_data: bool = False) -> 
 
 def load_classifier(run: Run) -> Classifier:
     """The final stage's model as images -> probabilities, in eval mode on the run's device."""
-    model = load_clustering_model(run, final_stage(run))
+    stage = final_stage(run)
+    try:
+        model = load_clustering_model(run, stage)
+    except RuntimeError as e:
+        if isinstance(e, ArtifactError) or "state_dict" not in str(e):
+            raise
+        # the weights do not fit the network its configuration describes (e.g. a model.pt copied in)
+        raise RunError(f"{run.path(stage, 'model.pt')} does not match the configuration it was trained with "
+                       f"({str(e).splitlines()[0]}); rerun `scan run --out {run.run_dir} --restart`") from None
     return run.rt.prepare(Classifier(model)).eval()
 
 
@@ -79,14 +89,64 @@ def predict_proba(classifier: Classifier, images: torch.Tensor, rt: Runtime) -> 
 
 # ------------------------------------------------------------------------ cluster names
 
-def load_names(run_dir) -> dict[int, str]:
-    """{cluster id: name} from names.json; empty when no cluster was named."""
-    path = Path(run_dir) / NAMES_FILE
+_warned_stale: set[tuple[str, str]] = set()
+_digests: dict[tuple, str] = {}   # (path, size, mtime, inode) -> sha256: a report reads the names several times
+
+
+def model_digest(run_dir) -> str | None:
+    """sha256 of the final model file, or None when the run has no trained model yet."""
+    run = open_trained_run(run_dir)
+    path = run.path(final_stage(run), "model.pt")
+    if not path.is_file():
+        return None
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _digests:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _digests[key] = digest.hexdigest()
+    return _digests[key]
+
+
+def _read_names_file(path: Path) -> tuple[str | None, dict[int, str]]:
+    """(digest of the model they name, {cluster id: name}) from names.json; RunError if malformed.
+
+    A file written before names were tied to a model ({"3": "cats"}) has no digest.
+    """
     try:
-        names = read_json(path, {})
+        content = read_json(path, {})
     except ValueError:
         raise RunError(f"{path}: not valid JSON; fix or delete it and name the clusters again") from None
-    return {int(k): str(v) for k, v in names.items()}
+    if not isinstance(content, dict):
+        raise RunError(f"{path}: expected a JSON object of cluster names, found a {type(content).__name__}; "
+                       f"fix or delete it and name the clusters again")
+    digest, names = (content.get("model"), content.get("names")) if "names" in content else (None, content)
+    if not isinstance(names, dict) or not all(str(k).isdigit() and isinstance(v, str) for k, v in names.items()):
+        raise RunError(f"{path}: cluster names must map cluster ids to strings, e.g. {{\"3\": \"red cars\"}}; "
+                       f"fix or delete it and name the clusters again")
+    return digest, {int(k): v for k, v in names.items()}
+
+
+def load_names(run_dir) -> dict[int, str]:
+    """{cluster id: name} from names.json; empty when no cluster was named.
+
+    Names belong to the model they were given for: after a retrain (cluster ids reshuffled)
+    they are not applied, with one warning.
+    """
+    path = Path(run_dir) / NAMES_FILE
+    if not path.exists():
+        return {}
+    digest, names = _read_names_file(path)
+    current = model_digest(run_dir)
+    if digest is None or current is None or digest == current or not names:
+        return names
+    if (str(path), digest) not in _warned_stale:
+        _warned_stale.add((str(path), digest))
+        log.warning("%s names the clusters of an earlier model (retrained since, so cluster ids changed): "
+                    "not applied; name them again with `scan name %s ID=NAME ...`", path, run_dir)
+    return {}
 
 
 def cluster_title(cluster: int, names: dict[int, str]) -> str:
@@ -114,77 +174,23 @@ def set_names(run_dir, assignments: list[str]) -> dict[int, str]:
             names[cluster] = name.strip()
         else:
             names.pop(cluster, None)
-    atomic_write_json(Path(run_dir) / NAMES_FILE, {str(k): v for k, v in sorted(names.items())})
+    atomic_write_json(Path(run_dir) / NAMES_FILE, {"model": model_digest(run_dir),
+                                                   "names": {str(k): v for k, v in sorted(names.items())}})
     outputs = cached_train_outputs(run)
     if outputs is not None:   # keep assignments.csv in step (cheap: no data or model needed)
         atomic_write_text(run.path(ASSIGNMENTS_FILE), assignments_csv(outputs.ids, outputs.probs, names))
     return names
 
 
-# ------------------------------------------------------------------------ images in
-
-def as_image_tensor(x) -> torch.Tensor:
-    """An image batch as uint8 (N, C, H, W), C in {1, 3}.
-
-    numpy arrays are channels-last, (N, H, W) or (N, H, W, C); torch tensors channels-first,
-    (N, H, W) or (N, C, H, W) (each library's convention). C may be 1, 3 or 4 (alpha dropped);
-    floats must be in [0, 1].
-    """
-    channels_last = not isinstance(x, torch.Tensor)
-    t = torch.as_tensor(np.asarray(x)) if channels_last else x.detach().cpu()
-    if t.ndim == 3:
-        t = t.unsqueeze(1)
-    elif t.ndim == 4 and channels_last:
-        t = t.permute(0, 3, 1, 2)
-    if t.ndim != 4 or t.shape[1] not in (1, 3, 4):
-        layout = "(N, H, W) or (N, H, W, C)" if channels_last else "(N, H, W) or (N, C, H, W)"
-        raise RunError(f"images must have shape {layout} with C = 1, 3 or 4, got {tuple(np.shape(x))}")
-    t = t[:, :3]
-    if t.is_floating_point():
-        if t.numel() and (t.min() < 0 or t.max() > 1):
-            raise RunError("float images must lie in [0, 1]; pass uint8 for 0..255 values")
-        t = (t * 255).round()
-    elif t.dtype != torch.uint8:
-        raise RunError(f"images must be uint8 (0..255) or float in [0, 1], got {t.dtype}")
-    return t.to(torch.uint8).contiguous()
-
-
-def match_shape(images: torch.Tensor, shape: list[int]) -> torch.Tensor:
-    """Convert grey <-> RGB to the run's channel count; the height and width must already match."""
-    channels, size = shape[0], tuple(shape[1:])
-    if tuple(images.shape[2:]) != size:
-        raise RunError(f"images are {images.shape[2]}x{images.shape[3]} pixels, the model expects "
-                       f"{size[0]}x{size[1]}; pass image files or folders to have them resized")
-    if images.shape[1] == channels:
-        return images
-    if channels == 3:
-        return images.expand(-1, 3, -1, -1).contiguous()
-    # ITU-R 601 luma, the weights Pillow uses for RGB -> L
-    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-    return (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
-
-
-def load_image_paths(paths, shape: list[int]) -> ImageDataset:
-    """Image files and folders (searched recursively) decoded like the training folder of a run."""
-    size = shape[1]
-    parts = []
-    for path in map(Path, paths):
-        if not path.exists():
-            raise DataError(f"{path} does not exist (expected an image file or a folder of images)")
-        if path.is_dir():
-            parts.append(load_dataset("folder", str(path), image_size=size, labels_from_folders=False))
-            continue
-        image = decode_images([path], size)[0]
-        if image is None:
-            raise DataError(f"{path}: not a readable image (expected {'/'.join(sorted(IMAGE_EXTENSIONS))})")
-        parts.append(ImageDataset(torch.from_numpy(image.transpose(2, 0, 1).copy())[None], None, None, [str(path)]))
-    if not parts:
-        raise DataError("no images given: pass image files or folders")
-    images = match_shape(torch.cat([p.images for p in parts]), shape)
-    return ImageDataset(images, None, None, [f for p in parts for f in p.paths])
-
-
 # ------------------------------------------------------------------------ assignments out
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")   # what spreadsheets evaluate as a formula
+
+
+def csv_cell(text: str) -> str:
+    """A text cell that a spreadsheet shows as text: a leading ' stops it running as a formula."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
 
 def assignments_csv(ids: list[str], probs: np.ndarray, names: dict[int, str]) -> str:
     """CSV text with one row per image: path, cluster, cluster_name, confidence, top3 ("3:0.912 1:0.051 ...")."""
@@ -193,7 +199,8 @@ def assignments_csv(ids: list[str], probs: np.ndarray, names: dict[int, str]) ->
     writer.writerow(["path", "cluster", "cluster_name", "confidence", "top3"])
     top = np.argsort(-probs, axis=1)[:, :TOP_K]
     for image_id, p, best in zip(ids, probs, top):
-        writer.writerow([image_id, int(best[0]), names.get(int(best[0]), ""), f"{p[best[0]]:.4f}",
+        name = names.get(int(best[0]), "")
+        writer.writerow([csv_cell(str(image_id)), int(best[0]), csv_cell(name), f"{p[best[0]]:.4f}",
                          " ".join(f"{c}:{p[c]:.3f}" for c in best)])
     return buffer.getvalue()
 
@@ -217,8 +224,11 @@ def cached_train_outputs(run: Run) -> TrainOutputs | None:
     path = run.path(OUTPUTS_FILE)
     if not path.exists():
         return None
-    saved = torch.load(path, map_location="cpu")
-    if saved["key"] != _model_key(run):
+    try:
+        saved = load_torch(path)
+    except ArtifactError:   # only a cache: recomputed and rewritten
+        return None
+    if not isinstance(saved, dict) or saved.get("key") != _model_key(run):
         return None
     return TrainOutputs(saved["ids"], saved["probs"].numpy(), saved["features"].numpy())
 

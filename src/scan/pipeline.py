@@ -30,9 +30,9 @@ import torch
 from tqdm.auto import tqdm
 
 from scan.augment import build_augment, WeakAugment, StrongAugment
-from scan.checkpoint import (FORMAT_VERSION, atomic_save_npy, atomic_torch_save, atomic_write_json, read_json,
+from scan.checkpoint import (atomic_save_npy, atomic_torch_save, atomic_write_json, load_torch, read_json,
                              seed_everything)
-from scan.config import Config, ConfigError, save_config
+from scan.config import Config, ConfigError
 from scan.data import ImageDataset, content_hash, has_splits, load_dataset
 from scan.engine import (EMA, Runtime, StageError, build_optimizer, check_finite, cosine_schedule, minibatches,
                          predict_in_batches, resolve_device, run_epochs, set_lr)
@@ -48,6 +48,7 @@ from scan.neighbors import neighbor_purity
 from scan.refine import feature_inputs, image_inputs, train_spc
 from scan.pretext import build_pretext
 from scan.pretrained import build_pretrained, check_pretrained_config
+from scan.rundir import check_neighbors, prepare_run_dir, record_config, with_absolute_paths
 
 log = logging.getLogger("scan")
 STAGES = ("pretext", "mine", "cluster", "selflabel", "refine", "evaluate")
@@ -174,43 +175,21 @@ def describe_data(cfg: Config, train: ImageDataset, evaluation: ImageDataset) ->
     }
 
 
-def check_run_format(run_dir: Path, restart: bool) -> None:
-    """Refuse to mix artifacts with a run directory written in another layout version."""
-    marker = run_dir / "run.json"
-    version = (read_json(marker) or {}).get("format_version", FORMAT_VERSION) if marker.exists() else None
-    if version is None and run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / "config.yaml").exists():
-        raise ConfigError(f"{run_dir} exists and is not a scan run directory: choose another --out")
-    if version not in (None, FORMAT_VERSION) and not restart:
-        raise ConfigError(f"{run_dir} was written by a scan with run-directory format {version}, this one uses "
-                          f"{FORMAT_VERSION}: pass --restart to recompute it there, or choose another --out")
-    atomic_write_json(marker, {"format_version": FORMAT_VERSION})
-
-
-def remove_stale_temp_files(run_dir: Path) -> None:
-    """A process killed mid-write leaves its temp file behind (the target itself is intact)."""
-    for tmp in run_dir.rglob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
-
-
 def open_run(cfg: Config, run_dir: Path, restart: bool = False, data=None) -> Run:
-    """Load data (unless given as (train, eval)), write config.yaml and data.json, return the Run."""
+    """Claim the run directory (scan.rundir), load data (unless given as (train, eval)), record
+    the configuration (config.yaml, data.json, per-model snapshots) and return the Run."""
     run_dir = Path(run_dir)
     if cfg.pretext.method == "pretrained":
         check_pretrained_config(cfg)
-    check_run_format(run_dir, restart)
-    remove_stale_temp_files(run_dir)
-    if restart and run_dir.exists():
-        for stage in STAGES:
-            for name in ("done.json", "checkpoint.pt"):
-                p = run_dir / stage / name
-                if p.exists():
-                    p.unlink()
+    prepare_run_dir(run_dir, restart, STAGES)
+    cfg = with_absolute_paths(cfg)
     rt = Runtime(resolve_device(cfg.device), quiet=cfg.quiet)
     train, evaluation = data if data is not None else load_data(cfg)
     info = describe_data(cfg, train, evaluation)
-    save_config(cfg, run_dir / "config.yaml")
-    atomic_write_json(run_dir / "data.json", info)
-    return Run(cfg, run_dir, rt, train, evaluation, info)
+    run = Run(cfg, run_dir, rt, train, evaluation, info)
+    check_neighbors(run, len(train))
+    record_config(run, tuple(s for s in MODEL_STAGES if stage_enabled(cfg, s)))
+    return run
 
 
 # ------------------------------------------------------------------------ stage 1: pretext
@@ -275,7 +254,7 @@ def load_backbone(run: Run) -> Backbone:
     if not path.exists():
         raise StageError(f"{path} is missing: run the pretext stage first (scan pretext)")
     backbone = run.backbone()
-    backbone.load_state_dict(torch.load(path, map_location="cpu"))
+    backbone.load_state_dict(load_torch(path))
     return backbone
 
 
@@ -441,7 +420,7 @@ def _warn_collapse(run: Run, pred: torch.Tensor, stage: str) -> None:
 def load_stage_model(run: Run, stage: str) -> ClusteringModel:
     """A stage's model as it trained: over cached features in head-only runs, else over images."""
     model = run.clustering_model(1)
-    model.load_state_dict(torch.load(_require(run.path(stage, "model.pt"), stage), map_location="cpu"))
+    model.load_state_dict(load_torch(_require(run.path(stage, "model.pt"), stage)))
     return model
 
 
