@@ -82,13 +82,14 @@ def neighbor_agreement(assignments: np.ndarray, neighbors: np.ndarray) -> float:
     return float((a[neighbors] == a[:, None]).mean())
 
 
-def pixel_features(images, dim: int = 50, max_side: int = 32, seed: int = 0, also=None):
+def pixel_features(images, dim: int = 50, max_side: int = 32, seed: int = 0, also=None, whiten: bool = True):
     """(N, dim) PCA-whitened raw pixels of uint8 images (N, C, H, W): the baseline every run compares with.
 
     Images larger than `max_side` are average-pooled down first, so a folder of 224 px photos
     does not need a 150k-column PCA; whitening gives every principal direction the same weight,
     which measured better than plain PCA for kNN on colour images (tinted Fashion-MNIST 0.58 vs 0.23).
     With `also` (more images of the same shape), returns (features of images, of `also`) from one PCA.
+    `whiten=False` keeps the pixel distances (up to the dropped components): k-means on raw pixels.
     """
     import torch
     from sklearn.decomposition import PCA
@@ -99,7 +100,7 @@ def pixel_features(images, dim: int = 50, max_side: int = 32, seed: int = 0, als
             x = torch.nn.functional.adaptive_avg_pool2d(x, max_side)
         return x.reshape(len(x), -1).numpy()
     x = flat(images)
-    pca = PCA(min(dim, x.shape[1], len(x)), whiten=True, svd_solver="randomized", random_state=seed).fit(x)
+    pca = PCA(min(dim, x.shape[1], len(x)), whiten=whiten, svd_solver="randomized", random_state=seed).fit(x)
     features = pca.transform(x).astype(np.float32)
     return features if also is None else (features, pca.transform(flat(also)).astype(np.float32))
 
