@@ -25,7 +25,8 @@ from pathlib import Path
 from scan.checkpoint import read_json
 from scan.config import load_config
 from scan.metrics import cluster_to_class
-from scan.pipeline import head_probs, load_stage_model, open_run, run_pipeline, trained_stages
+from scan.pipeline import open_run, run_pipeline
+from scan.run import head_probs, load_stage_model, trained_stages
 
 BASE_STAGES = ("pretext", "mine", "cluster")
 VARIANTS = {   # name: (stages run on the copy, extra overrides, directory it copies)

@@ -7,7 +7,9 @@ import pytest
 from scan.config import ConfigError, load_config
 from scan.mining import list_miners
 from scan.neighbors import gathered_dot, mine_neighbors, select_multiview
-from scan.pipeline import open_run, stage_mine, stage_pretext
+from scan.pipeline import open_run
+from scan.stages.mine import stage_mine
+from scan.stages.pretext import stage_pretext
 
 
 def test_config_choices_come_from_the_registries():

@@ -25,8 +25,12 @@ from scan.engine import minibatches
 from scan.losses import info_nce, nt_xent, scan_loss_over_pairs
 from scan.metrics import cluster_accuracy, cluster_to_class, evaluate_clustering
 from scan.models import Backbone, ClusteringModel, build_backbone
-from scan.pipeline import (head_probs, load_stage_model, open_run, run_pipeline, stage_cluster,
-                           stage_mine, stage_pretext, stage_selflabel)
+from scan.pipeline import open_run, run_pipeline
+from scan.run import head_probs, load_stage_model
+from scan.stages.cluster import stage_cluster
+from scan.stages.mine import stage_mine
+from scan.stages.pretext import stage_pretext
+from scan.stages.selflabel import stage_selflabel
 from scan.pretext import build_pretext
 from scan.propagation import hierarchical_pseudo_labels
 from scan.refine import RoundLabels, pseudo_label_stats

@@ -6,7 +6,8 @@ import torch
 
 from scan.cli import main
 from scan.config import load_config
-from scan.pipeline import open_run, run_pipeline, shrunk_cluster
+from scan.pipeline import open_run, run_pipeline
+from scan.stages.selflabel import shrunk_cluster
 
 
 def test_tiny_pipeline_writes_every_artifact_and_skips_finished_stages(tmp_path, tiny_overrides):

@@ -7,7 +7,8 @@ from torch import nn
 from scan.config import load_config
 from scan.engine import ema_update, frozen_copy, momentum_schedule
 from scan.models import build_backbone
-from scan.pipeline import open_run, stage_pretext
+from scan.pipeline import open_run
+from scan.stages.pretext import stage_pretext
 from scan.pretext import build_pretext, list_pretext_methods
 from scan.pretext.queue import NegativeQueue
 

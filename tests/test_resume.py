@@ -113,20 +113,22 @@ def test_nan_loss_stops_the_stage_keeps_the_last_good_checkpoint_and_a_rerun_res
     import torch
 
     from scan import pipeline
-    from scan.checkpoint import load_checkpoint
+    from scan.checkpoint import load_checkpoint, read_json
+    from scan.engine import minibatches
+    from scan.stages import cluster
     from scan.config import load_config
     from scan.engine import StageError
 
     cfg = load_config("digits", tiny_overrides + ["cluster.epochs=3", "selflabel.enabled=false"])
-    real_loss, calls = pipeline.scan_loss, {"n": 0}
-    steps_per_epoch = len(pipeline.minibatches(1437, cfg.cluster.batch_size))
+    real_loss, calls = cluster.scan_loss, {"n": 0}
+    steps_per_epoch = len(minibatches(1437, cfg.cluster.batch_size))
 
     def poisoned(*args, **kwargs):  # NaN from the second epoch on
         calls["n"] += 1
         total, *rest = real_loss(*args, **kwargs)
         return (total * float("nan") if calls["n"] > steps_per_epoch else total, *rest)
 
-    monkeypatch.setattr(pipeline, "scan_loss", poisoned)
+    monkeypatch.setattr(cluster, "scan_loss", poisoned)
     with pytest.raises(StageError, match=r"cluster: the loss became nan in epoch 2.*rerun resumes"):
         pipeline.run_pipeline(pipeline.open_run(cfg, tmp_path / "run"))
     ckpt = load_checkpoint(tmp_path / "run" / "cluster" / "checkpoint.pt")
@@ -134,9 +136,9 @@ def test_nan_loss_stops_the_stage_keeps_the_last_good_checkpoint_and_a_rerun_res
                                       if v.is_floating_point())
     assert not (tmp_path / "run" / "cluster" / "done.json").exists()
 
-    monkeypatch.setattr(pipeline, "scan_loss", real_loss)
+    monkeypatch.setattr(cluster, "scan_loss", real_loss)
     metrics = pipeline.run_pipeline(pipeline.open_run(cfg, tmp_path / "run"))
-    assert len(pipeline.read_json(tmp_path / "run" / "cluster" / "done.json")["history"]) == 3
+    assert len(read_json(tmp_path / "run" / "cluster" / "done.json")["history"]) == 3
     assert 0 <= metrics["cluster"]["acc"] <= 1
 
 
@@ -147,7 +149,7 @@ def test_collapsed_clustering_is_warned_about_with_the_fix(caplog):
     import torch
 
     from scan.config import load_config
-    from scan.pipeline import _warn_collapse
+    from scan.stages.cluster import _warn_collapse
 
     run = SimpleNamespace(num_clusters=10, cfg=load_config(None))
     with caplog.at_level(logging.WARNING, logger="scan"):

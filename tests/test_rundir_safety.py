@@ -1,6 +1,7 @@
 """A run directory survives what users and machines do to it: commands on an existing run,
 interrupted reruns, retrains after naming, two processes, foreign folders, tampered or damaged
 files, full disks and hostile names. Every user mistake is one `scan: error:` line."""
+import dataclasses
 import csv
 import errno
 import io
@@ -18,7 +19,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 import scan
-from scan import SCANClustering, pipeline
+from scan import SCANClustering
+from scan.stage import STAGES, get_stage
 from scan.cli import main
 from scan.inference import RunError, load_names
 from scan.rundir import LOCK_FILE, release_run_dir
@@ -99,7 +101,7 @@ def test_interrupted_rerun_with_another_width_keeps_the_old_model_usable(run, tr
 
     def interrupted(r):
         raise KeyboardInterrupt
-    monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "mine", interrupted)   # after pretext retrained at width 12
+    monkeypatch.setitem(STAGES._items, "mine", dataclasses.replace(get_stage("mine"), run=interrupted))   # after pretext retrained at width 12
     assert scan_cli("run", "--out", run, "--set", "model.width=12")[0] == 130
     assert "width: 12" in (run / "config.yaml").read_text()             # what a rerun resumes with
     assert predicted(run, trained["png"]) == before                     # the old model, as it was built

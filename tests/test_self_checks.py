@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import scan.pipeline as pipeline
+from scan.stages import cluster as cluster_stage
 from scan.checks import baseline_check, cluster_check, pretext_check, selflabel_check, size_balance
 from scan.cli import main
 from scan.config import load_config
@@ -134,7 +135,7 @@ def test_a_cluster_stage_that_cannot_learn_says_so(tmp_path, tiny_overrides, cap
 
 def test_the_cluster_stage_rescues_itself_with_a_higher_learning_rate(tmp_path, tiny_overrides, monkeypatch):
     seen_lrs = []
-    real_build, real_check = pipeline.build_optimizer, pipeline.cluster_check
+    real_build, real_check = cluster_stage.build_optimizer, cluster_stage.cluster_check
 
     def recording_build(params, name, lr, *args, **kwargs):
         seen_lrs.append(lr)
@@ -150,8 +151,8 @@ def test_the_cluster_stage_rescues_itself_with_a_higher_learning_rate(tmp_path, 
     cfg = load_config("digits", tiny_overrides + ["cluster.lr=0.0002"])
     run = open_run(cfg, tmp_path / "run")
     run_pipeline(run, ("pretext", "mine"))
-    monkeypatch.setattr(pipeline, "build_optimizer", recording_build)
-    monkeypatch.setattr(pipeline, "cluster_check", first_fails)
+    monkeypatch.setattr(cluster_stage, "build_optimizer", recording_build)
+    monkeypatch.setattr(cluster_stage, "cluster_check", first_fails)
     record = run_pipeline(run, ("cluster",))
     assert seen_lrs == pytest.approx([2e-4, 2e-3])
     assert record["check"]["status"] == "rescued" and "cluster.lr=0.002" in record["check"]["fix"]

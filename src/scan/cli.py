@@ -85,7 +85,7 @@ def build_config(args):
     must continue that run, not replace it with the built-in defaults.
     """
     from scan.defaults import auto_defaults
-    from scan.pipeline import load_data
+    from scan.run import load_data
     user = _user_overrides(args)
     if args.out and not args.config and is_run_dir(args.out) and (Path(args.out) / CONFIG_FILE).is_file():
         return load_config(str(Path(args.out) / CONFIG_FILE), user), None

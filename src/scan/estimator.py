@@ -26,7 +26,8 @@ from scan.images_in import as_image_tensor, load_image_paths, match_shape
 from scan.inference import (cached_train_outputs, load_classifier, load_names, open_trained_run, predict_proba,
                             train_outputs)
 from scan.defaults import auto_defaults
-from scan.pipeline import Run, load_data, open_run, run_pipeline
+from scan.pipeline import run_pipeline
+from scan.run import Run, load_data, open_run
 from scan.rundir import LOCK_FILE, RunError, is_run_dir, release_run_dir, rewrite_data_path
 
 ARRAY_FILE = "images.npz"   # an in-memory training array is kept here so the run can be reopened

@@ -31,7 +31,7 @@ from scan.data import ImageDataset
 from scan.engine import Runtime, predict_in_batches, resolve_device
 from scan.images_in import as_image_tensor, load_image_paths, match_shape  # re-exported for callers of this API
 from scan.models import Classifier
-from scan.pipeline import (Run, describe_data, final_stage, head_only_train_outputs, load_clustering_model,
+from scan.run import (Run, describe_data, final_stage, head_only_train_outputs, load_clustering_model,
                            load_data)
 from scan.rundir import RunError, model_config, read_run_config
 

@@ -35,6 +35,10 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._items)
 
+    def in_order(self) -> list[str]:
+        """Names in registration order (stages run in this order)."""
+        return list(self._items)
+
     def check(self, name: str) -> None:
         """A ConfigError naming the setting, a close match and every choice, if `name` is unknown."""
         if name not in self._items:

@@ -19,7 +19,7 @@ from PIL import Image
 from scan.checkpoint import atomic_write_text, read_json
 from scan.inference import TrainOutputs, cluster_title, load_names, open_trained_run, train_outputs
 from scan.metrics import cluster_to_class, contingency
-from scan.pipeline import Run, final_stage
+from scan.run import Run, final_stage
 
 REPORT_FILE = "report.html"
 TOP_CONFIDENT = 10     # prototypes: closest to the mean feature of this many most confident members (paper)

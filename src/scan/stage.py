@@ -1,0 +1,77 @@
+"""The stage contract: what a stage declares, and the ordered registry of stages.
+
+A stage module (`scan/stages/<name>.py`) declares itself once with `register_stage(Stage(...))`:
+its name, the stages it needs, the config sections it reads, the non-config inputs it
+depends on, whether it is enabled and whether it writes `<name>/model.pt`. Its fingerprint
+(stored in `<name>/done.json`; a rerun skips the stage while it is unchanged) is derived from
+that declaration and from the fingerprints of the enabled stages it needs, so adding a stage
+touches its own file only. Stages run in registration order (`scan/stages/__init__.py`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Callable
+
+from scan.registry import Registry
+
+
+def stable_hash(*parts) -> str:
+    """16 hex digits of SHA-256 over the JSON of `parts`: the one hash of settings and inputs."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _always(cfg) -> bool:
+    return True
+
+
+def _no_inputs(run) -> tuple:
+    return ()
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable                          # run(Run) -> dict: the stage's record (done.json or metrics)
+    needs: tuple[str, ...] = ()            # stages whose artifacts it reads
+    sections: tuple[str, ...] = ()         # config sections (or top-level fields) it reads
+    inputs: Callable = _no_inputs          # inputs(Run) -> tuple: what else it depends on (data hash, C)
+    enabled: Callable = _always            # enabled(Config) -> bool; disabled stages are skipped in a chain
+    writes_model: bool = False             # writes <name>/model.pt, a clustering model
+    description: str = ""
+
+
+STAGES: Registry[Stage] = Registry("stage")
+
+
+def register_stage(stage: Stage) -> Stage:
+    return STAGES.add(stage.name, stage)
+
+
+def _registry() -> Registry[Stage]:
+    import scan.stages  # noqa: F401  (registers the built-in stages, in pipeline order)
+    return STAGES
+
+
+def stage_names() -> tuple[str, ...]:
+    return tuple(_registry().in_order())
+
+
+def get_stage(name: str) -> Stage:
+    return _registry().get(name)
+
+
+def model_stages() -> tuple[str, ...]:
+    return tuple(name for name in stage_names() if get_stage(name).writes_model)
+
+
+def stage_enabled(cfg, name: str) -> bool:
+    return get_stage(name).enabled(cfg)
+
+
+def fingerprint(run, name: str) -> str:
+    """Hash of the stage's sections and inputs and of the fingerprints of the enabled stages it needs."""
+    stage, c = get_stage(name), run.cfg.to_dict()
+    upstream = [fingerprint(run, need) for need in stage.needs if stage_enabled(run.cfg, need)]
+    return stable_hash(name, [c[s] for s in stage.sections], stage.inputs(run), upstream)

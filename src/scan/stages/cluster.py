@@ -1,0 +1,143 @@
+"""Stage 3, cluster: heads trained with the SCAN loss so that an image and its neighbours agree;
+the head with the lowest loss is kept, and a training that never left the uniform prediction is
+retried at a higher learning rate. Writes cluster/model.pt."""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from scan.augment import build_augment
+from scan.checkpoint import atomic_torch_save, seed_everything
+from scan.checks import cluster_check, report
+from scan.engine import build_optimizer, check_finite, minibatches, run_epochs
+from scan.features import load_views
+from scan.heads import pair_logits
+from scan.losses import scan_loss, scan_loss_over_pairs
+from scan.models import ClusteringModel
+from scan.run import Run, head_probs, load_backbone, require, say
+from scan.stage import Stage, register_stage
+
+log = logging.getLogger("scan")
+
+# the cluster stage retries a run whose heads never left the uniform prediction at 10x, then 100x
+# the learning rate, never above this bound (Adam on the backbone diverges past it)
+RESCUE_LR_FACTORS = (10.0, 100.0)
+RESCUE_MAX_LR = 1e-2
+
+
+def stage_cluster(run: Run) -> dict:
+    """Train `num_heads` clustering heads with the SCAN loss; keep the head with the lowest loss.
+
+    A training whose kept head stayed at the uniform prediction is retried with a higher
+    learning rate (`RESCUE_LR_FACTORS`, at most `RESCUE_MAX_LR`); the check and any rescue
+    are recorded in done.json.
+    """
+    if (record := run.done("cluster")) is not None:
+        return record
+    c = run.cfg.cluster
+    neighbors = torch.from_numpy(np.load(require(run.path("mine", "neighbors.npy"), "mine")))
+    start = time.time()
+    lrs = [c.lr] + sorted({min(c.lr * f, RESCUE_MAX_LR) for f in RESCUE_LR_FACTORS} - {c.lr})
+    lrs = [lr for lr in lrs if lr >= c.lr]
+    tried = []
+    for attempt, lr in enumerate(lrs):
+        model, history = _train_heads(run, neighbors, lr, attempt)
+        # (H, N, C) in float16: 10 heads x 260k ImageNet-200 images would take 2 GB in float32
+        probs = head_probs(run, model, "train", dtype=torch.float16)
+        losses, consistency, _ = scan_loss_over_pairs(probs, neighbors, c.entropy_weight)
+        best = int(losses.argmin())
+        confidence = float(probs[best].max(1).values.float().mean())
+        check = cluster_check(float(consistency[best]), confidence, run.num_clusters)
+        tried.append({"lr": lr, "status": check["status"], "consistency": float(consistency[best])})
+        if check["status"] == "ok":
+            break
+        if attempt + 1 < len(lrs):
+            say(run.rt, f"cluster: the heads did not learn at lr {lr:g} (consistency {float(consistency[best]):.3f}, "
+                        f"uniform {check['uniform_consistency']:.3f}); retrying at lr {lrs[attempt + 1]:g}")
+    if attempt > 0 and check["status"] == "ok":
+        check = {**check, "status": "rescued",
+                 "message": f"the heads did not learn at cluster.lr={c.lr:g}; retrained at lr {lr:g}: "
+                            + check["message"], "fix": f"set cluster.lr={lr:g} to skip the failed attempts"}
+    check["attempts"] = tried
+    model.keep_head(best)
+    atomic_torch_save(run.path("cluster", "model.pt"), model.state_dict())
+    extra = {"seconds": time.time() - start, "head_losses": losses.tolist(), "best_head": best, "history": history,
+             "check": report("cluster", check)}
+    _warn_collapse(run, probs[best].argmax(1), "cluster")
+    for retry in run.path("cluster").glob("retry*/checkpoint.pt"):
+        retry.unlink()
+    return run.finish("cluster", **extra)
+
+
+def _train_heads(run: Run, neighbors: torch.Tensor, lr: float, attempt: int):
+    """One training of the clustering heads (and backbone, if updated) at learning rate `lr`."""
+    cfg, rt, c = run.cfg, run.rt, run.cfg.cluster
+    seed_everything(cfg.seed + 1 + attempt)
+    model = run.clustering_model(c.num_heads)
+    if not run.head_only:
+        model.backbone.load_state_dict(load_backbone(run).state_dict())
+    model = rt.prepare(model)
+    params = model.parameters() if c.update_backbone and not run.head_only else model.heads.parameters()
+    optimizer = build_optimizer(params, c.optimizer, lr, c.weight_decay, c.momentum)
+    logits_of = pair_logits(model, load_views(run)) if run.head_only else _image_pair_logits(run, model)
+    n, k = neighbors.shape
+    batch_size = min(c.batch_size, n)
+    steps = len(minibatches(n, batch_size))
+
+    def epoch_fn(epoch, tick):
+        model.train()
+        if not c.update_backbone:
+            model.backbone.eval()   # frozen: batch-norm statistics must not drift either
+        sums = np.zeros(3)
+        for idx in minibatches(n, batch_size):
+            nb = neighbors[idx, torch.randint(k, (len(idx),))]
+            logits = logits_of(idx, nb)
+            total, consistency, h = scan_loss(logits[:, :len(idx)], logits[:, len(idx):], c.entropy_weight)
+            loss = total.sum()
+            check_finite(loss, "cluster", epoch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums += [total.mean().item(), consistency.mean().item(), h.mean().item()]
+            tick()
+        sums /= steps
+        return {"loss": sums[0], "consistency": sums[1], "entropy": sums[2]}
+
+    # a retry keeps its own checkpoint, so a kill during it resumes the retry, not the failed attempt
+    where = run.path("cluster") if attempt == 0 else run.path("cluster", f"retry{attempt}")
+    fingerprint = run.fingerprint("cluster") + ("" if attempt == 0 else f"-lr{lr:g}")
+    history = run_epochs("cluster", where, c.epochs, steps, {"model": model, "opt": optimizer},
+                         epoch_fn, fingerprint, rt)
+    return model, history
+
+
+def _image_pair_logits(run: Run, model: ClusteringModel):
+    """SCAN's forward on images: (anchor idx, neighbour idx) -> (H, 2B, C) logits of augmented views."""
+    cfg, rt, c = run.cfg, run.rt, run.cfg.cluster
+    augment = build_augment(c.augment, cfg.augment, run.image_size, run.channels)
+    images = run.train.images.to(rt.device)
+
+    def logits(idx, nb):
+        x = augment(rt.batch(torch.cat([images[idx], images[nb]])))
+        with rt.autocast():
+            if c.update_backbone:
+                return model(x)
+            with torch.no_grad():
+                feats = model.backbone(x)
+            return model.heads_from_features(feats)
+    return logits
+
+
+def _warn_collapse(run: Run, pred: torch.Tensor, stage: str) -> None:
+    share = torch.bincount(pred, minlength=run.num_clusters).max().item() / len(pred)
+    if share > 0.9:
+        log.warning("%s: one cluster holds %.0f%% of the images (collapse); raise cluster.entropy_weight "
+                    "(now %s) and rerun", stage, 100 * share, run.cfg.cluster.entropy_weight)
+
+
+register_stage(Stage("cluster", stage_cluster, needs=("mine",), sections=("cluster", "augment"),
+                     inputs=lambda run: (run.num_clusters,), writes_model=True,
+                     description="SCAN heads: neighbours agree, entropy keeps every cluster"))

@@ -1,0 +1,35 @@
+"""Stage 2, mine: the neighbours of every training image (mine.method, mine.features); writes
+mine/neighbors.npy."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from scan.checkpoint import atomic_save_npy
+from scan.mining import MiningInputs, mine
+from scan.neighbors import neighbor_purity
+from scan.run import Run, load_backbone, require, say
+from scan.stage import Stage, register_stage
+
+
+def stage_mine(run: Run) -> dict:
+    """Neighbours of every training image in pretext feature space (mine.method: knn | multiview)."""
+    if (record := run.done("mine")) is not None:
+        return record
+    start = time.time()
+    features = np.load(require(run.path("features", "train.npy"), "pretext"))
+    neighbors, facts = mine(MiningInputs(features, run.train.images, lambda: load_backbone(run), run.cfg,
+                                         run.num_clusters, run.rt, run.train.labels, lambda m: say(run.rt, m)))
+    atomic_save_npy(run.path("mine", "neighbors.npy"), neighbors)
+    extra = {"seconds": time.time() - start, "method": run.cfg.mine.method, "num_neighbors": int(neighbors.shape[1]),
+             **facts}
+    if run.train.labels is not None:
+        extra["purity"] = neighbor_purity(neighbors, run.train.labels)
+        baseline = f" (plain kNN {facts['knn_purity']:.3f})" if "knn_purity" in facts else ""
+        say(run.rt, f"mine: {neighbors.shape[1]} neighbours per image, purity {extra['purity']:.3f}{baseline}")
+    return run.finish("mine", **extra)
+
+
+register_stage(Stage("mine", stage_mine, needs=("pretext",), sections=("mine",),
+                     inputs=lambda run: (run.num_clusters,), description="the K nearest neighbours of every image"))

@@ -1,0 +1,77 @@
+"""Stage 1, pretext: self-supervised training of the backbone (or, with pretext.method: pretrained,
+embedding the images once with a frozen network); writes pretext/backbone.pt and features/*.npy."""
+from __future__ import annotations
+
+import logging
+import time
+
+from scan.checkpoint import atomic_save_npy, atomic_torch_save, seed_everything
+from scan.checks import pretext_check, report
+from scan.engine import build_optimizer, check_finite, cosine_schedule, minibatches, predict_in_batches, run_epochs, set_lr
+from scan.features import cache_features
+from scan.models import Backbone, load_backbone_weights
+from scan.pretext import build_pretext
+from scan.run import Run
+from scan.stage import Stage, register_stage
+
+log = logging.getLogger("scan")
+
+
+def stage_pretext(run: Run) -> dict:
+    """Self-supervised training of the backbone; writes pretext/backbone.pt and features/*.npy."""
+    if (record := run.done("pretext")) is not None:
+        return record
+    if run.head_only:   # a frozen pretrained network: embed the images once, nothing to train
+        return run.finish("pretext", **cache_features(run))
+    cfg, rt = run.cfg, run.rt
+    p = cfg.pretext
+    seed_everything(cfg.seed)
+    backbone = run.backbone()
+    if cfg.model.init_checkpoint:
+        load_backbone_weights(backbone, cfg.model.init_checkpoint)
+    elif p.epochs == 0:
+        log.warning("pretext.epochs=0 without model.init_checkpoint: the features are those of a random network")
+    method = rt.prepare(build_pretext(p.method, backbone, cfg, run.image_size, run.channels, len(run.train)))
+    optimizer = build_optimizer(method.parameters(), p.optimizer, p.lr, p.weight_decay, p.momentum)
+    images = run.train.images.to(rt.device)
+    batch_size = min(p.batch_size, len(images))
+    steps = len(minibatches(len(images), batch_size))
+    lrs = cosine_schedule(p.lr, p.epochs * steps, p.warmup_epochs * steps)
+    start = time.time()
+
+    def epoch_fn(epoch, tick):
+        method.train()
+        total = 0.0
+        for i, idx in enumerate(minibatches(len(images), batch_size)):
+            step = epoch * steps + i
+            set_lr(optimizer, lrs[step])
+            with rt.autocast():
+                loss = method.loss(rt.batch(images[idx]), idx.to(rt.device))
+            check_finite(loss, "pretext", epoch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            method.after_step(step, p.epochs * steps)
+            total += loss.item()
+            tick()
+        return {"loss": total / steps, "lr": float(lrs[min(epoch * steps, len(lrs) - 1)])}
+
+    history = run_epochs("pretext", run.path("pretext"), p.epochs, steps, {"model": method, "opt": optimizer},
+                         epoch_fn, run.fingerprint("pretext"), rt)
+    backbone = method.backbone
+    atomic_torch_save(run.path("pretext", "backbone.pt"), backbone.state_dict())
+    _write_features(run, backbone)
+    return run.finish("pretext", seconds=time.time() - start, history=history, method=p.method,
+                      check=report("pretext", pretext_check(history)))
+
+
+def _write_features(run: Run, backbone: Backbone) -> None:
+    backbone.eval()
+    for name, data in (("train", run.train), ("eval", run.eval)):
+        feats = predict_in_batches(backbone, data.images, run.rt, desc=f"features ({name})")
+        atomic_save_npy(run.path("features", f"{name}.npy"), feats.numpy())
+
+
+register_stage(Stage("pretext", stage_pretext, sections=("seed", "model", "augment", "pretext"),
+                     inputs=lambda run: (run.info["data_hash"],),
+                     description="self-supervised features (SimCLR, MoCo, BYOL-queue, RotNet) or a frozen network"))
