@@ -134,6 +134,18 @@ def check_finite(loss: torch.Tensor, stage: str, epoch: int) -> None:
                          f"(the stage then starts over).")
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, stage: str, epoch: int) -> float:
+    """The gradient step of every training loop: finite-loss check, zero grad, backward, step.
+
+    Returns the loss value (a NaN/inf loss raises StageError before any weight changes).
+    """
+    check_finite(loss, stage, epoch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A deep copy whose parameters take no gradients (an EMA teacher or momentum encoder)."""
     target = copy.deepcopy(model)

@@ -19,7 +19,7 @@ from torch import nn
 from scan.augment import StrongAugment, WeakAugment
 from scan.checkpoint import seed_everything
 from scan.config import Config
-from scan.engine import Runtime, minibatches, predict_in_batches
+from scan.engine import Runtime, minibatches, optimizer_step, predict_in_batches
 from scan.losses import scan_loss
 from scan.registry import Registry
 from scan.neighbors import combine_features, mine_neighbors, neighbor_purity, pixel_features, select_multiview
@@ -80,14 +80,11 @@ def train_brief_head(features: np.ndarray, neighbors: np.ndarray, num_clusters: 
     head = nn.Linear(x.shape[1], num_clusters).to(device)
     optimizer = torch.optim.Adam(head.parameters(), lr=lr)
     n, k = nb.shape
-    for _ in range(epochs):
+    for epoch in range(epochs):
         for idx in minibatches(n, min(HEAD_BATCH_SIZE, n)):
             idx = idx.to(device)
             pair = nb[idx, torch.randint(k, (len(idx),), device=device)]
-            loss = scan_loss(head(x[idx]), head(x[pair]), entropy_weight)[0]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            optimizer_step(optimizer, scan_loss(head(x[idx]), head(x[pair]), entropy_weight)[0], "mine", epoch)
     return head.eval()
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from scan.augment import StrongAugment, WeakAugment
 from scan.config import AugmentConfig, RefineConfig
-from scan.engine import Runtime, build_optimizer, check_finite, predict_in_batches, run_epochs
+from scan.engine import Runtime, build_optimizer, optimizer_step, predict_in_batches, run_epochs
 from scan.heads import feature_logits, feature_probs, random_views
 from scan.losses import spc_loss
 from scan.metrics import cluster_to_class
@@ -168,10 +168,7 @@ def train_spc(model: ClusteringModel, inputs: Inputs, n: int, r: RefineConfig, r
             with rt.autocast():
                 logits = inputs.logits(torch.cat([x_s, x_mix]))
             loss, ce_strong, ce_mixed = spc_loss(logits[:batch_size], y_s, logits[batch_size:], y_mix, r.mix_weight)
-            check_finite(loss, "refine", epoch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            optimizer_step(optimizer, loss, "refine", epoch)
             sums += [loss.item(), ce_strong.item(), ce_mixed.item()]
             tick()
         sums /= steps

@@ -12,7 +12,7 @@ import torch
 from scan.augment import build_augment
 from scan.checkpoint import atomic_torch_save, seed_everything
 from scan.checks import cluster_check, report
-from scan.engine import build_optimizer, check_finite, minibatches, run_epochs
+from scan.engine import build_optimizer, minibatches, optimizer_step, run_epochs
 from scan.features import load_views
 from scan.heads import pair_logits
 from scan.losses import scan_loss, scan_loss_over_pairs
@@ -97,10 +97,7 @@ def _train_heads(run: Run, neighbors: torch.Tensor, lr: float, attempt: int):
             logits = logits_of(idx, nb)
             total, consistency, h = scan_loss(logits[:, :len(idx)], logits[:, len(idx):], c.entropy_weight)
             loss = total.sum()
-            check_finite(loss, "cluster", epoch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            optimizer_step(optimizer, loss, "cluster", epoch)
             sums += [total.mean().item(), consistency.mean().item(), h.mean().item()]
             tick()
         sums /= steps

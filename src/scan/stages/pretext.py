@@ -7,7 +7,8 @@ import time
 
 from scan.checkpoint import atomic_save_npy, atomic_torch_save, seed_everything
 from scan.checks import pretext_check, report
-from scan.engine import build_optimizer, check_finite, cosine_schedule, minibatches, predict_in_batches, run_epochs, set_lr
+from scan.engine import (build_optimizer, cosine_schedule, minibatches, optimizer_step, predict_in_batches, run_epochs,
+                         set_lr)
 from scan.features import cache_features
 from scan.models import Backbone, load_backbone_weights
 from scan.pretext import build_pretext
@@ -47,12 +48,8 @@ def stage_pretext(run: Run) -> dict:
             set_lr(optimizer, lrs[step])
             with rt.autocast():
                 loss = method.loss(rt.batch(images[idx]), idx.to(rt.device))
-            check_finite(loss, "pretext", epoch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            total += optimizer_step(optimizer, loss, "pretext", epoch)
             method.after_step(step, p.epochs * steps)
-            total += loss.item()
             tick()
         return {"loss": total / steps, "lr": float(lrs[min(epoch * steps, len(lrs) - 1)])}
 

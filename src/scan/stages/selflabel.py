@@ -9,7 +9,7 @@ import torch
 from scan.augment import StrongAugment, WeakAugment
 from scan.checkpoint import atomic_torch_save, seed_everything
 from scan.checks import report, selflabel_check
-from scan.engine import EMA, build_optimizer, check_finite, minibatches, run_epochs
+from scan.engine import EMA, build_optimizer, minibatches, optimizer_step, run_epochs
 from scan.features import load_views
 from scan.heads import weak_strong_logits
 from scan.losses import selflabel_loss
@@ -85,13 +85,9 @@ def stage_selflabel(run: Run) -> dict:
         for idx in minibatches(n, batch_size):
             weak_logits, strong_logits = logits_of(idx)
             loss, count = selflabel_loss(weak_logits, strong_logits, s.threshold, s.class_balance)
-            check_finite(loss, "selflabel", epoch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            total += optimizer_step(optimizer, loss, "selflabel", epoch)
             if ema:
                 ema.update(model)
-            total += loss.item()
             used += count
             tick()
         return {"loss": total / steps, "confident_in_batches": float(used)}
