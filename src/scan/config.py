@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -169,12 +168,6 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    def section_hash(self, *sections: str) -> str:
-        """Stable hash of the named sections, used to decide whether a stage must rerun."""
-        d = self.to_dict()
-        payload = json.dumps({s: d[s] for s in sections}, sort_keys=True, default=str)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- loading and overriding

@@ -10,7 +10,6 @@ message naming the file and what was expected, never a raw OSError or pickle tra
 from __future__ import annotations
 
 import gzip
-import hashlib
 import logging
 import pickle
 import zlib
@@ -22,6 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from scan.hashing import bytes_hash, stable_hash
 from scan.imagefiles import IMAGE_EXTENSIONS, decode_images, list_files
 
 log = logging.getLogger("scan.data")
@@ -581,18 +581,14 @@ class LazyImages:
 
     def fingerprint(self) -> str:
         """Hash of the file list with sizes and modification times (decoding every image would take hours)."""
-        h = hashlib.sha256(str(self.size).encode())
-        for f in self.files:
-            st = f.stat()
-            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        return h.hexdigest()[:16]
+        return stable_hash(self.size, [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in self.files])
 
 
 def content_hash(images: torch.Tensor | LazyImages) -> str:
     """16 hex digits identifying a data set's images: of the pixels, or of the files for lazy images."""
     if isinstance(images, LazyImages):
         return images.fingerprint()
-    return hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
+    return bytes_hash(images)
 
 
 def imagenet_subsets() -> list[str]:

@@ -16,13 +16,13 @@ change of any later stage's settings; changing V re-embeds only the views.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from scan.hashing import bytes_hash, stable_hash
 from scan.augment import SimCLRAugment
 from scan.checkpoint import atomic_save_npy, atomic_write_json, read_json, seed_everything
 from scan.engine import StageError, predict_in_batches
@@ -31,21 +31,16 @@ from scan.pretrained import build_pretrained, weights_identity
 CACHE_VERSION = 1   # bump when pre-processing or file layout change, so old caches are recomputed
 
 
-def _digest(parts) -> str:
-    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
-
-
 def cache_keys(run) -> tuple[str, str | None]:
     """Hash of what the unaugmented features depend on, and of what the augmented views add (None: no views).
 
     Two keys, so that changing pretext.cached_views re-embeds only the views.
     """
     cfg = run.cfg
-    eval_hash = run.info["data_hash"] if run.eval is run.train else \
-        hashlib.sha256(run.eval.images.numpy().tobytes()).hexdigest()[:16]
-    base = _digest([CACHE_VERSION, weights_identity(cfg), run.info["data_hash"], eval_hash])
+    eval_hash = run.info["data_hash"] if run.eval is run.train else bytes_hash(run.eval.images)
+    base = stable_hash(CACHE_VERSION, weights_identity(cfg), run.info["data_hash"], eval_hash)
     views = cfg.pretext.cached_views
-    return base, (_digest([base, views, cfg.to_dict()["augment"], cfg.seed]) if views else None)
+    return base, (stable_hash(base, views, cfg.to_dict()["augment"], cfg.seed) if views else None)
 
 
 def _views_path(run):

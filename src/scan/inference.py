@@ -16,7 +16,6 @@ prefixed with ' (see `csv_cell`).
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import logging
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scan.hashing import file_hash
 from scan.checkpoint import (ArtifactError, atomic_torch_save, atomic_write_json, atomic_write_text, load_torch,
                              read_json)
 from scan.data import ImageDataset
@@ -102,11 +102,7 @@ def model_digest(run_dir) -> str | None:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
     if key not in _digests:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        _digests[key] = digest.hexdigest()
+        _digests[key] = file_hash(path, length=None)
     return _digests[key]
 
 

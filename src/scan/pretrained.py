@@ -11,7 +11,6 @@ size and 1 or 3 channels to (B, feature_dim) features, like every backbone in `s
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import math
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scan.hashing import file_hash
 from scan.config import ConfigError
 from scan.models import build_backbone, list_backbones, load_backbone_weights
 
@@ -220,7 +220,7 @@ def build_pretrained(cfg, channels: int, mean, std) -> nn.Module:
 def weights_identity(cfg) -> str:
     """Name and content hash of the pretrained weights (part of the feature-cache key)."""
     path = lite_weights_path(cfg.model.backbone) if cfg.model.backbone in LITE_MODELS else Path(cfg.model.init_checkpoint)
-    return f"{cfg.model.backbone}:{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
+    return f"{cfg.model.backbone}:{file_hash(path)}"
 
 
 def check_pretrained_config(cfg) -> None:

@@ -9,17 +9,11 @@ touches its own file only. Stages run in registration order (`scan/stages/__init
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Callable
 
+from scan.hashing import stable_hash
 from scan.registry import Registry
-
-
-def stable_hash(*parts) -> str:
-    """16 hex digits of SHA-256 over the JSON of `parts`: the one hash of settings and inputs."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _always(cfg) -> bool:
