@@ -164,7 +164,7 @@ def test_refine_stage_without_method_says_how_to_enable_it(tmp_path, tiny_overri
 
 def test_approximate_search_above_the_exact_limit_finds_most_exact_neighbours():
     from scan.neighbors import l2_normalize
-    from scan.propagation import knn_search
+    from scan.neighbors import knn_search
     x = l2_normalize(np.random.default_rng(0).normal(size=(3000, 8)))
     _, exact = knn_search(x, 10)
     _, approx = knn_search(x, 10, exact_limit=1000)

@@ -1,6 +1,8 @@
 """Nearest-neighbour mining in feature space (faiss, exact inner product on L2-normalised features)."""
 from __future__ import annotations
 
+import math
+
 import faiss
 import numpy as np
 
@@ -8,6 +10,28 @@ import numpy as np
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+EXACT_SEARCH_LIMIT = 20_000   # exact search costs N²·D: ~2 minutes for 100k × 128 on 2 cores
+IVF_PROBES = 32               # inverted lists visited per query (of 4·√N): ~0.97 recall of the exact kNN
+
+
+def knn_search(x: np.ndarray, k: int, exact_limit: int | None = EXACT_SEARCH_LIMIT) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, indices), both (N, k), of the k largest inner products of each row of x with x.
+
+    Exact up to `exact_limit` rows (always, with None); above it an inverted-file index (4·√N k-means cells,
+    IVF_PROBES visited per query) keeps the cost near-linear in N. Both are deterministic on a
+    fixed thread count, unlike graph indices (HNSW) whose multi-threaded build order varies.
+    """
+    n, d = x.shape
+    if exact_limit is None or n <= exact_limit:
+        index = faiss.IndexFlatIP(d)
+    else:
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, int(4 * math.sqrt(n)), faiss.METRIC_INNER_PRODUCT)
+        index.train(x)
+        index.nprobe = IVF_PROBES
+    index.add(x)
+    return index.search(x, k)
 
 
 def mine_neighbors(features: np.ndarray, k: int = 20) -> np.ndarray:
@@ -19,10 +43,7 @@ def mine_neighbors(features: np.ndarray, k: int = 20) -> np.ndarray:
     n = features.shape[0]
     if k >= n:
         raise ValueError(f"mine.num_neighbors={k} must be smaller than the number of images ({n})")
-    x = l2_normalize(features)
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
-    _, idx = index.search(x, k + 1)
+    _, idx = knn_search(l2_normalize(features), k + 1, exact_limit=None)   # SCAN's neighbours are exact
     is_self = idx == np.arange(n)[:, None]
     # rows where the query is absent (ties) drop their last column instead
     is_self[~is_self.any(1), -1] = True

@@ -17,34 +17,11 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-import faiss
 import numpy as np
 import torch
 from scipy import sparse
 
-from scan.neighbors import l2_normalize
-
-EXACT_SEARCH_LIMIT = 20_000   # exact search costs N²·D: ~2 minutes for 100k × 128 on 2 cores
-IVF_PROBES = 32               # inverted lists visited per query (of 4·√N): ~0.97 recall of the exact kNN
-
-
-def knn_search(x: np.ndarray, k: int, exact_limit: int = EXACT_SEARCH_LIMIT) -> tuple[np.ndarray, np.ndarray]:
-    """(similarities, indices), both (N, k), of the k largest inner products of each row of x with x.
-
-    Exact up to `exact_limit` rows; above it an inverted-file index (4·√N k-means cells,
-    IVF_PROBES visited per query) keeps the cost near-linear in N. Both are deterministic on a
-    fixed thread count, unlike graph indices (HNSW) whose multi-threaded build order varies.
-    """
-    n, d = x.shape
-    if n <= exact_limit:
-        index = faiss.IndexFlatIP(d)
-    else:
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, int(4 * math.sqrt(n)), faiss.METRIC_INNER_PRODUCT)
-        index.train(x)
-        index.nprobe = IVF_PROBES
-    index.add(x)
-    return index.search(x, k)
-
+from scan.neighbors import knn_search, l2_normalize
 
 def knn_affinity(features: np.ndarray, k: int) -> sparse.csr_matrix:
     """Symmetric sparse affinity W (N, N) of the k-nearest-neighbour graph.
