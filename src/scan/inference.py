@@ -30,9 +30,8 @@ from scan.checkpoint import (ArtifactError, atomic_torch_save, atomic_write_json
 from scan.data import ImageDataset
 from scan.engine import Runtime, predict_in_batches, resolve_device
 from scan.images_in import as_image_tensor, load_image_paths, match_shape  # re-exported for callers of this API
-from scan.models import Classifier
-from scan.run import (Run, describe_data, final_stage, head_only_train_outputs, load_clustering_model,
-                           load_data)
+from scan.models import Classifier, ClusteringModel
+from scan.run import Run, describe_data, final_stage, load_clustering_model, load_data, load_stage_model
 from scan.rundir import RunError, model_config, read_run_config
 
 log = logging.getLogger("scan")
@@ -70,16 +69,20 @@ def open_trained_run(run_dir, device: str = "auto", with_data: bool = False) -> 
 
 def load_classifier(run: Run) -> Classifier:
     """The final stage's model as images -> probabilities, in eval mode on the run's device."""
+    return run.rt.prepare(Classifier(_final_model(run, load_clustering_model))).eval()
+
+
+def _final_model(run: Run, load) -> ClusteringModel:
+    """The final stage's model by `load(run, stage)`; weights that do not fit its config are a RunError."""
     stage = final_stage(run)
     try:
-        model = load_clustering_model(run, stage)
+        return load(run, stage)
     except RuntimeError as e:
         if isinstance(e, ArtifactError) or "state_dict" not in str(e):
             raise
         # the weights do not fit the network its configuration describes (e.g. a model.pt copied in)
         raise RunError(f"{run.path(stage, 'model.pt')} does not match the configuration it was trained with "
                        f"({str(e).splitlines()[0]}); rerun `scan run --out {run.run_dir} --restart`") from None
-    return run.rt.prepare(Classifier(model)).eval()
 
 
 def predict_proba(classifier: Classifier, images: torch.Tensor, rt: Runtime) -> np.ndarray:
@@ -234,14 +237,7 @@ def train_outputs(run: Run) -> TrainOutputs:
     cached = cached_train_outputs(run)
     if cached is not None:
         return cached
-    if run.head_only:   # from the cached features: the pretrained network need not run again
-        probs, features = head_only_train_outputs(run)
-    else:
-        classifier = load_classifier(run)
-        # One pass for both: probabilities (C columns) then backbone features.
-        both = predict_in_batches(lambda x: torch.cat([classifier(x), classifier.backbone(x)], 1),
-                                  run.train.images, run.rt)
-        probs, features = both[:, :run.num_clusters], both[:, run.num_clusters:]
+    probs, features = run.source.train_outputs(_final_model(run, load_stage_model))
     ids = run.train.paths or [str(i) for i in range(len(run.train))]
     atomic_torch_save(run.path(OUTPUTS_FILE), {"key": _model_key(run), "ids": ids, "probs": probs,
                                                "features": features})

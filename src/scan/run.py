@@ -30,11 +30,9 @@ from tqdm.auto import tqdm
 from scan.checkpoint import atomic_write_json, load_torch, read_json
 from scan.config import Config, ConfigError
 from scan.data import ImageDataset, content_hash, has_splits, load_dataset
-from scan.engine import Runtime, StageError, predict_in_batches, resolve_device
-from scan.features import load_features
-from scan.heads import FrozenFeatures, attach_network, feature_probs
+from scan.engine import Runtime, StageError, resolve_device
 from scan.models import Backbone, ClusteringModel, build_backbone
-from scan.pretrained import build_pretrained, check_pretrained_config
+from scan.pretrained import check_pretrained_config
 from scan.rundir import check_neighbors, prepare_run_dir, record_config, with_absolute_paths
 from scan.stage import fingerprint, model_stages, stage_enabled, stage_names
 
@@ -105,14 +103,14 @@ class Run:
                               width=m.width, blocks=m.blocks, stem_stride=m.stem_stride)
 
     @property
-    def head_only(self) -> bool:
-        """Heads train on cached features of a frozen pretrained network (pretext.method: pretrained)."""
-        return self.cfg.pretext.method == "pretrained"
+    def source(self):
+        """Where the clustering model's features come from (scan.sources): images or cached features."""
+        from scan.sources import SOURCES, source_name
+        return SOURCES.get(source_name(self.cfg))(self)
 
     def clustering_model(self, num_heads: int) -> ClusteringModel:
-        """Untrained heads over the backbone, or over the cached features in head-only runs."""
-        backbone = FrozenFeatures.fit(load_features(self, "train")) if self.head_only else self.backbone()
-        return ClusteringModel(backbone, self.num_clusters, num_heads, self.cfg.cluster.head_hidden)
+        """Untrained heads over the run's feature source."""
+        return self.source.new_model(num_heads)
 
 
 def load_data(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
@@ -180,32 +178,19 @@ def load_backbone(run: Run) -> Backbone:
 
 def head_probs(run: Run, model: ClusteringModel, split: str, dtype=torch.float32) -> torch.Tensor:
     """(H, N, C) probabilities of every head on the unaugmented 'train' or 'eval' images, on the CPU."""
-    model.eval()
-    if run.head_only:
-        return feature_probs(model, load_features(run, split), dtype=dtype)
-    images = (run.train if split == "train" else run.eval).images
-    return predict_in_batches(lambda x: model(x).softmax(-1).transpose(0, 1), images, run.rt,
-                              dtype=dtype).transpose(0, 1)
-
-
-def head_only_train_outputs(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, C) final-stage probabilities and (N, D) cached features of the training images (head-only runs)."""
-    return head_probs(run, load_stage_model(run, final_stage(run)), "train")[0], load_features(run, "train")
+    return run.source.probs(model, split, dtype)
 
 
 def load_stage_model(run: Run, stage: str) -> ClusteringModel:
-    """A stage's model as it trained: over cached features in head-only runs, else over images."""
+    """A stage's model as it trained, over the run's feature source (images or cached features)."""
     model = run.clustering_model(1)
     model.load_state_dict(load_torch(require(run.path(stage, "model.pt"), stage)))
     return model
 
 
 def load_clustering_model(run: Run, stage: str) -> ClusteringModel:
-    """A stage's model mapping images to logits (a head-only run gets its pretrained network attached)."""
-    model = load_stage_model(run, stage)
-    if run.head_only:
-        attach_network(model, build_pretrained(run.cfg, run.channels, run.info["mean"], run.info["std"]))
-    return model
+    """A stage's model mapping images to logits (cached features get their pretrained network attached)."""
+    return run.source.image_model(load_stage_model(run, stage))
 
 
 def trained_stages(run: Run) -> list[str]:

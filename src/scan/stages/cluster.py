@@ -9,15 +9,11 @@ import time
 import numpy as np
 import torch
 
-from scan.augment import build_augment
 from scan.checkpoint import atomic_torch_save, seed_everything
 from scan.checks import cluster_check, report
 from scan.engine import build_optimizer, minibatches, optimizer_step, run_epochs
-from scan.features import load_views
-from scan.heads import pair_logits
 from scan.losses import scan_loss, scan_loss_over_pairs
-from scan.models import ClusteringModel
-from scan.run import Run, head_probs, load_backbone, require, say
+from scan.run import Run, head_probs, require, say
 from scan.stage import Stage, register_stage
 
 log = logging.getLogger("scan")
@@ -76,13 +72,13 @@ def _train_heads(run: Run, neighbors: torch.Tensor, lr: float, attempt: int):
     """One training of the clustering heads (and backbone, if updated) at learning rate `lr`."""
     cfg, rt, c = run.cfg, run.rt, run.cfg.cluster
     seed_everything(cfg.seed + 1 + attempt)
+    source = run.source
     model = run.clustering_model(c.num_heads)
-    if not run.head_only:
-        model.backbone.load_state_dict(load_backbone(run).state_dict())
+    source.start_from_pretext(model)
     model = rt.prepare(model)
-    params = model.parameters() if c.update_backbone and not run.head_only else model.heads.parameters()
-    optimizer = build_optimizer(params, c.optimizer, lr, c.weight_decay, c.momentum)
-    logits_of = pair_logits(model, load_views(run)) if run.head_only else _image_pair_logits(run, model)
+    optimizer = build_optimizer(source.trainable(model, c.update_backbone), c.optimizer, lr, c.weight_decay,
+                                c.momentum)
+    logits_of = source.pair_logits(model)
     n, k = neighbors.shape
     batch_size = min(c.batch_size, n)
     steps = len(minibatches(n, batch_size))
@@ -109,23 +105,6 @@ def _train_heads(run: Run, neighbors: torch.Tensor, lr: float, attempt: int):
     history = run_epochs("cluster", where, c.epochs, steps, {"model": model, "opt": optimizer},
                          epoch_fn, fingerprint, rt)
     return model, history
-
-
-def _image_pair_logits(run: Run, model: ClusteringModel):
-    """SCAN's forward on images: (anchor idx, neighbour idx) -> (H, 2B, C) logits of augmented views."""
-    cfg, rt, c = run.cfg, run.rt, run.cfg.cluster
-    augment = build_augment(c.augment, cfg.augment, run.image_size, run.channels)
-    images = run.train.images.to(rt.device)
-
-    def logits(idx, nb):
-        x = augment(rt.batch(torch.cat([images[idx], images[nb]])))
-        with rt.autocast():
-            if c.update_backbone:
-                return model(x)
-            with torch.no_grad():
-                feats = model.backbone(x)
-            return model.heads_from_features(feats)
-    return logits
 
 
 def _warn_collapse(run: Run, pred: torch.Tensor, stage: str) -> None:

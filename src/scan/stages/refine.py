@@ -6,8 +6,7 @@ import time
 
 from scan.checkpoint import atomic_torch_save, seed_everything
 from scan.engine import StageError
-from scan.features import load_views
-from scan.refine import feature_inputs, image_inputs, train_spc
+from scan.refine import train_spc
 from scan.run import Run, load_stage_model, trained_stages
 from scan.stage import Stage, register_stage
 
@@ -25,8 +24,7 @@ def stage_refine(run: Run) -> dict:
     source = ([s for s in trained_stages(run) if s != "refine"] or ["cluster"])[-1]
     seed_everything(cfg.seed + 3)
     model = rt.prepare(load_stage_model(run, source))
-    inputs = (feature_inputs(model, load_views(run)) if run.head_only
-              else image_inputs(model, run.train.images.to(rt.device), cfg.augment, rt))
+    inputs = run.source.refine_inputs(model)
     start = time.time()
     history, rounds = train_spc(model, inputs, len(run.train), cfg.refine, rt, run.path("refine"),
                                 run.fingerprint("refine"), run.train.labels, run.info["num_classes"])

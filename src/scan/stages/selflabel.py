@@ -6,12 +6,9 @@ import time
 
 import torch
 
-from scan.augment import StrongAugment, WeakAugment
 from scan.checkpoint import atomic_torch_save, seed_everything
 from scan.checks import report, selflabel_check
 from scan.engine import EMA, build_optimizer, minibatches, optimizer_step, run_epochs
-from scan.features import load_views
-from scan.heads import weak_strong_logits
 from scan.losses import selflabel_loss
 from scan.models import ClusteringModel
 from scan.run import Run, head_probs, load_stage_model, say
@@ -68,7 +65,7 @@ def stage_selflabel(run: Run) -> dict:
         return run.finish("selflabel", seconds=time.time() - start, skipped=True, confident=[0], history=[],
                           check=report("selflabel", selflabel_check(0, None, s.threshold)))
     optimizer = build_optimizer(model.parameters(), s.optimizer, s.lr, s.weight_decay, s.momentum)
-    logits_of = weak_strong_logits(model, load_views(run)) if run.head_only else _image_weak_strong_logits(run, model)
+    logits_of = run.source.weak_strong_logits(model)
     ema = EMA(model, s.ema_decay) if s.ema_decay > 0 else None
     evaluated = ema.model if ema else model
     # The confident count usually dips when training on strong views starts, so the
@@ -117,21 +114,6 @@ def stage_selflabel(run: Run) -> dict:
     return run.finish("selflabel", seconds=time.time() - start, confident=[initial] + [h["confident"] for h in history],
                       best_confident=best.count, best_epoch=best.epoch,
                       merged=merged, history=history, check=report("selflabel", selflabel_check(initial, merged, s.threshold)))
-
-
-def _image_weak_strong_logits(run: Run, model: ClusteringModel):
-    """Self-labelling's forward on images: idx -> (weak-view logits without gradient, strong-view logits)."""
-    cfg, rt = run.cfg, run.rt
-    weak, strong = WeakAugment(cfg.augment, run.image_size), StrongAugment(cfg.augment, run.image_size)
-    images = run.train.images.to(rt.device)
-
-    def logits(idx):
-        x = rt.batch(images[idx])
-        with torch.no_grad(), rt.autocast():
-            weak_logits = model(weak(x))[0]
-        with rt.autocast():
-            return weak_logits, model(strong(x))[0]
-    return logits
 
 
 register_stage(Stage("selflabel", stage_selflabel, needs=("cluster",), sections=("selflabel", "augment"),
