@@ -17,6 +17,7 @@ from scan.defaults import auto_defaults, estimate_seconds, stem_stride
 from scan.losses import scan_loss, scan_loss_over_pairs
 from scan.neighbors import combine_features, mine_neighbors, neighbor_agreement, pixel_features
 from scan.pipeline import open_run, run_pipeline
+from scan.report import write_run_report
 
 
 # ---------------------------------------------------------------- pure checks, values by hand
@@ -129,8 +130,11 @@ def test_a_cluster_stage_that_cannot_learn_says_so(tmp_path, tiny_overrides, cap
     assert "cluster check FAILED" in caplog.text and "raise cluster.lr" in caplog.text
     on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert on_disk["checks"]["cluster"]["status"] == "failed"
-    assert "cluster failed" in pipeline.summary_line(open_run(load_config("digits", overrides), tmp_path / "run"),
-                                                     metrics)
+    run = open_run(load_config("digits", overrides), tmp_path / "run")
+    assert "cluster failed" in pipeline.summary_line(run, metrics)
+    html = write_run_report(run).read_text()     # the report leads with the checks and the baselines
+    assert html.index("Can these clusters be trusted?") < html.index("<h2>Summary</h2>")
+    assert "cluster: failed" in html and "k-means on raw pixels" in html and "raise cluster.lr" in html
 
 
 def test_the_cluster_stage_rescues_itself_with_a_higher_learning_rate(tmp_path, tiny_overrides, monkeypatch):

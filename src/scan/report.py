@@ -19,6 +19,7 @@ from PIL import Image
 from scan.checkpoint import atomic_write_text, read_json
 from scan.inference import TrainOutputs, cluster_title, load_names, open_trained_run, train_outputs
 from scan.metrics import cluster_to_class, contingency
+from scan.report_trust import trust_card
 from scan.run import Run, final_stage
 
 REPORT_FILE = "report.html"
@@ -192,7 +193,8 @@ def _metrics_table(metrics: dict) -> str:
         return ""
     columns = [c for c in ("acc", "nmi", "ari", "top5") if any(c in metrics[s] for s in stages)]
     head = "".join(f"<th>{c.upper() if c != 'top5' else 'Top-5'}</th>" for c in columns)
-    rows = "".join(f"<tr><td>{'k-means (pretext features)' if s == 'kmeans' else escape(s)}</td>"
+    label = {"kmeans": "k-means (pretext features)", "kmeans_pixels": "k-means (raw pixels)"}
+    rows = "".join(f"<tr><td>{label.get(s, escape(s))}</td>"
                    + "".join(f"<td>{metrics[s][c]:.3f}</td>" if c in metrics[s] else "<td>–</td>" for c in columns)
                    + "</tr>" for s in stages)
     note = f"on the '{escape(str(metrics.get('split')))}' split ({metrics.get('num_eval')} images)"
@@ -274,6 +276,7 @@ def render(run: Run, outputs: TrainOutputs, names: dict[int, str]) -> str:
     charts = (f'<div class="grid2"><div class="card"><h2>Cluster sizes</h2>{bar_chart(sizes, titles)}</div>'
               f'{_confusion(run, pred, titles)}</div>')
     source = run.cfg.data.path or run.cfg.data.dataset
+    metrics = read_json(run.path("metrics.json"), {})
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
@@ -281,7 +284,7 @@ def render(run: Run, outputs: TrainOutputs, names: dict[int, str]) -> str:
 <body><header class="top"><div class="wrap"><h1>{run.num_clusters} clusters in
 <em>{escape(Path(str(source)).name or str(source))}</em></h1>
 <p class="sub">SCAN unsupervised image classification · {len(pred):,} images · generated {stamp}</p></div></header>
-<main class="wrap">{_summary(run, len(pred))}{_metrics_table(read_json(run.path("metrics.json"), {}))}
+<main class="wrap">{trust_card(metrics)}{_summary(run, len(pred))}{_metrics_table(metrics)}
 <div class="card"><h2>Clusters</h2><nav class="chips">{chips}</nav>{hint}</div>
 {charts}{_curves(run)}{sections}</main>
 <footer>Prototypes are the members closest to the mean feature of the cluster's {TOP_CONFIDENT} most confident
