@@ -224,6 +224,24 @@ def test_overrides_of_what_parameters_or_x_set_are_refused(digits):
             SCANClustering(overrides=overrides).fit(digits)
 
 
+def test_config_then_pretrained_then_overrides_then_parameters(digits):
+    from scan.data import ImageDataset
+    images = ImageDataset(torch.zeros((30, 1, 8, 8), dtype=torch.uint8), None, None)
+    fit_data = {"data": {"dataset": "npz", "path": "/nowhere/images.npz"}}
+    estimator = SCANClustering(n_clusters=None, config="digits", pretrained="efficientnet_lite0", seed=3,
+                               device="cpu", overrides={"cluster": {"epochs": 4}, "selflabel__enabled": False})
+    cfg = estimator._resolve_config(fit_data, (images, images))
+    assert (cfg.data.num_clusters, cfg.seed, cfg.device, cfg.quiet) == (None, 3, "cpu", True)
+    assert (cfg.cluster.epochs, cfg.selflabel.enabled, cfg.data.path) == (4, False, "/nowhere/images.npz")
+    # configs/pretrained.yaml over the digits config, under the overrides
+    assert (cfg.pretext.method, cfg.model.backbone, cfg.cluster.lr) == ("pretrained", "efficientnet_lite0", 1e-3)
+    assert estimator.n_clusters is None and estimator.overrides == {"cluster": {"epochs": 4},
+                                                                      "selflabel__enabled": False}
+    as_object = clone(estimator).set_params(config=cfg, pretrained=None, n_clusters=4, cluster__epochs=6)
+    cfg = as_object._resolve_config(fit_data, (images, images))
+    assert (cfg.data.num_clusters, cfg.cluster.epochs, cfg.selflabel.enabled) == (4, 6, False)
+
+
 # ------------------------------------------------------------------ fitting
 
 def test_fit_keeps_parameters_and_adds_only_learned_attributes(fit_record, digits):

@@ -141,8 +141,8 @@ class SCANClustering(ClusterMixin, BaseEstimator):
         or '.' ({"cluster__epochs": 5}); they win over `config` and `pretrained`. The fields set by
         the parameters below and by `fit(X)` (seed, device, quiet, data.num_clusters, data.path)
         are refused here; data.dataset (default "auto" for a path X) names the format of a path.
-        `set_params(cluster__epochs=5)` and `get_params()` see every override
-        as `section__key`, so grid searches and pipelines reach any config field.
+        `set_params(cluster__epochs=5)` and `get_params()` see every override as `section__key`,
+        so grid searches and pipelines reach any config field.
     seed, device, quiet: the config's fields of the same name (always applied).
     run_dir: where artifacts go (default: a temporary folder that lives as long as the fitted
         estimator); an existing run there is continued, as `scan run --out` does.
