@@ -207,12 +207,12 @@ def test_set_params_reaches_config_fields_without_touching_the_callers_dict():
     pipe = Pipeline([("scan", SCANClustering())]).set_params(scan__cluster__epochs=7)
     assert pipe.get_params()["scan__cluster__epochs"] == 7
     with pytest.raises(ConfigError, match="did you mean 'cluster__epochs'"):
-        estimator.set_params(cluster__epoch=1)
+        estimator.set_params(cluster__epoch=1, seed=9)
     with pytest.raises(ConfigError, match="cluster__epochs is a value"):
         estimator.set_params(cluster__epochs__x=1)
     with pytest.raises(ValueError, match="Invalid parameter"):
         estimator.set_params(n_cluster=3)
-    assert estimator.overrides["cluster"] == {"epochs": 5}   # refused calls changed nothing
+    assert estimator.overrides["cluster"] == {"epochs": 5} and estimator.seed == 3   # refused calls changed nothing
 
 
 def test_overrides_of_what_parameters_or_x_set_are_refused(digits):

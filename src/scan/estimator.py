@@ -182,13 +182,11 @@ class SCANClustering(ClusterMixin, BaseEstimator):
         Overrides go into a new dict stored in `overrides` (the one passed in is never changed).
         """
         config_keys = {k: v for k, v in params.items() if re.split(r"__|\.", k, maxsplit=1)[0] in SECTIONS}
+        for key in config_keys:   # checked first, so that a misspelt key changes nothing
+            _check_key(_key_path(key))
         super().set_params(**{k: v for k, v in params.items() if k not in config_keys})
         if config_keys:
-            update = {}
-            for key, value in config_keys.items():
-                _check_key(_key_path(key))
-                update[key] = value
-            self.overrides = _merge(_nested(self.overrides), _nested(update))
+            self.overrides = _merge(_nested(self.overrides), _nested(config_keys))
         return self
 
     def __sklearn_tags__(self):
