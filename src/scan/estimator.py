@@ -1,26 +1,34 @@
-"""scikit-learn style estimator over the SCAN pipeline.
+"""scikit-learn estimator over the SCAN pipeline.
 
     from scan import SCANClustering
     model = SCANClustering(n_clusters=10).fit(images)      # (N, H, W[, C]) uint8 array, tensor or folder
     model.labels_, model.predict(new_images), model.predict_proba("photo.jpg")
+    model.set_params(cluster__epochs=20)                   # any config field, scikit-learn style
     model.save("my-clusters");  SCANClustering.load("my-clusters")
 
 The estimator is a thin shell: `fit` runs the ordinary pipeline in a run directory (a
 temporary one unless `run_dir` is given), so everything the command line offers (report,
 naming, export, resuming) works on it, and `SCANClustering.load` opens any `scan run` output.
+It follows scikit-learn's estimator rules (`get_params`/`set_params`/`clone`, hyper-parameters
+never changed by `fit`, learned attributes ending in `_`), with images instead of 2-D tables.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import get_type_hints
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator, ClusterMixin
 from sklearn.exceptions import NotFittedError
 
 from scan.checkpoint import TEMP_PATTERN, read_json
-from scan.config import Config, _merge, config_from_dict, load_config
+from scan.config import Config, ConfigError, _merge, config_from_dict, load_config
 from scan.data import ImageDataset
 from scan.images_in import as_image_tensor, load_image_paths, match_shape
 from scan.inference import (cached_train_outputs, load_classifier, load_names, open_trained_run, predict_proba,
@@ -32,16 +40,81 @@ from scan.rundir import LOCK_FILE, RunError, is_run_dir, release_run_dir, rewrit
 
 ARRAY_FILE = "images.npz"   # an in-memory training array is kept here so the run can be reopened
 
+# Config sections (`cluster`, `selflabel`, ...): `set_params(cluster__epochs=5)` goes to `overrides`.
+SECTIONS = tuple(name for name, tp in get_type_hints(Config).items() if dataclasses.is_dataclass(tp))
+# Config fields that constructor parameters or `fit(X)` set: an override of them would be ignored.
+_OWNED = {("seed",): "seed=", ("device",): "device=", ("quiet",): "quiet=", ("data", "num_clusters"): "n_clusters=",
+          ("data", "path"): "the images given to fit(X)"}
 
-def _nested(params: dict) -> dict:
-    """{'cluster__epochs': 5, 'seed': 1} -> {'cluster': {'epochs': 5}, 'seed': 1} (scikit-learn's '__')."""
+
+def _key_path(key) -> tuple[str, ...]:
+    """'cluster__epochs', 'cluster.epochs' -> ('cluster', 'epochs')."""
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"config override keys must be non-empty strings, got {key!r}")
+    return tuple(part for chunk in key.split("__") for part in chunk.split("."))
+
+
+def _nested(overrides) -> dict:
+    """Overrides as a new nested dict: {'cluster__epochs': 5, 'model': {'width': 8}} ->
+    {'cluster': {'epochs': 5}, 'model': {'width': 8}}. Flat keys may use '__' or '.'."""
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"overrides must be a dict such as {{'cluster': {{'epochs': 5}}}} or "
+                          f"{{'cluster__epochs': 5}}, got {overrides!r}")
     out: dict = {}
-    for key, value in params.items():
-        node = value
-        for part in reversed(key.split("__")):
+    for key, value in overrides.items():
+        node = _nested(value) if isinstance(value, dict) else value   # fresh dicts: the caller's are never shared
+        for part in reversed(_key_path(key)):
             node = {part: node}
         out = _merge(out, node)
     return out
+
+
+_ABSENT = object()
+
+
+def _lookup(nested: dict, path: tuple[str, ...]):
+    """The value at `path` in nested overrides, or _ABSENT."""
+    node = nested
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+def _flat(nested: dict, prefix: str = ""):
+    """{'cluster': {'epochs': 5}} -> ('cluster__epochs', 5): get_params' spelling of an override."""
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}__")
+        else:
+            yield prefix + key, value
+
+
+def _check_key(path: tuple[str, ...]) -> None:
+    """A config field must exist (with a did-you-mean), as scikit-learn refuses an unknown parameter."""
+    cls = Config
+    for depth, part in enumerate(path):
+        where = "__".join(path[:depth])
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"unknown config key '{'__'.join(path)}': {where} is a value, not a section")
+        names = [f.name for f in dataclasses.fields(cls)]
+        if part not in names:
+            hint = difflib.get_close_matches(part, names, n=1)
+            did = f" (did you mean '{where + '__' if where else ''}{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"unknown config key '{'__'.join(path)}'{did}; known keys"
+                              f"{' of ' + where if where else ''}: {', '.join(names)}")
+        cls = get_type_hints(cls)[part]
+
+
+def _image_tensor(X) -> torch.Tensor:
+    """as_image_tensor, copying a read-only array (a memmap from joblib, a frozen array) first:
+    torch would warn that it cannot share non-writable memory."""
+    if isinstance(X, np.ndarray) and not X.flags.writeable:
+        X = X.copy()
+    return as_image_tensor(X)
 
 
 def _not_copied(folder, names: list[str]) -> list[str]:
@@ -54,43 +127,96 @@ def _is_path(x) -> bool:
                                           all(isinstance(p, (str, Path)) for p in x))
 
 
-class SCANClustering:
-    """Unsupervised image clustering (SCAN) with the scikit-learn estimator interface.
+class SCANClustering(ClusterMixin, BaseEstimator):
+    """Unsupervised image clustering (SCAN) as a scikit-learn estimator.
 
-    n_clusters: number of clusters. config: None (defaults chosen from the data, as `scan run
-    --data`), a built-in config name, a YAML path or a `Config`. run_dir: where artifacts go
-    (default: a temporary folder removed with the estimator). **params: config overrides,
-    either nested (`cluster={"epochs": 5}`) or scikit-learn style (`cluster__epochs=5`).
+    Parameters (each kept as given; `fit` resolves them into `config_`):
+    n_clusters: number of clusters; None keeps the config's `data.num_clusters` (None there: the
+        number of ground-truth classes of a labelled data set).
+    config: None (defaults chosen from the data, as `scan run --data`), a built-in config name,
+        a YAML path or a `scan.config.Config`.
+    pretrained: None, or what `scan run --pretrained NAME|FILE` takes: a frozen pretrained
+        network (efficientnet_lite0|1|2) or a backbone state-dict file, with configs/pretrained.yaml.
+    overrides: dict of config overrides, nested ({"cluster": {"epochs": 5}}) or flat with '__'
+        or '.' ({"cluster__epochs": 5}); they win over `config` and `pretrained`. The fields set by
+        the parameters below and by `fit(X)` (seed, device, quiet, data.num_clusters, data.path)
+        are refused here; data.dataset (default "auto" for a path X) names the format of a path.
+        `set_params(cluster__epochs=5)` and `get_params()` see every override as `section__key`,
+        so grid searches and pipelines reach any config field.
+    seed, device, quiet: the config's fields of the same name (always applied).
+    run_dir: where artifacts go (default: a temporary folder that lives as long as the fitted
+        estimator); an existing run there is continued, as `scan run --out` does.
 
     Learned attributes: labels_ (N,), probs_ (N, C), features_ (N, D) final-model features,
-    neighbors_ (N, K) mined neighbour indices, cluster_names_, metrics_, config_, run_dir_.
+    neighbors_ (N, K) mined neighbour indices, filenames_ (the image paths in the order of
+    labels_ when fitted on a folder, else None), n_clusters_, n_features_in_ (values per image
+    the model takes: C*H*W), cluster_names_, metrics_, config_ (the resolved Config), run_dir_.
     """
 
-    def __init__(self, n_clusters: int = 10, config=None, run_dir=None, **params):
+    def __init__(self, n_clusters=10, config=None, pretrained=None, overrides=None, seed=0, device="auto",
+                 run_dir=None, quiet=True):
         self.n_clusters = n_clusters
         self.config = config
+        self.pretrained = pretrained
+        self.overrides = overrides
+        self.seed = seed
+        self.device = device
         self.run_dir = run_dir
-        self.params = params
+        self.quiet = quiet
 
-    def __repr__(self) -> str:
-        extra = "".join(f", {k}={v!r}" for k, v in self.params.items())
-        return f"SCANClustering(n_clusters={self.n_clusters}, config={self.config!r}{extra})"
+    # -------------------------------------------------------------- parameters
+
+    def get_params(self, deep: bool = True) -> dict:
+        """The constructor's parameters; with deep=True also every override as `section__key`."""
+        params = super().get_params(deep=deep)
+        if deep and isinstance(self.overrides, dict):
+            try:
+                params.update(_flat(_nested(self.overrides)))
+            except ConfigError:   # a malformed overrides value is reported by fit, not here
+                pass
+        return params
+
+    def set_params(self, **params) -> SCANClustering:
+        """Set parameters; `section__key=value` (e.g. cluster__epochs=5) sets a config override.
+
+        Overrides go into a new dict stored in `overrides` (the one passed in is never changed).
+        """
+        config_keys = {k: v for k, v in params.items() if re.split(r"__|\.", k, maxsplit=1)[0] in SECTIONS}
+        for key in config_keys:   # checked first, so that a misspelt key changes nothing
+            _check_key(_key_path(key))
+        super().set_params(**{k: v for k, v in params.items() if k not in config_keys})
+        if config_keys:
+            self.overrides = _merge(_nested(self.overrides), _nested(config_keys))
+        return self
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False   # image batches (N, H, W[, C]), tensors or paths, not tables
+        tags.input_tags.three_d_array = True
+        return tags
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "_classifier")
 
     # -------------------------------------------------------------- fitting
 
     def fit(self, X, y=None) -> SCANClustering:
         """Train on images X (array, tensor, image folder or data file); y is ignored (unsupervised)."""
         del y
-        run_dir = self._fresh_run_dir()
+        tmp = None
+        if self.run_dir is None:   # kept on the instance once fitted: the folder lives as long as the estimator
+            tmp = tempfile.TemporaryDirectory(prefix="scan-")
+        run_dir = Path(tmp.name if tmp is not None else self.run_dir)
         data = None
-        user = _merge(_nested(self.params), {"data": {"num_clusters": self.n_clusters}})
         if isinstance(X, (str, Path)):
-            user = _merge(user, {"data": {"dataset": "auto", "path": str(X)}})
+            user = {"data": {"path": str(X)}}
         else:
-            images = as_image_tensor(X)
+            images = _image_tensor(X)
+            if len(images) == 0:
+                raise RunError(f"fit(X) needs images; X has shape {tuple(np.shape(X))}")
             dataset = ImageDataset(images, None, None)
             data = (dataset, dataset)
-            user = _merge(user, {"data": {"dataset": "npz", "path": str((run_dir / ARRAY_FILE).resolve())}})
+            user = {"data": {"dataset": "npz", "path": str((run_dir / ARRAY_FILE).resolve())}}
         cfg = self._resolve_config(user, data)
         try:
             run = open_run(cfg, run_dir, data=data)
@@ -98,23 +224,31 @@ class SCANClustering:
                 # saved after open_run (which insists on an empty or existing run directory)
                 np.savez(run_dir / ARRAY_FILE, images=data[0].images.permute(0, 2, 3, 1).numpy())
             run_pipeline(run)
-            return self._learn(run)
+            self._learn(run)
         finally:   # a fitted estimator only reads its run: another process may continue training it
             release_run_dir(run_dir)
+        self._tmp = tmp   # after success only: a failed refit leaves the earlier fit intact
+        return self
 
-    def fit_predict(self, X, y=None) -> np.ndarray:
-        """Train on X and return its cluster ids."""
-        return self.fit(X, y).labels_
-
-    def _fresh_run_dir(self) -> Path:
-        if self.run_dir is not None:
-            return Path(self.run_dir)
-        # Kept on the instance: the folder lives as long as the estimator does.
-        self._tmp = tempfile.TemporaryDirectory(prefix="scan-")
-        return Path(self._tmp.name)
-
-    def _resolve_config(self, user: dict, data) -> Config:
-        """The config source plus overrides; with no source, defaults chosen from the data."""
+    def _resolve_config(self, fit_data: dict, data) -> Config:
+        """config < pretrained < overrides < parameters and X, as `scan run` resolves its options;
+        with no config, defaults chosen from the data (as `scan run --data` without --config)."""
+        overrides = _nested(self.overrides)
+        for path, owner in _OWNED.items():
+            if _lookup(overrides, path) is not _ABSENT:
+                raise ConfigError(f"overrides sets {'__'.join(path)}: use {owner} of SCANClustering instead")
+        dataset = _lookup(overrides, ("data", "dataset"))
+        if data is not None and dataset not in (_ABSENT, "npz"):
+            raise ConfigError(f"overrides sets data__dataset={dataset!r}, but fit(X) was given images, not a path")
+        if data is None and dataset is _ABSENT:
+            fit_data = _merge(fit_data, {"data": {"dataset": "auto"}})   # the format is recognised from the files
+        if self.pretrained is not None:
+            from scan.cli import _pretrained_overrides   # exactly what `scan run --pretrained` applies
+            overrides = _merge(_pretrained_overrides(str(self.pretrained)), overrides)
+        params = {"seed": self.seed, "device": self.device, "quiet": self.quiet}
+        if self.n_clusters is not None:
+            params["data"] = {"num_clusters": self.n_clusters}
+        user = _merge(_merge(overrides, params), fit_data)
         if isinstance(self.config, Config):
             return config_from_dict(_merge(self.config.to_dict(), user))
         if self.config is not None:
@@ -128,28 +262,32 @@ class SCANClustering:
         outputs = train_outputs(run)
         self.run_dir_ = run.run_dir
         self.config_ = run.cfg
-        self.n_clusters = run.num_clusters
+        self.n_clusters_ = run.num_clusters
         self.probs_ = outputs.probs
         self.labels_ = outputs.probs.argmax(1)
         self.features_ = outputs.features
         self.neighbors_ = np.load(run.path("mine", "neighbors.npy"))
+        # image folders: their files; arrays and data files: row numbers (no file names to give)
+        ids = list(outputs.ids)
+        self.filenames_ = None if ids == [str(i) for i in range(len(ids))] else ids
         self.cluster_names_ = load_names(run.run_dir)
         self.metrics_ = read_json(run.path("metrics.json"), {})
         self._run = open_trained_run(run.run_dir, device=str(run.rt.device))   # without the training data
+        self.n_features_in_ = int(np.prod(self._run.info["image_shape"]))
         self._classifier = load_classifier(self._run)
         return self
 
     # -------------------------------------------------------------- predicting
 
     def _check_fitted(self) -> None:
-        if not hasattr(self, "_classifier"):
+        if not self.__sklearn_is_fitted__():
             raise NotFittedError("this SCANClustering is not fitted yet: call fit(X) or SCANClustering.load(path)")
 
     def _images(self, X) -> torch.Tensor:
         shape = self._run.info["image_shape"]
         if _is_path(X):
             return load_image_paths([X] if isinstance(X, (str, Path)) else X, shape).images
-        return match_shape(as_image_tensor(X), shape)
+        return match_shape(_image_tensor(X), shape)
 
     def predict_proba(self, X) -> np.ndarray:
         """(N, n_clusters) cluster probabilities of images X (array, tensor, image files or folders)."""
@@ -195,10 +333,16 @@ class SCANClustering:
         return path
 
     @classmethod
-    def load(cls, path) -> SCANClustering:
-        """An estimator fitted by `save`, or from any `scan run` output directory."""
-        run = open_trained_run(path)
+    def load(cls, path, device: str = "auto") -> SCANClustering:
+        """An estimator fitted by `save`, or from any `scan run` output directory.
+
+        Its parameters describe that run (its config, seed, cluster count, run_dir=path), so
+        fitting it again continues training in `path`.
+        """
+        run = open_trained_run(path, device=device)
         if cached_train_outputs(run) is None:   # e.g. a run from an older version: recompute from its data
-            run = open_trained_run(path, with_data=True)
-        estimator = cls(n_clusters=run.num_clusters, run_dir=path)
+            run = open_trained_run(path, device=device, with_data=True)
+        cfg = run.cfg
+        estimator = cls(n_clusters=run.num_clusters, config=cfg, seed=cfg.seed, device=device, run_dir=path,
+                        quiet=cfg.quiet)
         return estimator._learn(run)
