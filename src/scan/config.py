@@ -267,6 +267,7 @@ def validate(cfg, prefix: str = "") -> None:
 
 def check_choices(cfg: Config) -> None:
     """Names chosen from registries exist (with a did-you-mean), checked before any data is loaded."""
+    from scan.data import DATASETS
     from scan.mining import MINERS, MINING_SPACES
     from scan.models import BACKBONES
     from scan.pretext import METHODS
@@ -275,6 +276,8 @@ def check_choices(cfg: Config) -> None:
         METHODS.check(cfg.pretext.method)
     if cfg.model.backbone not in LITE_MODELS or cfg.pretext.method != "pretrained":
         BACKBONES.check(cfg.model.backbone)
+    if cfg.data.dataset.lower() != "auto":
+        DATASETS.check(cfg.data.dataset.lower())
     MINERS.check(cfg.mine.method)
     MINING_SPACES.check(cfg.mine.features)
 

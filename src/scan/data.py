@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from scan.hashing import bytes_hash, stable_hash
+from scan.registry import Registry
 from scan.imagefiles import IMAGE_EXTENSIONS, decode_images, list_files
 
 log = logging.getLogger("scan.data")
@@ -104,20 +105,13 @@ class LoadRequest:
 
 
 Loader = Callable[[LoadRequest], ImageDataset]
-_REGISTRY: dict[str, Loader] = {}
-
-
-def register_dataset(name: str) -> Callable[[Loader], Loader]:
-    """Decorator adding a loader to the registry under `name`."""
-    def add(loader: Loader) -> Loader:
-        _REGISTRY[name] = loader
-        return loader
-    return add
+DATASETS: Registry[Loader] = Registry("data.dataset")
+register_dataset = DATASETS.register   # decorator adding a loader under a name
 
 
 def list_datasets() -> list[str]:
     """Names accepted by `load_dataset` (besides "auto")."""
-    return sorted(_REGISTRY)
+    return DATASETS.names()
 
 
 def load_dataset(name: str, path: str | None = None, split: str = "train", image_size: int | None = None,
@@ -139,9 +133,9 @@ def load_dataset(name: str, path: str | None = None, split: str = "train", image
     if key == "auto":
         key = detect_format(request.path)
         log.info("%s: recognised as '%s' data", request.path, key)
-    if key not in _REGISTRY:
+    if key not in DATASETS:   # a DataError (not a ConfigError): the name may come from the files on disk
         raise DataError(f"unknown dataset '{name}'; expected one of: auto, {', '.join(list_datasets())}")
-    return _REGISTRY[key](request)
+    return DATASETS.get(key)(request)
 
 
 # ----------------------------------------------------------------------------- shared helpers
