@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from scan import data, imagefiles
+from scan import data, data_formats, imagefiles
 from scan.data import DataError, ImageDataset, list_datasets, load_dataset
 
 from fakes import cifar_rows, write_idx, write_pickle
@@ -148,7 +148,7 @@ def test_idx_label_count_mismatch_and_missing_files(idx_dir):
 
 
 def test_fashion_mnist_missing_default_path_says_how_to_install(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "FASHION_MNIST_PATH", str(tmp_path / "absent"))
+    monkeypatch.setattr(data_formats, "FASHION_MNIST_PATH", str(tmp_path / "absent"))
     with pytest.raises(DataError, match=r"absent does not exist.*apt-get install dataset-fashion-mnist.*--data PATH"):
         load_dataset("fashion-mnist")
     with pytest.raises(DataError, match="IDX needs a data location"):
