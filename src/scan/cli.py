@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from scan.checkpoint import ArtifactError
-from scan.config import ConfigError, builtin_config_names, load_config, parse_override, _merge, _read_yaml
+from scan.config import ConfigError, builtin_config_names, flatten, load_config, parse_override, _merge, _read_yaml
 from scan.data import DataError
 from scan.engine import StageError
 from scan.inference import RunError
@@ -97,7 +97,7 @@ def build_config(args):
     resolved = load_config(None, _merge(auto, user))
     if not cfg.quiet and auto:
         print("scan: no --config given; chose defaults from the data: "
-              + ", ".join(f"{k}={v}" for k, v in _flatten(auto)), file=sys.stderr)
+              + ", ".join(f"{k}={v}" for k, v in flatten(auto)), file=sys.stderr)
     if not cfg.quiet:
         _print_estimate(resolved, data)
     return resolved, data
@@ -114,14 +114,6 @@ def _print_estimate(cfg, data) -> None:
     print("scan: estimated time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
           + f" (total {sum(seconds.values()) / 60:.1f} min; {rate:.0f} images/s through the backbone)",
           file=sys.stderr)
-
-
-def _flatten(d: dict, prefix: str = ""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _flatten(v, f"{prefix}{k}.")
-        else:
-            yield prefix + k, v
 
 
 def default_run_dir(cfg, args) -> Path:

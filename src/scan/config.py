@@ -68,15 +68,25 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
-class PretextConfig:
+class TrainingConfig:
+    """What every training stage sets: schedule length, batch and optimizer (scan.engine.build_optimizer).
+    A stage's section overrides the defaults that differ for it."""
+    epochs: int = _f(100, lo=0)
+    batch_size: int = _f(128, lo=2)
+    optimizer: str = _f("adam", choices=("sgd", "adam", "adamw"))
+    lr: float = _f(1e-4, lo=0.0, lo_open=True)
+    weight_decay: float = _f(1e-4, lo=0.0)
+    momentum: float = _f(0.9, lo=0.0, hi=1.0)
+
+
+@dataclass(frozen=True)
+class PretextConfig(TrainingConfig):
     method: str = "simclr"        # a registered pretext method: simclr | moco | byol_queue | rotnet (scan.pretext)
     #                               or pretrained: a frozen network (model.backbone), heads on cached features
     epochs: int = _f(500, lo=0)
     batch_size: int = _f(512, lo=2)
     optimizer: str = _f("sgd", choices=("sgd", "adam", "adamw"))
     lr: float = _f(0.4, lo=0.0, lo_open=True)
-    weight_decay: float = _f(1e-4, lo=0.0)
-    momentum: float = _f(0.9, lo=0.0, hi=1.0)
     temperature: float | None = _f(None, lo=0.0, lo_open=True)   # None: the method's (SimCLR 0.1, MoCo/BYOL 0.2)
     warmup_epochs: int = _f(0, lo=0)
     queue_size: int = _f(65536, lo=1)        # MoCo/BYOL-queue negatives, capped at the data-set size
@@ -99,13 +109,7 @@ class MineConfig:
 
 
 @dataclass(frozen=True)
-class ClusterConfig:
-    epochs: int = _f(100, lo=0)
-    batch_size: int = _f(128, lo=2)
-    optimizer: str = _f("adam", choices=("sgd", "adam", "adamw"))
-    lr: float = _f(1e-4, lo=0.0, lo_open=True)
-    weight_decay: float = _f(1e-4, lo=0.0)
-    momentum: float = _f(0.9, lo=0.0, hi=1.0)
+class ClusterConfig(TrainingConfig):
     entropy_weight: float = _f(5.0, lo=0.0)
     num_heads: int = _f(10, lo=1)
     update_backbone: bool = True
@@ -114,14 +118,10 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
-class SelfLabelConfig:
+class SelfLabelConfig(TrainingConfig):
     enabled: bool = True
     epochs: int = _f(200, lo=0)
     batch_size: int = _f(1000, lo=2)
-    optimizer: str = _f("adam", choices=("sgd", "adam", "adamw"))
-    lr: float = _f(1e-4, lo=0.0, lo_open=True)
-    weight_decay: float = _f(1e-4, lo=0.0)
-    momentum: float = _f(0.9, lo=0.0, hi=1.0)
     threshold: float = _f(0.99, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
     class_balance: bool = True
     ema_decay: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True)   # 0 disables the EMA (0.999 in the paper)
@@ -132,7 +132,7 @@ class SelfLabelConfig:
 
 
 @dataclass(frozen=True)
-class RefineConfig:
+class RefineConfig(TrainingConfig):
     """SPC refinement (hierarchical pseudo-labels, label propagation, mixup); the STL-10 setting."""
     method: str = _f("none", choices=("none", "spc"))
     threshold: float = _f(0.95, lo=0.0, hi=1.0, lo_open=True, hi_open=True)   # δ: confidence of the strong set S′
@@ -148,7 +148,6 @@ class RefineConfig:
     optimizer: str = _f("sgd", choices=("sgd", "adam", "adamw"))
     lr: float = _f(0.03, lo=0.0, lo_open=True)
     weight_decay: float = _f(5e-4, lo=0.0)
-    momentum: float = _f(0.9, lo=0.0, hi=1.0)
     nesterov: bool = True
 
 
@@ -280,6 +279,15 @@ def check_choices(cfg: Config) -> None:
         DATASETS.check(cfg.data.dataset.lower())
     MINERS.check(cfg.mine.method)
     MINING_SPACES.check(cfg.mine.features)
+
+
+def flatten(nested: dict, separator: str = ".", prefix: str = ""):
+    """{'cluster': {'epochs': 5}} -> ('cluster.epochs', 5) pairs; separator '__' gives scikit-learn's spelling."""
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            yield from flatten(value, separator, f"{prefix}{key}{separator}")
+        else:
+            yield prefix + key, value
 
 
 def _merge(base: dict, update: dict) -> dict:

@@ -28,7 +28,7 @@ from sklearn.base import BaseEstimator, ClusterMixin
 from sklearn.exceptions import NotFittedError
 
 from scan.checkpoint import TEMP_PATTERN, read_json
-from scan.config import Config, ConfigError, _merge, config_from_dict, load_config
+from scan.config import Config, ConfigError, _merge, config_from_dict, flatten, load_config
 from scan.data import ImageDataset
 from scan.images_in import as_image_tensor, load_image_paths, match_shape
 from scan.inference import (cached_train_outputs, load_classifier, load_names, open_trained_run, predict_proba,
@@ -82,15 +82,6 @@ def _lookup(nested: dict, path: tuple[str, ...]):
             return _ABSENT
         node = node[part]
     return node
-
-
-def _flat(nested: dict, prefix: str = ""):
-    """{'cluster': {'epochs': 5}} -> ('cluster__epochs', 5): get_params' spelling of an override."""
-    for key, value in nested.items():
-        if isinstance(value, dict):
-            yield from _flat(value, f"{prefix}{key}__")
-        else:
-            yield prefix + key, value
 
 
 def _check_key(path: tuple[str, ...]) -> None:
@@ -171,7 +162,7 @@ class SCANClustering(ClusterMixin, BaseEstimator):
         params = super().get_params(deep=deep)
         if deep and isinstance(self.overrides, dict):
             try:
-                params.update(_flat(_nested(self.overrides)))
+                params.update(flatten(_nested(self.overrides), "__"))
             except ConfigError:   # a malformed overrides value is reported by fit, not here
                 pass
         return params
