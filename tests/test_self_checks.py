@@ -80,7 +80,7 @@ def test_auto_defaults_scale_budgets_in_images_seen():
     assert small["cluster"]["epochs"] == 11 and small["cluster"]["lr"] == 3e-3    # 54k anchors seen
     assert small["selflabel"]["epochs"] == 6         # 6 x 5k = 30k images
     big = auto_defaults(cfg, _images(100_000, 28))
-    assert big["pretext"]["epochs"] == 8             # the 800k ceiling: time stays flat past 20k images
+    assert big["pretext"]["epochs"] == 6             # the 600k ceiling: time stays flat past 15k images
     tiny = auto_defaults(cfg, _images(1000, 8))
     assert tiny["pretext"]["epochs"] == 150 and tiny["model"]["stem_stride"] == 1   # the 150k floor
     assert [stem_stride(s) for s in (8, 28, 32, 64, 224)] == [1, 2, 2, 4, 4]
