@@ -170,3 +170,24 @@ def test_every_evaluation_reports_kmeans_on_pixels_and_label_free_scores(tmp_pat
         assert set(metrics["unsupervised"][name]) >= {"neighbor_agreement", "size_balance"}
     assert set(metrics["checks"]) == {"pretext", "cluster", "selflabel", "baseline"}
     assert metrics["checks"]["baseline"]["neighbor_agreement"] == metrics["unsupervised"]["ours"]["neighbor_agreement"]
+
+
+def test_using_a_trained_run_imports_no_training_code(tmp_path, tiny_overrides):
+    """predict, report and export use the final model without the stage modules, losses, pretext or SPC code."""
+    import subprocess
+    import sys
+    run_pipeline(open_run(load_config("digits", tiny_overrides), tmp_path / "run"))
+    from PIL import Image
+    (tmp_path / "new").mkdir()
+    for i, image in enumerate(np.random.default_rng(0).integers(0, 255, size=(3, 8, 8), dtype=np.uint8)):
+        Image.fromarray(image).save(tmp_path / "new" / f"{i}.png")
+    code = ("import sys; from scan.cli import main; "
+            f"assert main(['predict', {str(tmp_path / 'run')!r}, {str(tmp_path / 'new')!r}, '--out', "
+            f"{str(tmp_path / 'p.csv')!r}]) == 0; "
+            f"assert main(['report', {str(tmp_path / 'run')!r}]) == 0; "
+            f"assert main(['export', {str(tmp_path / 'run')!r}]) == 0; "
+            "training = sorted(m for m in sys.modules if m.startswith(('scan.stages', 'scan.losses', 'scan.pretext', "
+            "'scan.mining', 'scan.refine'))); print(training); assert not training, training")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 4

@@ -189,6 +189,9 @@ def cmd_export(args) -> int:
     return 0
 
 
+TRAINED_RUN_COMMANDS = ("report", "name", "predict", "export")
+
+
 def _add_trained_run_commands(sub) -> None:
     """Subcommands that use a finished run directory: report, name, predict, export."""
     from scan.export import FORMATS
@@ -216,12 +219,15 @@ def _add_trained_run_commands(sub) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="scan", description="SCAN: unsupervised image classification")
     sub = parser.add_subparsers(dest="command", required=True)
-    from scan.pipeline import STAGES
-    p = sub.add_parser("run", help="run (or resume) the whole pipeline: " + " -> ".join(STAGES))
-    _add_run_options(p)
-    for stage in STAGES:
-        p = sub.add_parser(stage, help=f"run only the {stage} stage (its inputs must exist in the run directory)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # using a trained run needs no training code: the stage registry (which imports it) is skipped
+    if not (argv and argv[0] in TRAINED_RUN_COMMANDS):
+        from scan.pipeline import STAGES
+        p = sub.add_parser("run", help="run (or resume) the whole pipeline: " + " -> ".join(STAGES))
         _add_run_options(p)
+        for stage in STAGES:
+            p = sub.add_parser(stage, help=f"run only the {stage} stage (its inputs must exist in the run directory)")
+            _add_run_options(p)
     _add_trained_run_commands(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="scan: %(message)s")

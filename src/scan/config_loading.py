@@ -185,24 +185,26 @@ def _read_yaml(source: str, seen: tuple[str, ...] = ()) -> dict:
     return _merge(_read_yaml(base, seen + (source,)), data)
 
 
-def load_config(source: str | None = None, overrides: list[str] | dict | None = None) -> Config:
-    """Load a YAML file or built-in config name, apply dotted overrides, validate."""
+def load_config(source: str | None = None, overrides: list[str] | dict | None = None,
+                check_registries: bool = True) -> Config:
+    """Load a YAML file or built-in config name, apply dotted overrides, validate.
+
+    `check_registries=False` skips the registry names (which imports the training code that
+    registers them): for the saved config of an existing run, checked when the run was made."""
     data = _read_yaml(source) if source else {}
     if isinstance(overrides, dict):
         data = _merge(data, overrides)
     else:
         for text in overrides or []:
             data = _merge(data, parse_override(text))
-    cfg = _build(Config, data)
-    validate(cfg)
-    check_choices(cfg)
-    return cfg
+    return config_from_dict(data, check_registries)
 
 
-def config_from_dict(data: dict) -> Config:
+def config_from_dict(data: dict, check_registries: bool = True) -> Config:
     cfg = _build(Config, data)
     validate(cfg)
-    check_choices(cfg)
+    if check_registries:
+        check_choices(cfg)
     return cfg
 
 

@@ -199,4 +199,10 @@ def trained_stages(run: Run) -> list[str]:
 
 
 def final_stage(run: Run) -> str:
+    """The stage whose model is the run's result: the one its last evaluation used (metrics.json),
+    so using a trained run never needs the stage registry and its training code; before any
+    evaluation, the last enabled model stage whose model exists."""
+    evaluated = (read_json(run.path("metrics.json")) or {}).get("final_stage")
+    if isinstance(evaluated, str) and run.path(evaluated, "model.pt").is_file():
+        return evaluated
     return (trained_stages(run) or ["cluster"])[-1]

@@ -205,7 +205,7 @@ def read_run_config(run_dir: Path) -> tuple[Config, dict]:
         info = read_json(data_file)
     except ValueError:
         raise RunError(f"{data_file}: not valid JSON; rerun `scan run --out {run_dir}` to rewrite it") from None
-    return load_config(str(config_file)), info
+    return load_config(str(config_file), check_registries=False), info
 
 
 def model_config(run_dir: Path, stage: str, latest: Config, latest_info: dict) -> tuple[Config, dict]:
@@ -216,7 +216,7 @@ def model_config(run_dir: Path, stage: str, latest: Config, latest_info: dict) -
     snapshot = read_json(_snapshot_file(run_dir, stage, fingerprint)) if fingerprint else None
     if not snapshot:
         return latest, latest_info
-    cfg = config_from_dict(snapshot["config"])
+    cfg = config_from_dict(snapshot["config"], check_registries=False)
     cfg = dataclasses.replace(cfg, device=latest.device, quiet=latest.quiet,
                               selflabel=dataclasses.replace(cfg.selflabel, enabled=latest.selflabel.enabled),
                               refine=dataclasses.replace(cfg.refine, method=latest.refine.method))
@@ -228,7 +228,7 @@ def rewrite_data_path(run_dir: Path, old: str, new: str) -> None:
     files = [run_dir / CONFIG_FILE] + sorted(run_dir.glob("*/config-*.json"))
     for file in files:
         if file.suffix == ".yaml":
-            cfg = load_config(str(file))
+            cfg = load_config(str(file), check_registries=False)
             if cfg.data.path == old:
                 save_config(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=new)), file)
             continue

@@ -20,7 +20,6 @@ from scan.features import load_features, load_views
 from scan.heads import FrozenFeatures, attach_network, feature_probs, pair_logits, weak_strong_logits
 from scan.models import Classifier, ClusteringModel
 from scan.pretrained import build_pretrained
-from scan.refine import Inputs, feature_inputs, image_inputs
 from scan.registry import Registry
 
 SOURCES: Registry[type] = Registry("feature source")
@@ -81,7 +80,8 @@ class ImageSource:
                 return weak_logits, model(strong(x))[0]
         return logits
 
-    def refine_inputs(self, model: ClusteringModel) -> Inputs:
+    def refine_inputs(self, model: ClusteringModel):
+        from scan.refine import image_inputs   # training code: imported only when SPC trains
         run = self.run
         return image_inputs(model, run.train.images.to(run.rt.device), run.cfg.augment, run.rt)
 
@@ -125,7 +125,8 @@ class CachedFeatureSource(ImageSource):
     def weak_strong_logits(self, model: ClusteringModel) -> Callable:
         return weak_strong_logits(model, load_views(self.run))
 
-    def refine_inputs(self, model: ClusteringModel) -> Inputs:
+    def refine_inputs(self, model: ClusteringModel):
+        from scan.refine import feature_inputs
         return feature_inputs(model, load_views(self.run))
 
     def probs(self, model: ClusteringModel, split: str, dtype=torch.float32) -> torch.Tensor:
