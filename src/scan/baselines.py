@@ -21,8 +21,11 @@ def kmeans_assign(train: np.ndarray, evaluation: np.ndarray | None, k: int, seed
     """k-means (10 restarts) on training features (a sample of at most FIT_SAMPLE), L2-normalised
     unless `normalize` is False; returns the clusters of the training and of the evaluation rows."""
     scale = l2_normalize if normalize else (lambda x: np.ascontiguousarray(x, dtype=np.float32))
-    train, evaluation, rng = scale(train), None if evaluation is None else scale(evaluation), np.random.default_rng(seed)
-    sample = train if len(train) <= FIT_SAMPLE else train[rng.choice(len(train), FIT_SAMPLE, replace=False)]
+    train = scale(train)
+    evaluation = None if evaluation is None else scale(evaluation)
+    sample = train
+    if len(train) > FIT_SAMPLE:
+        sample = train[np.random.default_rng(seed).choice(len(train), FIT_SAMPLE, replace=False)]
     kmeans = KMeans(k, n_init=10, random_state=seed).fit(sample)
     return kmeans.predict(train), None if evaluation is None else kmeans.predict(evaluation)
 

@@ -91,6 +91,8 @@ def estimate_seconds(cfg, n_train: int, n_eval: int, rate: float) -> dict[str, f
     the per-epoch bookkeeping add about half again (measured on 2 CPU cores).
     """
     overhead, fwd = 1.5, 1 / 3
+    if cfg.pretext.method == "pretrained":   # the frozen network embeds every image once; heads cost nothing
+        return {"pretext": overhead * fwd * (n_train + n_eval) / rate}
     c, s = cfg.cluster, cfg.selflabel
     cluster_pass = fwd if not c.update_backbone else 1.0
     images = {
@@ -99,6 +101,4 @@ def estimate_seconds(cfg, n_train: int, n_eval: int, rate: float) -> dict[str, f
         "selflabel": (n_train * s.epochs * (1 + 2 * fwd)) if s.enabled else 0,
         "evaluate": fwd * (n_train + 3 * n_eval),
     }
-    if cfg.pretext.method == "pretrained":
-        images = {"pretext": fwd * (n_train + n_eval)}
     return {stage: overhead * count / rate for stage, count in images.items()}

@@ -36,8 +36,7 @@ def stage_cluster(run: Run) -> dict:
     c = run.cfg.cluster
     neighbors = torch.from_numpy(np.load(require(run.path("mine", "neighbors.npy"), "mine")))
     start = time.time()
-    lrs = [c.lr] + sorted({min(c.lr * f, RESCUE_MAX_LR) for f in RESCUE_LR_FACTORS} - {c.lr})
-    lrs = [lr for lr in lrs if lr >= c.lr]
+    lrs = sorted(lr for lr in {c.lr, *(min(c.lr * f, RESCUE_MAX_LR) for f in RESCUE_LR_FACTORS)} if lr >= c.lr)
     tried = []
     for attempt, lr in enumerate(lrs):
         model, history = _train_heads(run, neighbors, lr, attempt)

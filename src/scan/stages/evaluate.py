@@ -42,19 +42,20 @@ def stage_evaluate(run: Run) -> dict:
     metrics["final_stage"], probs, model = last
     atomic_save_npy(run.path("probs.npy"), probs)
     atomic_save_npy(run.path("predictions.npy"), probs.argmax(1))
-    metrics.update(_label_free(run, head_probs(run, model, "train")[0].numpy(), kmeans_train, pixels))
-    for stage in stage_names()[:-1]:
-        record = read_json(run.path(stage, "done.json"))
-        if record:
-            metrics.setdefault("seconds", {})[stage] = record.get("seconds")
-            if "purity" in record:
-                metrics["neighbor_purity"] = record["purity"]
+    # split-less data (folders, .npz) evaluate on the training images: no second pass over them
+    train_probs = probs if run.eval is run.train else head_probs(run, model, "train")[0].numpy()
+    records = {stage: record for stage in stage_names()[:-1] if (record := read_json(run.path(stage, "done.json")))}
+    metrics.update(_label_free(run, train_probs, kmeans_train, pixels, records))
+    for stage, record in records.items():
+        metrics.setdefault("seconds", {})[stage] = record.get("seconds")
+        if "purity" in record:
+            metrics["neighbor_purity"] = record["purity"]
     metrics.setdefault("seconds", {})["evaluate"] = time.time() - start
     atomic_write_json(run.path("metrics.json"), metrics)
     return metrics
 
 
-def _label_free(run: Run, train_probs: np.ndarray, kmeans_train: np.ndarray, pixels) -> dict:
+def _label_free(run: Run, train_probs: np.ndarray, kmeans_train: np.ndarray, pixels, records: dict) -> dict:
     """Scores that need no labels for ours and the baselines (training images), and every stage's check."""
     path = run.path("mine", "neighbors.npy")
     neighbors = np.load(path) if path.exists() else None
@@ -63,8 +64,7 @@ def _label_free(run: Run, train_probs: np.ndarray, kmeans_train: np.ndarray, pix
               "kmeans_features": unsupervised_scores(kmeans_train, neighbors, k)}
     if pixels is not None:
         scores["kmeans_pixels"] = unsupervised_scores(pixels[0], neighbors, k)
-    checks = {stage: record["check"] for stage in stage_names()[:-1]
-              if (record := read_json(run.path(stage, "done.json"))) and "check" in record}
+    checks = {stage: record["check"] for stage, record in records.items() if "check" in record}
     if neighbors is not None and pixels is not None:
         checks["baseline"] = report("baseline", baseline_check(scores["ours"], scores["kmeans_pixels"]))
     return {"unsupervised": scores, "checks": checks}
