@@ -135,6 +135,10 @@ class RefineConfig(TrainingConfig):
     alpha: float = _f(1.0, lo=0.0, lo_open=True)     # mixup λ ~ Beta(α, α)
     mix_weight: float = _f(1.0, lo=0.0)         # λ_M of the mixup loss term
     rounds: int = _f(1, lo=1)                   # pseudo-labels are rebuilt every ⌈epochs / rounds⌉ epochs
+    # the paper leaves these open (scan.propagation): W's targets soft P or onehot(argmax P); the column
+    # a sample is ranked in by the top-r filter, argmax P (propagated) or argmax Q (predicted)
+    weak_labels: str = "soft"
+    rank_by: str = "propagated"
     epochs: int = _f(50, lo=0)
     batch_size: int = _f(256, lo=2)             # for S and for W
     optimizer: str = _f("sgd", choices=("sgd", "adam", "adamw"))

@@ -108,6 +108,13 @@ def validate(cfg, prefix: str = "") -> None:
             _check_range(prefix + f.name, value, dict(f.metadata))
 
 
+def check_recipe_choices(cfg: Config) -> None:
+    """The SPC and many-class settings name registry entries (refine.*, pretext.views, mine.head)."""
+    from scan.propagation import RANK_COLUMNS, WEAK_LABELS
+    WEAK_LABELS.check(cfg.refine.weak_labels)
+    RANK_COLUMNS.check(cfg.refine.rank_by)
+
+
 def check_choices(cfg: Config) -> None:
     """Names chosen from registries exist (with a did-you-mean), checked before any data is loaded."""
     from scan.data import DATASETS
@@ -123,6 +130,7 @@ def check_choices(cfg: Config) -> None:
         DATASETS.check(cfg.data.dataset.lower())
     MINERS.check(cfg.mine.method)
     MINING_SPACES.check(cfg.mine.features)
+    check_recipe_choices(cfg)
 
 
 def flatten(nested: dict, separator: str = ".", prefix: str = ""):

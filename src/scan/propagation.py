@@ -4,24 +4,32 @@ Given the clustering model's probabilities Q (N, C) and backbone features X (N, 
 
 1. split:     S′ = {i : max_c Q_ic > δ} gets one-hot labels, the rest keeps Q as soft labels (Y);
 2. propagate: P solves (I − γ W̃) P = Y on the symmetric kNN graph W of X (γ = 1 / (1 + μ));
-3. filter:    S = S′ ∩ {i : i is among the top ⌈r·N⌉ of column argmax_c P_ic}, labelled argmax P;
-              every other sample is in the weak set W with soft label P_i;
+3. filter:    S = S′ ∩ {i : i is among the top ⌈r·N⌉ of its column c_i by P_ic}, labelled c_i, where
+              c_i = argmax_c P_ic (refine.rank_by: propagated) or argmax_c Q_ic (predicted);
+              every other sample is in the weak set W with label P_i (refine.weak_labels: soft)
+              or onehot(argmax P_i) (hard);
 4. mixup:     weakly augmented S images are mixed with strongly augmented W images, the S
               image weighted λ′ = max(λ, 1 − λ) ≥ 0.5 with λ ~ Beta(α, α).
 
 Everything but the mixup is numpy/scipy on the CPU: the graph is sparse (N·k entries), so
 100k images fit in a few hundred MB and a few seconds of conjugate-gradient iterations.
+
+The SPC paper leaves open which column ranks a sample and whether W's labels are soft; both
+are settings (RANK_COLUMNS, WEAK_LABELS), and the defaults are the choices measured best on
+digits (benchmarks/spc_protocol.py). With C classes and r·C ≥ 1 the top-r filter can keep
+every sample of a balanced data set, so S = S′: `top_r_filters` tells when.
 """
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 from scipy import sparse
 
 from scan.neighbors import knn_search, l2_normalize
+from scan.registry import Registry
 
 def knn_affinity(features: np.ndarray, k: int) -> sparse.csr_matrix:
     """Symmetric sparse affinity W (N, N) of the k-nearest-neighbour graph.
@@ -114,21 +122,41 @@ def top_per_class(p: np.ndarray, fraction: float) -> np.ndarray:
     return keep
 
 
+def top_r_filters(num_classes: int, fraction: float) -> bool:
+    """False when C·r ≥ 1: then the C columns' top ⌈r·N⌉ together cover all N samples of a
+    balanced data set and the filter removes nothing (S = S′), which the many-class setting hits."""
+    return num_classes * fraction < 1
+
+
+# refine.rank_by: the column c_i (N,) a sample is ranked in (and labelled with when in S), from P and Q
+RANK_COLUMNS: Registry[Callable[[np.ndarray, np.ndarray], np.ndarray]] = Registry("refine.rank_by")
+RANK_COLUMNS.add("propagated", lambda p, q: p.argmax(1))   # the class propagation gives it
+RANK_COLUMNS.add("predicted", lambda p, q: q.argmax(1))    # the class the network gave it (= its S′ label)
+
+# refine.weak_labels: W's training targets (N, C) from the propagated P
+WEAK_LABELS: Registry[Callable[[np.ndarray], np.ndarray]] = Registry("refine.weak_labels")
+WEAK_LABELS.add("soft", lambda p: p)
+WEAK_LABELS.add("hard", lambda p: np.eye(p.shape[1], dtype=p.dtype)[p.argmax(1)])
+
+
 class PseudoLabels(NamedTuple):
     strong_prime: np.ndarray   # (N,) bool: S′, confident network predictions
-    strong: np.ndarray         # (N,) bool: S = S′ ∩ top-r of the propagated class
-    targets: np.ndarray        # (N, C) propagated probabilities P: soft labels of W, argmax = label of S
+    strong: np.ndarray         # (N,) bool: S = S′ ∩ top-r of the ranked column
+    targets: np.ndarray        # (N, C) W's training targets: P (soft) or onehot(argmax P) (hard)
+    labels: np.ndarray         # (N,) int: the column each sample is ranked in, S's hard label
 
 
 def hierarchical_pseudo_labels(features: np.ndarray, probs: np.ndarray, threshold: float = 0.95,
                                top_fraction: float = 0.03, k: int = 20, mu: float = 0.01,
-                               max_iter: int = 20) -> PseudoLabels:
+                               max_iter: int = 20, weak_labels: str = "soft",
+                               rank_by: str = "propagated") -> PseudoLabels:
     """SPC's strong/weak split: S′ by confidence δ, propagation, and the per-class top-r filter."""
     strong_prime, y = initial_labels(probs, threshold)
     p = propagate_labels(knn_affinity(features, k), y, mu, max_iter)
+    columns = RANK_COLUMNS.get(rank_by)(p, probs)
     keep = top_per_class(p, top_fraction)
-    strong = strong_prime & keep[np.arange(len(p)), p.argmax(1)]
-    return PseudoLabels(strong_prime, strong, p)
+    strong = strong_prime & keep[np.arange(len(p)), columns]
+    return PseudoLabels(strong_prime, strong, WEAK_LABELS.get(weak_labels)(p), columns)
 
 
 def hierarchical_mixup(x_strong: torch.Tensor, y_strong: torch.Tensor, x_weak: torch.Tensor,

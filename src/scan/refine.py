@@ -6,9 +6,21 @@ strong set S (hard labels) and the weak set W (soft labels) with `propagation`, 
 strongly augmented W, soft targets). The pseudo-labels are part of the epoch checkpoint, so an
 interrupted run resumes with the labels of its round rather than recomputing them from a
 half-trained model.
+
+Choices the SPC paper leaves open, and ours (settings where two readings are plausible):
+- W's labels: soft P_i (`refine.weak_labels: soft`); `hard` trains W on onehot(argmax P_i).
+  Soft keeps the propagation's doubt about a weak sample in the mixup target.
+- Seeding W: the non-confident samples start propagation from their own predictions Q_i,
+  not from zero, so an isolated sample keeps its network label instead of becoming uniform.
+- The top-r column: the class propagation gives a sample (`refine.rank_by: propagated`);
+  `predicted` ranks it in the network's class argmax Q_i (its S′ label).
+- λ_M = 1 (`refine.mix_weight`) and μ = 0.01 (`refine.mu`, γ ≈ 0.99): the usual label
+  propagation weight, and an unweighted sum of the two cross-entropies.
+With C classes and C·r ≥ 1 the top-r filter removes nothing (S = S′): a warning says so.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +38,9 @@ from scan.heads import feature_logits, feature_probs, random_views
 from scan.losses import spc_loss
 from scan.metrics import cluster_to_class
 from scan.models import ClusteringModel
-from scan.propagation import PseudoLabels, hierarchical_mixup, hierarchical_pseudo_labels
+from scan.propagation import PseudoLabels, hierarchical_mixup, hierarchical_pseudo_labels, top_r_filters
+
+log = logging.getLogger("scan")
 
 
 @dataclass
@@ -81,7 +95,7 @@ def pseudo_label_stats(pl: PseudoLabels, probs: np.ndarray, labels: np.ndarray |
         return stats
     mapping = cluster_to_class(probs.argmax(1), labels, probs.shape[1], num_classes)
     network_ok = mapping[probs.argmax(1)] == labels
-    propagated_ok = mapping[pl.targets.argmax(1)] == labels
+    propagated_ok = mapping[pl.labels] == labels
     for name, correct, mask in (("acc_strong_prime", network_ok, pl.strong_prime),
                                 ("acc_strong", propagated_ok, pl.strong), ("acc_weak", propagated_ok, weak)):
         stats[name] = float(correct[mask].mean()) if mask.any() else None
@@ -99,7 +113,7 @@ class RoundLabels:
         targets = torch.from_numpy(pl.targets).float()
         self.strong = torch.from_numpy(np.flatnonzero(pl.strong))
         self.weak = torch.from_numpy(np.flatnonzero(~pl.strong))
-        self.strong_targets = targets[self.strong].argmax(1)
+        self.strong_targets = torch.from_numpy(pl.labels).long()[self.strong]
         self.weak_targets = targets[self.weak]
         self.records.append(record)
 
@@ -121,6 +135,13 @@ def _describe(record: dict) -> str:
     return ", ".join(parts)
 
 
+def warn_if_top_r_keeps_all(num_classes: int, top_fraction: float) -> None:
+    if not top_r_filters(num_classes, top_fraction):
+        log.warning(f"refine: {num_classes} clusters x refine.top_fraction={top_fraction:g} >= 1, so the per-class "
+                    f"top-r filter keeps every confident sample (S = S'); lower refine.top_fraction below "
+                    f"{1 / num_classes:.3g} for it to filter")
+
+
 def train_spc(model: ClusteringModel, inputs: Inputs, n: int, r: RefineConfig, rt: Runtime, stage_dir: Path,
               fingerprint: str, labels: np.ndarray | None = None,
               num_classes: int | None = None) -> tuple[list[dict], list[dict]]:
@@ -135,11 +156,12 @@ def train_spc(model: ClusteringModel, inputs: Inputs, n: int, r: RefineConfig, r
     steps = max(1, n // batch_size)          # an epoch draws as many S (and W) samples as there are images
     per_round = max(1, math.ceil(r.epochs / r.rounds))
     state = RoundLabels()
+    warn_if_top_r_keeps_all(model.num_clusters, r.top_fraction)
 
     def relabel(epoch: int) -> None:
         features, probs = inputs.embed()
         pl = hierarchical_pseudo_labels(features, probs, r.threshold, r.top_fraction, r.num_neighbors, r.mu,
-                                        r.cg_iterations)
+                                        r.cg_iterations, r.weak_labels, r.rank_by)
         record = {"round": len(state.records) + 1, "epoch": epoch + 1,
                   **pseudo_label_stats(pl, probs, labels, num_classes)}
         state.set(pl, record)
