@@ -84,6 +84,9 @@ class PretextConfig(TrainingConfig):
     queue_size: int = _f(65536, lo=1)        # MoCo/BYOL-queue negatives, capped at the data-set size
     ema_momentum: float | None = _f(None, lo=0.0, hi=1.0)   # None: MoCo 0.999 (fixed), BYOL m_base 0.996 (→ 1)
     cached_views: int = _f(0, lo=0)          # pretrained only: also cache features of V augmented views per image
+    # byol_queue only, its two views (scan.augment_views.PRETEXT_VIEWS): simclr = crop/jitter/grey + RandAugment
+    # (+ Cutout on view b); randaugment = the many-class paper's RandAugment (+ Cutout on view b) alone
+    views: str = "simclr"
 
 
 @dataclass(frozen=True)

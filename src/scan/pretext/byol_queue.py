@@ -7,18 +7,17 @@ other view and a queue of past target projections, which suits data with many cl
 
     L = ½ InfoNCE(l_a, h_b, {h⁻}) + ½ InfoNCE(l_b, h_a, {h⁻}).
 
-The two views come from different mixes: both are a SimCLR crop with colour jitter followed by
-RandAugment ops; only view b adds Cutout.
+The two views come from different mixes (`pretext.views`, scan.augment_views): by default both
+are a SimCLR crop with colour jitter followed by RandAugment ops and only view b adds Cutout;
+`randaugment` drops the SimCLR part, as the many-class paper's views.
 """
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scan.augment import SimCLRAugment, StrongAugment
+from scan.augment_views import build_views
 from scan.engine import ema_update, frozen_copy, momentum_schedule
 from scan.losses import info_nce
 from scan.models import ContrastiveModel, mlp
@@ -35,11 +34,7 @@ class BYOLQueue(nn.Module):
         self.predictor = mlp(dim, backbone.feature_dim, dim, batchnorm=True)
         self.target = frozen_copy(self.online)
         self.queue = NegativeQueue(min(p.queue_size, num_samples), dim)
-        no_cutout = dataclasses.replace(cfg.augment, cutout_fraction=0.0)
-        self.view_a = nn.Sequential(SimCLRAugment(cfg.augment, image_size, channels),
-                                    StrongAugment(no_cutout, image_size))
-        self.view_b = nn.Sequential(SimCLRAugment(cfg.augment, image_size, channels),
-                                    StrongAugment(cfg.augment, image_size))
+        self.view_a, self.view_b = build_views(p.views, cfg.augment, image_size, channels)
         self.temperature = method_default(p.temperature, 0.2)
         self.momentum_base = method_default(p.ema_momentum, 0.996)
         self._schedule = None     # per-step momenta, built on the first step once the step count is known
