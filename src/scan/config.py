@@ -101,6 +101,9 @@ class MineConfig:
     head_epochs: int = _f(100, lo=1)
     head_lr: float = _f(1e-2, lo=0.0, lo_open=True)
     head_entropy_weight: float = _f(5.0, lo=0.0)
+    # its form (scan.mining.MINING_HEADS): linear, or the many-class paper's MLP whose first layer starts
+    # as the pretext projection's first layer (pretext/projection.pt)
+    head: str = "linear"
 
 
 @dataclass(frozen=True)

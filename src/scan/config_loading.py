@@ -111,10 +111,12 @@ def validate(cfg, prefix: str = "") -> None:
 def check_recipe_choices(cfg: Config) -> None:
     """The SPC and many-class settings name registry entries (refine.*, pretext.views, mine.head)."""
     from scan.augment_views import PRETEXT_VIEWS
+    from scan.mining import MINING_HEADS
     from scan.propagation import RANK_COLUMNS, WEAK_LABELS
     WEAK_LABELS.check(cfg.refine.weak_labels)
     RANK_COLUMNS.check(cfg.refine.rank_by)
     PRETEXT_VIEWS.check(cfg.pretext.views)
+    MINING_HEADS.check(cfg.mine.head)
 
 
 def check_choices(cfg: Config) -> None:

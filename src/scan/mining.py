@@ -4,12 +4,15 @@ knn        the K = q nearest neighbours in pretext feature space (SCAN).
 multiview  the many-class variant: 4q plain-feature neighbours → the 2q nearest to a strongly
            augmented view of the sample in feature space → the q with the highest cluster
            probability agreement under a clustering head applied to a weakly augmented view.
+           The head (`mine.head`, MINING_HEADS) is linear, or the paper's MLP whose first layer
+           starts as the pretext projection's first layer; either trains briefly on frozen features.
 
 A miner takes `MiningInputs` and returns (neighbours (N, q) int64, facts for mine/done.json).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -17,9 +20,9 @@ import torch
 from torch import nn
 
 from scan.augment import StrongAugment, WeakAugment
-from scan.checkpoint import seed_everything
+from scan.checkpoint import load_torch, seed_everything
 from scan.config import Config
-from scan.engine import Runtime, minibatches, optimizer_step, predict_in_batches
+from scan.engine import Runtime, StageError, minibatches, optimizer_step, predict_in_batches
 from scan.losses import scan_loss
 from scan.registry import Registry
 from scan.neighbors import combine_features, mine_neighbors, neighbor_purity, pixel_features, select_multiview
@@ -37,6 +40,7 @@ class MiningInputs:
     rt: Runtime
     labels: np.ndarray | None = None          # ground truth, only to report purity
     say: Callable[[str], None] = print
+    projection_path: Path | None = None       # pretext/projection.pt, read only by mine.head: mlp
 
 
 # mine.features: the (N, D) matrix neighbours are searched in, from the backbone features and the images
@@ -69,15 +73,43 @@ def mine_knn(inputs: MiningInputs) -> tuple[np.ndarray, dict]:
     return mine_neighbors(mining_space(inputs), inputs.cfg.mine.num_neighbors), {}
 
 
-def train_brief_head(features: np.ndarray, neighbors: np.ndarray, num_clusters: int, epochs: int, lr: float,
-                     entropy_weight: float, device: torch.device) -> nn.Linear:
-    """A linear clustering head trained with the SCAN loss on fixed features (N, D) and neighbours (N, K).
+# mine.head: the multiview ranking head, from (feature dim D, clusters C, pretext projection file)
+MINING_HEADS: Registry[Callable[[int, int, Path | None], nn.Module]] = Registry("mine.head")
+
+
+@MINING_HEADS.register("linear")
+def linear_head(dim: int, num_clusters: int, projection_path: Path | None) -> nn.Module:
+    return nn.Linear(dim, num_clusters)
+
+
+@MINING_HEADS.register("mlp")
+def mlp_head(dim: int, num_clusters: int, projection_path: Path | None) -> nn.Module:
+    """Linear(D, H) → ReLU → Linear(H, C) whose first layer is a copy of the pretext projection's first
+    layer (D → H), so the head starts from features the pretext already shaped; the last layer is new."""
+    if projection_path is None or not Path(projection_path).is_file():
+        raise StageError(f"mine.head=mlp needs the pretext projection {projection_path or 'pretext/projection.pt'}: "
+                         "train the pretext with simclr, moco or byol_queue (rerun it with --restart if it "
+                         "ran before this file was written), or use mine.head=linear")
+    state = load_torch(Path(projection_path))
+    weight, bias = state["0.weight"], state["0.bias"]          # (H, D), (H,)
+    if weight.shape[1] != dim:
+        raise StageError(f"{projection_path}: first layer takes {weight.shape[1]} features, the backbone gives {dim}")
+    head = nn.Sequential(nn.Linear(dim, weight.shape[0]), nn.ReLU(), nn.Linear(weight.shape[0], num_clusters))
+    with torch.no_grad():
+        head[0].weight.copy_(weight)
+        head[0].bias.copy_(bias)
+    return head
+
+
+def train_brief_head(features: np.ndarray, neighbors: np.ndarray, head: nn.Module, epochs: int, lr: float,
+                     entropy_weight: float, device: torch.device) -> nn.Module:
+    """Train a clustering `head` with the SCAN loss on fixed features (N, D) and neighbours (N, K).
 
     Each step pairs a batch of anchors with one random neighbour each, as the cluster stage does.
     """
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(device)
     nb = torch.from_numpy(neighbors).to(device)
-    head = nn.Linear(x.shape[1], num_clusters).to(device)
+    head = head.to(device)
     optimizer = torch.optim.Adam(head.parameters(), lr=lr)
     n, k = nb.shape
     for epoch in range(epochs):
@@ -100,13 +132,13 @@ def mine_multiview(inputs: MiningInputs) -> tuple[np.ndarray, dict]:
     backbone = rt.prepare(inputs.load_backbone()).eval()
     strong, weak = StrongAugment(cfg.augment, size), WeakAugment(cfg.augment, size)
     strong_features = predict_in_batches(lambda x: backbone(strong(x)), inputs.images, rt).numpy()
-    inputs.say(f"mine: no clustering head exists yet; training one for {m.head_epochs} epochs with the SCAN loss "
-               f"on the plain {q}-NN pairs (frozen backbone) to rank the multi-view candidates")
-    head = train_brief_head(inputs.features, plain, inputs.num_clusters, m.head_epochs, m.head_lr,
-                            m.head_entropy_weight, rt.device)
+    inputs.say(f"mine: no clustering head exists yet; training a {m.head} one for {m.head_epochs} epochs with the "
+               f"SCAN loss on the plain {q}-NN pairs (frozen backbone) to rank the multi-view candidates")
+    head = MINING_HEADS.get(m.head)(inputs.features.shape[1], inputs.num_clusters, inputs.projection_path)
+    head = train_brief_head(inputs.features, plain, head, m.head_epochs, m.head_lr, m.head_entropy_weight, rt.device)
     probs = predict_in_batches(lambda x: head(backbone(weak(x))).softmax(-1), inputs.images, rt).numpy()
     neighbors = select_multiview(candidates, inputs.features, strong_features, probs, min(2 * q, wide), q)
-    info = {"candidates": wide, "strong_view_kept": min(2 * q, wide), "head": "trained briefly on plain kNN"}
+    info = {"candidates": wide, "strong_view_kept": min(2 * q, wide), "head": f"{m.head}, trained briefly on plain kNN"}
     if inputs.labels is not None:
         info["knn_purity"] = neighbor_purity(plain, inputs.labels)
     return neighbors, info

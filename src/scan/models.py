@@ -217,6 +217,12 @@ class ContrastiveModel(nn.Module):
         return F.normalize(self.head(self.backbone(x)), dim=1)
 
 
+def projection_head(method: nn.Module) -> nn.Module | None:
+    """The projection MLP of a pretext method: the head of its first ContrastiveModel (SimCLR's model,
+    MoCo's query, BYOL's online network; registered before any momentum copy), None for RotNet."""
+    return next((m.head for m in method.modules() if isinstance(m, ContrastiveModel)), None)
+
+
 class ClusteringModel(nn.Module):
     """Backbone + `num_heads` heads over `num_clusters` clusters.
 

@@ -20,7 +20,8 @@ def stage_mine(run: Run) -> dict:
     start = time.time()
     features = np.load(require(run.path("features", "train.npy"), "pretext"))
     neighbors, facts = mine(MiningInputs(features, run.train.images, lambda: load_backbone(run), run.cfg,
-                                         run.num_clusters, run.rt, run.train.labels, lambda m: say(run.rt, m)))
+                                         run.num_clusters, run.rt, run.train.labels, lambda m: say(run.rt, m),
+                                         projection_path=run.path("pretext", "projection.pt")))
     atomic_save_npy(run.path("mine", "neighbors.npy"), neighbors)
     extra = {"seconds": time.time() - start, "method": run.cfg.mine.method, "num_neighbors": int(neighbors.shape[1]),
              **facts}

@@ -10,7 +10,7 @@ from scan.checks import pretext_check, report
 from scan.engine import (build_optimizer, cosine_schedule, minibatches, optimizer_step, predict_in_batches, run_epochs,
                          set_lr)
 from scan.features import cache_features
-from scan.models import Backbone, load_backbone_weights
+from scan.models import Backbone, load_backbone_weights, projection_head
 from scan.pretext import build_pretext
 from scan.run import Run
 from scan.stage import Stage, register_stage
@@ -57,6 +57,8 @@ def stage_pretext(run: Run) -> dict:
                          epoch_fn, run.fingerprint("pretext"), rt)
     backbone = method.backbone
     atomic_torch_save(run.path("pretext", "backbone.pt"), backbone.state_dict())
+    if (projection := projection_head(method)) is not None:   # mine.head: mlp starts from its first layer
+        atomic_torch_save(run.path("pretext", "projection.pt"), projection.state_dict())
     _write_features(run, backbone)
     return run.finish("pretext", seconds=time.time() - start, history=history, method=p.method,
                       check=report("pretext", pretext_check(history)))
