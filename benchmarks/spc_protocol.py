@@ -11,8 +11,8 @@ each variant then refines a copy of that run directory, so all start from the sa
     spc-rank-predicted  spc-paper with refine.rank_by = predicted
 
 Prints JSON: per seed and variant held-out ACC/NMI/ARI and seconds, then per variant the median,
-min and max over seeds. Digits: about 4 minutes per seed on 2 cores (much longer when they are shared). Fashion-MNIST (hours
-on a CPU; run it on a machine of your own):
+min and max over seeds. Digits: about 4 minutes per seed on 2 cores (much longer when they are
+shared). Fashion-MNIST (hours on a CPU; run it on a machine of your own):
 
     python benchmarks/spc_protocol.py --seeds 3 [--config digits-spc] [--set refine.epochs=30 ...] [--out DIR]
     python benchmarks/spc_protocol.py --seeds 3 --config fashion-mnist-spc --set data.path=DIR
