@@ -1,0 +1,179 @@
+"""Images read from their files only when indexed, for image sets too large to hold decoded in memory.
+
+`LazyImages` stands in for the (N, 3, S, S) uint8 tensor of an `ImageDataset` and serves rows
+from one of two places:
+- a decode-once file (`decode_once`): every image decoded once, in parallel with a progress bar,
+  into a uint8 .npy file that is then memory-mapped. Every stage and every epoch reads rows from
+  it; the operating system keeps in its page cache what fits and drops the rest, so the process
+  itself never holds more than a batch. 100k images at 64 px take 1.2 GB of disk, decoded in
+  one pass instead of once per epoch.
+- the image files themselves, decoded on each use, with at most `max_cached` decoded images kept
+  (least recently used dropped first): ImageNet trees, and folders with data.cache_images=none.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scan.checkpoint import atomic_write_json, read_json
+from scan.hashing import stable_hash
+from scan.imagefiles import decode_images, progress
+
+log = logging.getLogger("scan.data")
+
+CACHE_VERSION = 1          # bump when decoding changes, so old decode-once files are rebuilt
+DECODE_CHUNK = 1024        # images decoded at a time while filling a decode-once file (fewer under a tight budget)
+
+
+def image_bytes(size: int) -> int:
+    """Bytes of one decoded (3, size, size) uint8 image."""
+    return 3 * size * size
+
+
+def _file_stats(files: list[Path]) -> list[tuple[str, int, int]]:
+    stats = [f.stat() for f in files]
+    return [(str(f), s.st_size, s.st_mtime_ns) for f, s in zip(files, stats)]
+
+
+class LazyImages:
+    """Images (N, 3, S, S) uint8 decoded from their files (or read from a decode-once file) when indexed.
+
+    It has the tensor's len/shape/dtype/ndim, and indexing with an int, slice, index array or
+    tensor returns a real uint8 tensor of those rows. `.to()` and `.contiguous()` return the object
+    itself: each batch moves to the device instead. `peak_decoded` is the most decoded images this
+    object has held in memory at once outside a returned batch (the bounded cache, or the chunk of a
+    decode-once pass), so tests and benchmarks can check the memory bound.
+    """
+
+    dtype = torch.uint8
+    ndim = 4
+
+    def __init__(self, files: list[Path], size: int, workers: int = 0, max_cached: int = 0,
+                 store: np.ndarray | None = None, rows: np.ndarray | None = None, digest: str | None = None):
+        self.files = list(files)
+        self.size = size
+        self.workers = workers
+        self.max_cached = max_cached
+        self.shape = torch.Size((len(self.files), 3, size, size))
+        self.store = store        # (M, 3, S, S) memory-mapped decode-once file; None: decode the files
+        self._rows = rows         # (N,) row of `store` holding image i (unreadable files have none)
+        self._digest = digest     # hash of the pixels, equal to content_hash of the same images in memory
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.peak_decoded = 0
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, torch.Tensor):
+            index = index.cpu().numpy()
+        rows = np.arange(len(self))[index]
+        flat = np.atleast_1d(rows)
+        batch = self.store[self._rows[flat]] if self.store is not None else self._decode(flat)
+        batch = torch.from_numpy(np.ascontiguousarray(batch))
+        return batch[0] if np.ndim(rows) == 0 else batch
+
+    def _decode(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), 3, S, S) from the bounded cache, decoding (in parallel) the rows it lacks."""
+        wanted = [int(i) for i in rows]
+        missing = [i for i in dict.fromkeys(wanted) if i not in self._cache]
+        decoded = dict(zip(missing, decode_images([self.files[i] for i in missing], self.size, self.workers)))
+        for i, img in decoded.items():
+            if img is None:
+                log.warning("%s: unreadable image, used as a black image", self.files[i])
+            decoded[i] = (np.zeros((3, self.size, self.size), np.uint8) if img is None
+                          else np.ascontiguousarray(img.transpose(2, 0, 1)))
+        batch = np.stack([decoded[i] if i in decoded else self._cache[i] for i in wanted])
+        if self.max_cached:
+            for i in wanted:          # most recently used last; the oldest are dropped first
+                if i in decoded:
+                    self._cache[i] = decoded[i]
+                self._cache.move_to_end(i)
+            while len(self._cache) > self.max_cached:
+                self._cache.popitem(last=False)
+            self.peak_decoded = max(self.peak_decoded, len(self._cache))
+        return batch
+
+    def to(self, *args, **kwargs) -> LazyImages:
+        return self
+
+    def contiguous(self, *args, **kwargs) -> LazyImages:
+        return self
+
+    def fingerprint(self) -> str:
+        """The pixels' hash when a decode-once pass saw them all (equal to that of the same images in
+        memory), else a hash of the file list with sizes and modification times (decoding every
+        image to hash it would take hours on ImageNet)."""
+        return self._digest or stable_hash(self.size, _file_stats(self.files))
+
+
+def default_cache_dir() -> Path:
+    """Where decode-once files go unless data.cache_dir says otherwise: the user's cache folder."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scan"
+
+
+def decode_once(files: list[Path], size: int, cache_dir: Path, workers: int, chunk: int,
+                quiet: bool) -> tuple[np.ndarray, np.ndarray, str]:
+    """(memory-mapped (M, 3, S, S) store, (M,) bool readable, pixel digest) of `files` at `size`.
+
+    The file is named by a hash of the file list, sizes, modification times and `size`, so a
+    changed folder gets a new file and an unchanged one is reused by every stage and every run.
+    It is filled `chunk` images at a time (the most decoded images held at once), written under a
+    temporary name and renamed when complete, so an interrupted pass never leaves a partial file
+    that looks finished. Unreadable files keep a black row and are marked unreadable.
+    """
+    key = stable_hash(CACHE_VERSION, size, _file_stats(files))
+    store_path, record_path = cache_dir / f"images-{key}.npy", cache_dir / f"images-{key}.json"
+    record = read_json(record_path)
+    if record is None or not store_path.is_file():
+        record = _fill(files, size, store_path, workers, chunk, quiet)
+        atomic_write_json(record_path, record)
+    else:
+        log.info("reusing the decoded images in %s", store_path)
+    store = np.load(store_path, mmap_mode="r")
+    readable = np.ones(len(files), dtype=bool)
+    readable[record["unreadable"]] = False
+    return store, readable, record["digest"]
+
+
+def _fill(files: list[Path], size: int, path: Path, workers: int, chunk: int, quiet: bool) -> dict:
+    """Decode every file into the .npy at `path`; the record of unreadable rows and the pixel digest."""
+    from scan.data import DataError
+    need = len(files) * image_bytes(size)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(path.parent).free
+    except OSError as e:
+        raise DataError(f"{path.parent}: cannot use as data.cache_dir ({e})") from None
+    if free < need:
+        raise DataError(f"{path.parent}: {need / 2**30:.1f} GB needed to cache the decoded images, "
+                        f"{free / 2**30:.1f} GB free; set data.cache_dir to a larger disk or lower data.image_size")
+    log.info("decoding %d images once into %s (%.1f GB)", len(files), path, need / 2**30)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    digest, unreadable = hashlib.sha256(), []
+    try:
+        store = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=(len(files), 3, size, size))
+        with progress(len(files), "decoding images", quiet) as bar:
+            for start in range(0, len(files), chunk):
+                decoded = decode_images(files[start:start + chunk], size, workers, bar)
+                for offset, img in enumerate(decoded):
+                    if img is None:
+                        unreadable.append(start + offset)
+                        continue
+                    chw = np.ascontiguousarray(img.transpose(2, 0, 1))
+                    store[start + offset] = chw
+                    digest.update(chw.tobytes())   # readable rows in order: the bytes of the in-memory tensor
+        store.flush()
+        del store
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():   # only ever our own temporary file
+            temporary.unlink()
+    return {"version": CACHE_VERSION, "unreadable": unreadable, "digest": digest.hexdigest()[:16]}
