@@ -13,6 +13,8 @@ from scan.config import DataConfig, load_config
 from scan.data import DataError, FolderOptions, LazyImages, content_hash, load_dataset
 from scan.data_folders import FOLDER_STORAGE, budget_images
 from scan.neighbors import pixel_features
+from scan.pipeline import open_run, run_pipeline
+from scan.report import write_run_report
 from scan.run import load_data
 
 SIDE = 48                      # 3 * 48 * 48 = 6912 bytes a decoded image
@@ -199,3 +201,19 @@ def test_unreadable_heic_without_the_plugin_says_how_to_get_it(tmp_path, monkeyp
     with caplog.at_level(logging.WARNING, logger="scan.data"):
         load_dataset("folder", str(tmp_path), image_size=8)
     assert "pip install 'scan[heif]'" in caplog.text
+
+
+def test_every_stage_runs_on_a_decode_once_folder_exactly_as_in_memory(tmp_path, tiny_overrides):
+    """Pretext, mining (with the pixel space), clustering, self-labelling, evaluation and the report
+    index the memory-mapped images batch by batch: same seed, same pixels, the very same numbers."""
+    folder = write_folder(tmp_path / "photos", per_class=10)
+    metrics = {}
+    for storage in ("memory", "disk"):
+        cfg = load_config(None, tiny_overrides + [
+            f"data.path={folder}", "data.dataset=folder", "data.image_size=16", "data.labels_from_folders=true",
+            f"data.cache_images={storage}", f"data.cache_dir={tmp_path / 'cache'}", "mine.features=backbone+pixels"])
+        run = open_run(cfg, tmp_path / storage)
+        assert isinstance(run.train.images, LazyImages) == (storage == "disk")
+        metrics[storage] = {k: v for k, v in run_pipeline(run).items() if k != "seconds"}
+    assert metrics["disk"] == metrics["memory"] and "kmeans_pixels" in metrics["disk"]
+    assert write_run_report(run).read_text().count("data:image/") >= 3     # thumbnails of the lazy images
