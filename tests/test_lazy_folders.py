@@ -200,7 +200,7 @@ def test_unreadable_heic_without_the_plugin_says_how_to_get_it(tmp_path, monkeyp
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "ok.png")
     with caplog.at_level(logging.WARNING, logger="scan.data"):
         load_dataset("folder", str(tmp_path), image_size=8)
-    assert "pip install 'scan[heif]'" in caplog.text
+    assert "pip install 'scan-clustering[heif]'" in caplog.text
 
 
 def test_every_stage_runs_on_a_decode_once_folder_exactly_as_in_memory(tmp_path, tiny_overrides):
@@ -217,3 +217,13 @@ def test_every_stage_runs_on_a_decode_once_folder_exactly_as_in_memory(tmp_path,
         metrics[storage] = {k: v for k, v in run_pipeline(run).items() if k != "seconds"}
     assert metrics["disk"] == metrics["memory"] and "kmeans_pixels" in metrics["disk"]
     assert write_run_report(run).read_text().count("data:image/") >= 3     # thumbnails of the lazy images
+
+
+def test_damaged_decode_once_files_are_rebuilt(folder, eager, tmp_path):
+    load(folder, lazy_options(tmp_path))
+    record = next((tmp_path / "cache").glob("*.json"))
+    record.write_text("{not json")
+    assert torch.equal(load(folder, lazy_options(tmp_path)).images[:], eager.images)
+    store = next((tmp_path / "cache").glob("*.npy"))
+    np.save(store, np.zeros((2, 3, SIDE, SIDE), np.uint8))               # wrong shape
+    assert torch.equal(load(folder, lazy_options(tmp_path)).images[:], eager.images)

@@ -46,7 +46,7 @@ def _warn_skipped(root: Path, skipped: list[Path], total: int) -> None:
     shown = ", ".join(str(p.relative_to(root)) for p in skipped[:_SKIPPED_SHOWN])
     more = ", ..." if len(skipped) > _SKIPPED_SHOWN else ""
     heif = any(p.suffix.lower() in HEIF_EXTENSIONS for p in skipped) and not heif_available()
-    hint = "; HEIC photos need the pillow-heif plugin: pip install 'scan[heif]'" if heif else ""
+    hint = "; HEIC photos need the pillow-heif plugin: pip install 'scan-clustering[heif]'" if heif else ""
     log.warning("%s: skipped %d of %d files that are not readable images: %s%s%s",
                 root, len(skipped), total, shown, more, hint)
 

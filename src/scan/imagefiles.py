@@ -4,7 +4,7 @@ Shared by image folders, ImageNet-style trees (decoded lazily) and `scan predict
 images are preprocessed exactly like training ones. Anything that is not a regular file (a
 FIFO, a device, a socket named *.png) is skipped without being opened for a blocking read.
 HEIC/HEIF photos (phones) are read when the optional `pillow-heif` plugin is installed
-(`pip install 'scan[heif]'`); without it they are skipped like any unreadable file.
+(`pip install 'scan-clustering[heif]'`); without it they are skipped like any unreadable file.
 """
 from __future__ import annotations
 

@@ -131,16 +131,30 @@ def decode_once(files: list[Path], size: int, cache_dir: Path, workers: int, chu
     """
     key = stable_hash(CACHE_VERSION, size, _file_stats(files))
     store_path, record_path = cache_dir / f"images-{key}.npy", cache_dir / f"images-{key}.json"
-    record = read_json(record_path)
-    if record is None or not store_path.is_file():
+    shape = (len(files), 3, size, size)
+    found = _reusable(store_path, record_path, shape)
+    if found is None:
         record = _fill(files, size, store_path, workers, chunk, quiet)
-        atomic_write_json(record_path, record)
+        atomic_write_json(record_path, record)   # last: a record means the file beside it is complete
+        store = np.load(store_path, mmap_mode="r")
     else:
         log.info("reusing the decoded images in %s", store_path)
-    store = np.load(store_path, mmap_mode="r")
+        store, record = found
     readable = np.ones(len(files), dtype=bool)
     readable[record["unreadable"]] = False
     return store, readable, record["digest"]
+
+
+def _reusable(store_path: Path, record_path: Path, shape: tuple) -> tuple[np.ndarray, dict] | None:
+    """The memory-mapped store and its record when both exist and agree, else None (decode again)."""
+    try:
+        record = read_json(record_path)
+        if not record or record.get("version") != CACHE_VERSION or not store_path.is_file():
+            return None
+        store = np.load(store_path, mmap_mode="r")
+    except (OSError, ValueError):   # a damaged record (json errors are ValueErrors) or .npy header
+        return None
+    return (store, record) if store.shape == shape and store.dtype == np.uint8 else None
 
 
 def _fill(files: list[Path], size: int, path: Path, workers: int, chunk: int, quiet: bool) -> dict:
