@@ -205,7 +205,7 @@ def test_unreadable_heic_without_the_plugin_says_how_to_get_it(tmp_path, monkeyp
 
 def test_every_stage_runs_on_a_decode_once_folder_exactly_as_in_memory(tmp_path, tiny_overrides):
     """Pretext, mining (with the pixel space), clustering, self-labelling, evaluation and the report
-    index the memory-mapped images batch by batch: same seed, same pixels, the very same numbers."""
+    read the decode-once file batch by batch: same seed, same pixels, the very same numbers."""
     folder = write_folder(tmp_path / "photos", per_class=10)
     metrics = {}
     for storage in ("memory", "disk"):
@@ -226,4 +226,7 @@ def test_damaged_decode_once_files_are_rebuilt(folder, eager, tmp_path):
     assert torch.equal(load(folder, lazy_options(tmp_path)).images[:], eager.images)
     store = next((tmp_path / "cache").glob("*.npy"))
     np.save(store, np.zeros((2, 3, SIDE, SIDE), np.uint8))               # wrong shape
+    assert torch.equal(load(folder, lazy_options(tmp_path)).images[:], eager.images)
+    with open(store, "r+b") as f:                                          # cut short
+        f.truncate(store.stat().st_size - 1)
     assert torch.equal(load(folder, lazy_options(tmp_path)).images[:], eager.images)

@@ -34,7 +34,7 @@ class DataConfig:
     labels_from_folders: bool = False
     num_clusters: int | None = _f(None, lo=2)  # None = number of ground-truth classes
     # how image folders are held (scan.data_folders.FOLDER_STORAGE): memory = one decoded tensor;
-    # disk = decoded once into a uint8 file in cache_dir, memory-mapped by every stage; none = decoded
+    # disk = decoded once into a uint8 file in cache_dir, read by every stage; none = decoded
     # on every use, at most max_memory_mb of decoded images kept; auto = memory if it fits, else disk
     cache_images: str = _f("auto", choices=("auto", "memory", "disk", "none"))
     max_memory_mb: int = _f(2048, lo=1)     # decoded images held in memory at most (auto, none)

@@ -2,7 +2,7 @@
 `scan.data.DATASETS`.
 
 A folder's images are held as data.cache_images says (FOLDER_STORAGE): decoded into one tensor
-when they fit in data.max_memory_mb, else decoded once into a memory-mapped file
+when they fit in data.max_memory_mb, else decoded once into a file read batch by batch
 (scan.lazy_images), or decoded on every use with a bounded cache. Every way gives the same
 images, in the same order, with the same content hash.
 """
@@ -77,7 +77,7 @@ def _in_memory(files: list[Path], size: int, options: FolderOptions):
 
 @FOLDER_STORAGE.register("disk")
 def _decoded_once(files: list[Path], size: int, options: FolderOptions):
-    """Decoded once into a memory-mapped file in data.cache_dir, reused by every stage and run."""
+    """Decoded once into a file in data.cache_dir, read batch by batch, reused by every stage and run."""
     chunk = min(DECODE_CHUNK, budget_images(size, options))
     cache_dir = Path(options.cache_dir).expanduser() if options.cache_dir else default_cache_dir()
     store, readable, digest = decode_once(files, size, cache_dir, options.workers, chunk, options.quiet)

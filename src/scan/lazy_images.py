@@ -3,10 +3,10 @@
 `LazyImages` stands in for the (N, 3, S, S) uint8 tensor of an `ImageDataset` and serves rows
 from one of two places:
 - a decode-once file (`decode_once`): every image decoded once, in parallel with a progress bar,
-  into a uint8 .npy file that is then memory-mapped. Every stage and every epoch reads rows from
-  it; the operating system keeps in its page cache what fits and drops the rest, so the process
-  itself never holds more than a batch. 100k images at 64 px take 1.2 GB of disk, decoded in
-  one pass instead of once per epoch.
+  into a uint8 .npy file from which every stage and every epoch then reads the rows it needs
+  (`RowFile`). The operating system keeps in its page cache what fits and drops the rest, so the
+  process itself never holds more than a batch. 100k images at 64 px take 1.2 GB of disk,
+  decoded in one pass instead of once per epoch.
 - the image files themselves, decoded on each use, with at most `max_cached` decoded images kept
   (least recently used dropped first): ImageNet trees, and folders with data.cache_images=none.
 """
@@ -56,13 +56,13 @@ class LazyImages:
     ndim = 4
 
     def __init__(self, files: list[Path], size: int, workers: int = 0, max_cached: int = 0,
-                 store: np.ndarray | None = None, rows: np.ndarray | None = None, digest: str | None = None):
+                 store: RowFile | None = None, rows: np.ndarray | None = None, digest: str | None = None):
         self.files = list(files)
         self.size = size
         self.workers = workers
         self.max_cached = max_cached
         self.shape = torch.Size((len(self.files), 3, size, size))
-        self.store = store        # (M, 3, S, S) memory-mapped decode-once file; None: decode the files
+        self.store = store        # RowFile of the decode-once (M, 3, S, S) file; None: decode the files
         self._rows = rows         # (N,) row of `store` holding image i (unreadable files have none)
         self._digest = digest     # hash of the pixels, equal to content_hash of the same images in memory
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
@@ -119,9 +119,44 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scan"
 
 
+class RowFile:
+    """Rows of a uint8 .npy file (M, 3, S, S), read with pread when indexed.
+
+    Not a memory map on purpose: mapped pages count as the process's resident memory once an
+    epoch has touched them all; read into a fresh batch, the file stays in the operating system's
+    page cache (fast on the next epoch, dropped first under memory pressure) and the process
+    holds one batch.
+    """
+
+    def __init__(self, path: Path):
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            self.offset = f.tell()
+        if fortran or dtype != np.uint8 or len(shape) != 4:
+            raise ValueError(f"{path}: not a C-ordered uint8 (M, C, H, W) array")
+        self.shape = shape
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), *self.shape[1:]), dtype=np.uint8)
+        row_bytes = out[0].nbytes if len(out) else 0
+        for j, row in enumerate(rows):
+            if os.preadv(self._fd, [out[j]], self.offset + int(row) * row_bytes) != row_bytes:
+                raise OSError(f"{self.path}: shorter than its header says; delete it to decode again")
+        return out
+
+    def __del__(self):
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+
+
 def decode_once(files: list[Path], size: int, cache_dir: Path, workers: int, chunk: int,
-                quiet: bool) -> tuple[np.ndarray, np.ndarray, str]:
-    """(memory-mapped (M, 3, S, S) store, (M,) bool readable, pixel digest) of `files` at `size`.
+                quiet: bool) -> tuple[RowFile, np.ndarray, str]:
+    """(the store, (M,) bool readable, pixel digest) of `files` decoded at `size`.
 
     The file is named by a hash of the file list, sizes, modification times and `size`, so a
     changed folder gets a new file and an unchanged one is reused by every stage and every run.
@@ -136,7 +171,7 @@ def decode_once(files: list[Path], size: int, cache_dir: Path, workers: int, chu
     if found is None:
         record = _fill(files, size, store_path, workers, chunk, quiet)
         atomic_write_json(record_path, record)   # last: a record means the file beside it is complete
-        store = np.load(store_path, mmap_mode="r")
+        store = RowFile(store_path)
     else:
         log.info("reusing the decoded images in %s", store_path)
         store, record = found
@@ -145,16 +180,17 @@ def decode_once(files: list[Path], size: int, cache_dir: Path, workers: int, chu
     return store, readable, record["digest"]
 
 
-def _reusable(store_path: Path, record_path: Path, shape: tuple) -> tuple[np.ndarray, dict] | None:
-    """The memory-mapped store and its record when both exist and agree, else None (decode again)."""
+def _reusable(store_path: Path, record_path: Path, shape: tuple) -> tuple[RowFile, dict] | None:
+    """The store and its record when both exist and agree, else None (decode again)."""
     try:
         record = read_json(record_path)
         if not record or record.get("version") != CACHE_VERSION or not store_path.is_file():
             return None
-        store = np.load(store_path, mmap_mode="r")
+        store = RowFile(store_path)
     except (OSError, ValueError):   # a damaged record (json errors are ValueErrors) or .npy header
         return None
-    return (store, record) if store.shape == shape and store.dtype == np.uint8 else None
+    size_ok = store_path.stat().st_size == store.offset + int(np.prod(shape))
+    return (store, record) if store.shape == shape and size_ok else None
 
 
 def _fill(files: list[Path], size: int, path: Path, workers: int, chunk: int, quiet: bool) -> dict:
@@ -172,20 +208,21 @@ def _fill(files: list[Path], size: int, path: Path, workers: int, chunk: int, qu
     log.info("decoding %d images once into %s (%.1f GB)", len(files), path, need / 2**30)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     digest, unreadable = hashlib.sha256(), []
+    black = np.zeros((3, size, size), np.uint8)
     try:
-        store = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=(len(files), 3, size, size))
-        with progress(len(files), "decoding images", quiet) as bar:
-            for start in range(0, len(files), chunk):
-                decoded = decode_images(files[start:start + chunk], size, workers, bar)
-                for offset, img in enumerate(decoded):
+        with open(temporary, "xb") as out, progress(len(files), "decoding images", quiet) as bar:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                      "shape": (len(files), 3, size, size)}
+            np.lib.format.write_array_header_1_0(out, header)
+            for start in range(0, len(files), chunk):   # written in order: plain appends, no memory map
+                for offset, img in enumerate(decode_images(files[start:start + chunk], size, workers, bar)):
                     if img is None:
                         unreadable.append(start + offset)
+                        out.write(black.tobytes())
                         continue
-                    chw = np.ascontiguousarray(img.transpose(2, 0, 1))
-                    store[start + offset] = chw
-                    digest.update(chw.tobytes())   # readable rows in order: the bytes of the in-memory tensor
-        store.flush()
-        del store
+                    chw = np.ascontiguousarray(img.transpose(2, 0, 1)).tobytes()
+                    out.write(chw)
+                    digest.update(chw)   # readable rows in order: the bytes of the in-memory tensor
         os.replace(temporary, path)
     finally:
         if temporary.exists():   # only ever our own temporary file
