@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from scan import lazy_images
+from scan import imagefiles, lazy_images
 from scan.baselines import pixel_kmeans
 from scan.config import DataConfig, load_config
 from scan.data import DataError, FolderOptions, LazyImages, content_hash, load_dataset
@@ -137,13 +137,21 @@ def test_on_demand_decoding_keeps_at_most_the_budget_in_memory(folder, eager, tm
     assert content_hash(images) == content_hash(load(folder, lazy_options(tmp_path, cache_images="none")).images)
 
 
-def test_run_settings_reach_the_loader(folder, tmp_path):
+def test_run_settings_reach_the_loader(folder, tmp_path, monkeypatch, capsys):
+    pools = []
+
+    class RecordingPool(imagefiles.ThreadPoolExecutor):
+        def __init__(self, max_workers=None):
+            pools.append(max_workers)
+            super().__init__(max_workers)
+    monkeypatch.setattr(imagefiles, "ThreadPoolExecutor", RecordingPool)
     cfg = load_config(None, [f"data.path={folder}", "data.dataset=folder", f"data.image_size={SIDE}",
                              "data.cache_images=disk", "data.max_memory_mb=2", "data.decode_workers=3",
                              f"data.cache_dir={tmp_path / 'mine'}", "quiet=true"])
     train, evaluation = load_data(cfg)
     assert evaluation is train and isinstance(train.images, LazyImages)
-    assert train.images.workers == 3 and train.images.peak_decoded == 2 * 2**20 // 6912
+    assert train.images.peak_decoded == 301 < 2 * 2**20 // 6912             # all 301 files fit one chunk of 303
+    assert pools == [3] and capsys.readouterr().err == ""
     assert len(list((tmp_path / "mine").glob("images-*.npy"))) == 1
 
 

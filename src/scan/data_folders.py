@@ -83,7 +83,7 @@ def _decoded_once(files: list[Path], size: int, options: FolderOptions):
     store, readable, digest = decode_once(files, size, cache_dir, options.workers, chunk, options.quiet)
     kept = [f for f, ok in zip(files, readable) if ok]
     images = LazyImages(kept, size, options.workers, store=store, rows=np.flatnonzero(readable), digest=digest)
-    images.peak_decoded = chunk
+    images.peak_decoded = min(chunk, len(files))
     return kept, images
 
 
