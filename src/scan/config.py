@@ -38,7 +38,7 @@ class DataConfig:
     # on every use, at most max_memory_mb of decoded images kept; auto = memory if it fits, else disk
     cache_images: str = _f("auto", choices=("auto", "memory", "disk", "none"))
     max_memory_mb: int = _f(2048, lo=1)     # decoded images held in memory at most (auto, none)
-    cache_dir: str | None = None            # folder of the decode-once files; None: $XDG_CACHE_HOME/scan or ~/.cache/scan
+    cache_dir: str | None = None            # folder of the decode-once files; None: ~/.cache/scan ($XDG_CACHE_HOME)
     decode_workers: int = _f(0, lo=0)       # threads decoding images; 0: about one per core
 
 

@@ -41,7 +41,8 @@ class DataError(ValueError):
 class ImageDataset:
     """Images as one uint8 tensor (N, C, H, W), C = 1 (grey) or 3 (RGB), with optional labels.
 
-    Data sets too large for memory (ImageNet) hold a `LazyImages` instead, which decodes on indexing.
+    Data sets too large for memory (ImageNet, big image folders) hold a `LazyImages` instead, which
+    reads rows on indexing (scan.lazy_images).
     """
 
     images: torch.Tensor | LazyImages
@@ -131,8 +132,9 @@ def load_dataset(name: str, path: str | None = None, split: str = "train", image
     split: "train", "val"/"test" (held-out part) or "all"; stl10 adds "unlabeled" and
     "train+unlabeled". npz files and image folders have no split: every split is all images.
     image_size: side of folder images after resize + centre crop (default 64); other formats keep
-    their native size. folder: how image files are decoded and held (FolderOptions). seed: accepted so callers can pass the run seed; every loader is
-    deterministic (digits uses a fixed split) so that the held-out set never changes between runs.
+    their native size. folder: how image files are decoded and held (FolderOptions; one tensor by
+    default). seed: accepted so callers can pass the run seed; every loader is deterministic
+    (digits uses a fixed split) so that the held-out set never changes between runs.
     """
     del seed  # see docstring: splits must not depend on the run seed
     if image_size is not None and image_size < 1:

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from scan.data import DataError, FolderOptions, ImageDataset, LoadRequest, existing_path, register_dataset, split_parts
-from scan.imagefiles import HEIF_EXTENSIONS, IMAGE_EXTENSIONS, decode_images, heif_available, list_files, probe_images, progress
+from scan.imagefiles import (HEIF_EXTENSIONS, IMAGE_EXTENSIONS, decode_images, heif_available, list_files, probe_images,
+                             progress)
 from scan.lazy_images import DECODE_CHUNK, LazyImages, decode_once, default_cache_dir, image_bytes
 from scan.registry import Registry
 
