@@ -8,7 +8,6 @@ together, next to cluster-size balance and confidence.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from sklearn.cluster import KMeans
 
 from scan.checks import size_balance
@@ -32,9 +31,7 @@ def kmeans_assign(train: np.ndarray, evaluation: np.ndarray | None, k: int, seed
 
 def pixel_kmeans(train_images, eval_images, k: int, seed: int):
     """k-means on raw pixels (their first 50 principal components, which keep the distances):
-    (train clusters, eval clusters), or None for lazily decoded data."""
-    if not isinstance(train_images, torch.Tensor) or not isinstance(eval_images, torch.Tensor):
-        return None
+    (train clusters, eval clusters). Lazily decoded images are read in batches (see pixel_features)."""
     if eval_images is train_images:
         train = evaluation = pixel_features(train_images, seed=seed, whiten=False)
     else:

@@ -33,6 +33,13 @@ class DataConfig:
     image_size: int | None = _f(None, lo=4)   # folder images are resized to this; None = native
     labels_from_folders: bool = False
     num_clusters: int | None = _f(None, lo=2)  # None = number of ground-truth classes
+    # how image folders are held (scan.data_folders.FOLDER_STORAGE): memory = one decoded tensor;
+    # disk = decoded once into a uint8 file in cache_dir, read by every stage; none = decoded
+    # on every use, at most max_memory_mb of decoded images kept; auto = memory if it fits, else disk
+    cache_images: str = _f("auto", choices=("auto", "memory", "disk", "none"))
+    max_memory_mb: int = _f(2048, lo=1)     # decoded images held in memory at most (auto, none)
+    cache_dir: str | None = None            # folder of the decode-once files; None: ~/.cache/scan ($XDG_CACHE_HOME)
+    decode_workers: int = _f(0, lo=0)       # threads decoding images; 0: about one per core
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,8 @@ class DataError(ValueError):
 class ImageDataset:
     """Images as one uint8 tensor (N, C, H, W), C = 1 (grey) or 3 (RGB), with optional labels.
 
-    Data sets too large for memory (ImageNet) hold a `LazyImages` instead, which decodes on indexing.
+    Data sets too large for memory (ImageNet, big image folders) hold a `LazyImages` instead, which
+    reads rows on indexing (scan.lazy_images).
     """
 
     images: torch.Tensor | LazyImages
@@ -85,6 +86,25 @@ class ImageDataset:
 
 
 @dataclass(frozen=True)
+class FolderOptions:
+    """How image files are decoded and held (the data.cache_images... settings; scan.data_folders).
+
+    Direct callers (scan predict) get one decoded tensor as always; a run passes its config.
+    """
+
+    cache_images: str = "memory"
+    max_memory_mb: int = 2048
+    cache_dir: str | None = None
+    workers: int = 0
+    quiet: bool = True
+
+    @classmethod
+    def from_config(cls, cfg) -> FolderOptions:
+        d = cfg.data
+        return cls(d.cache_images, d.max_memory_mb, d.cache_dir, d.decode_workers, cfg.quiet)
+
+
+@dataclass(frozen=True)
 class LoadRequest:
     """What a registered loader receives: the user's options, with the path already expanded."""
 
@@ -92,6 +112,7 @@ class LoadRequest:
     split: str
     image_size: int | None
     labels_from_folders: bool
+    folder: FolderOptions = FolderOptions()
 
 
 Loader = Callable[[LoadRequest], ImageDataset]
@@ -105,20 +126,21 @@ def list_datasets() -> list[str]:
 
 
 def load_dataset(name: str, path: str | None = None, split: str = "train", image_size: int | None = None,
-                 labels_from_folders: bool = True, seed: int = 0) -> ImageDataset:
+                 labels_from_folders: bool = True, seed: int = 0, folder: FolderOptions | None = None) -> ImageDataset:
     """Load data set `name` (a registry name, or "auto" to recognise the format of `path`).
 
     split: "train", "val"/"test" (held-out part) or "all"; stl10 adds "unlabeled" and
     "train+unlabeled". npz files and image folders have no split: every split is all images.
     image_size: side of folder images after resize + centre crop (default 64); other formats keep
-    their native size. seed: accepted so callers can pass the run seed; every loader is
-    deterministic (digits uses a fixed split) so that the held-out set never changes between runs.
+    their native size. folder: how image files are decoded and held (FolderOptions; one tensor by
+    default). seed: accepted so callers can pass the run seed; every loader is deterministic
+    (digits uses a fixed split) so that the held-out set never changes between runs.
     """
     del seed  # see docstring: splits must not depend on the run seed
     if image_size is not None and image_size < 1:
         raise DataError(f"image_size must be a positive number of pixels, got {image_size}")
     request = LoadRequest(Path(path).expanduser() if path is not None else None, split, image_size,
-                          labels_from_folders)
+                          labels_from_folders, folder or FolderOptions())
     key = name.lower()
     if key == "auto":
         key = detect_format(request.path)

@@ -1,17 +1,26 @@
-"""Loaders of image folders (decoded at once) and ImageNet-style trees (decoded lazily, batch by
-batch); registered in `scan.data.DATASETS`."""
+"""Loaders of image folders and ImageNet-style trees (decoded lazily, batch by batch); registered in
+`scan.data.DATASETS`.
+
+A folder's images are held as data.cache_images says (FOLDER_STORAGE): decoded into one tensor
+when they fit in data.max_memory_mb, else decoded once into a file read batch by batch
+(scan.lazy_images), or decoded on every use with a bounded cache. Every way gives the same
+images, in the same order, with the same content hash.
+"""
 from __future__ import annotations
 
 import logging
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from scan.data import DataError, ImageDataset, LoadRequest, existing_path, register_dataset, split_parts
-from scan.hashing import stable_hash
-from scan.imagefiles import IMAGE_EXTENSIONS, decode_images, list_files
+from scan.data import DataError, FolderOptions, ImageDataset, LoadRequest, existing_path, register_dataset, split_parts
+from scan.imagefiles import (HEIF_EXTENSIONS, IMAGE_EXTENSIONS, decode_images, heif_available, list_files, probe_images,
+                             progress)
+from scan.lazy_images import DECODE_CHUNK, LazyImages, decode_once, default_cache_dir, image_bytes
+from scan.registry import Registry
 
 log = logging.getLogger("scan.data")
 
@@ -34,11 +43,65 @@ def _folder_labels(root: Path, files: list[Path], enabled: bool) -> tuple[np.nda
 
 
 def _warn_skipped(root: Path, skipped: list[Path], total: int) -> None:
-    """One warning for all unreadable files, naming the first few."""
+    """One warning for all unreadable files, naming the first few (and the plugin HEIC photos need)."""
     shown = ", ".join(str(p.relative_to(root)) for p in skipped[:_SKIPPED_SHOWN])
     more = ", ..." if len(skipped) > _SKIPPED_SHOWN else ""
-    log.warning("%s: skipped %d of %d files that are not readable images: %s%s",
-                root, len(skipped), total, shown, more)
+    heif = any(p.suffix.lower() in HEIF_EXTENSIONS for p in skipped) and not heif_available()
+    hint = "; HEIC photos need the pillow-heif plugin: pip install 'scan-clustering[heif]'" if heif else ""
+    log.warning("%s: skipped %d of %d files that are not readable images: %s%s%s",
+                root, len(skipped), total, shown, more, hint)
+
+
+def budget_images(size: int, options: FolderOptions) -> int:
+    """How many decoded size x size images fit in data.max_memory_mb (at least one)."""
+    return max(1, options.max_memory_mb * 2**20 // image_bytes(size))
+
+
+# storage(candidate files, side, options) -> (readable files, their images as a tensor or LazyImages)
+Storage = Callable[[list[Path], int, FolderOptions], tuple[list[Path], "torch.Tensor | LazyImages"]]
+FOLDER_STORAGE: Registry[Storage] = Registry("data.cache_images")
+
+
+@FOLDER_STORAGE.register("memory")
+def _in_memory(files: list[Path], size: int, options: FolderOptions):
+    """Every image decoded into one (N, 3, S, S) tensor."""
+    try:
+        with progress(len(files), "decoding images", options.quiet) as bar:
+            decoded = decode_images(files, size, options.workers, bar)
+        kept = [(f, img) for f, img in zip(files, decoded) if img is not None]
+        images = torch.from_numpy(np.stack([img for _, img in kept]).transpose(0, 3, 1, 2).copy()) if kept else None
+    except MemoryError:
+        raise DataError(f"out of memory while decoding {len(files)} images at {size}x{size}; lower "
+                        f"data.image_size or set data.cache_images=disk") from None
+    return [f for f, _ in kept], images
+
+
+@FOLDER_STORAGE.register("disk")
+def _decoded_once(files: list[Path], size: int, options: FolderOptions):
+    """Decoded once into a file in data.cache_dir, read batch by batch, reused by every stage and run."""
+    chunk = min(DECODE_CHUNK, budget_images(size, options))
+    cache_dir = Path(options.cache_dir).expanduser() if options.cache_dir else default_cache_dir()
+    store, readable, digest = decode_once(files, size, cache_dir, options.workers, chunk, options.quiet)
+    kept = [f for f, ok in zip(files, readable) if ok]
+    images = LazyImages(kept, size, options.workers, store=store, rows=np.flatnonzero(readable), digest=digest)
+    images.peak_decoded = min(chunk, len(files))
+    return kept, images
+
+
+@FOLDER_STORAGE.register("none")
+def _on_demand(files: list[Path], size: int, options: FolderOptions):
+    """Decoded on every use, at most data.max_memory_mb of decoded images kept; only headers are read now."""
+    with progress(len(files), "checking images", options.quiet) as bar:
+        readable = probe_images(files, options.workers, bar)
+    kept = [f for f, ok in zip(files, readable) if ok]
+    return kept, LazyImages(kept, size, options.workers, max_cached=budget_images(size, options))
+
+
+def folder_storage(count: int, size: int, options: FolderOptions) -> str:
+    """data.cache_images, with auto resolved: in memory when `count` decoded images fit the budget, else disk."""
+    if options.cache_images != "auto":
+        return options.cache_images
+    return "memory" if count * image_bytes(size) <= options.max_memory_mb * 2**20 else "disk"
 
 
 @register_dataset("folder")
@@ -57,72 +120,24 @@ def load_folder(request: LoadRequest) -> ImageDataset:
     if not files:
         raise DataError(f"{root}: folder is empty (expected {'/'.join(sorted(IMAGE_EXTENSIONS))} files)")
     candidates = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
-    try:
-        decoded = decode_images(candidates, size)
-    except MemoryError:
-        raise DataError(f"{root}: out of memory while decoding {len(candidates)} images at {size}x{size}; "
-                        f"lower data.image_size or use fewer images") from None
-    kept = [(f, img) for f, img in zip(candidates, decoded) if img is not None]
+    storage = folder_storage(len(candidates), size, request.folder)
+    log.info("%s: %d images at %dx%d, held as data.cache_images=%s", root, len(candidates), size, size, storage)
+    kept, images = FOLDER_STORAGE.get(storage)(candidates, size, request.folder)
     if not kept:
         raise DataError(f"{root}: none of the {len(files)} files is a readable image "
                         f"({'/'.join(sorted(IMAGE_EXTENSIONS))})")
-    kept_files = {f for f, _ in kept}
+    kept_files = set(kept)
     skipped = [f for f in files if f not in kept_files]
     if skipped:
         _warn_skipped(root, skipped, len(files))
-    labels, classes = _folder_labels(root, [f for f, _ in kept], request.labels_from_folders)
-    images = torch.from_numpy(np.stack([img for _, img in kept]).transpose(0, 3, 1, 2).copy())
-    return ImageDataset(images, labels, classes, paths=[str(f) for f, _ in kept])
+    labels, classes = _folder_labels(root, kept, request.labels_from_folders)
+    return ImageDataset(images, labels, classes, paths=[str(f) for f in kept])
 
 
 # ----------------------------------------------------------------------------- ImageNet (lazy)
 
 IMAGENET_SIDE = 224      # the resolution of the SCAN ImageNet experiments
 _IMAGENET_FOLDERS = {"train": "train", "test": "val"}   # the public labelled held-out part is val/
-
-
-class LazyImages:
-    """Images (N, 3, S, S) uint8 decoded from their files only when indexed.
-
-    Stands in for the image tensor of an `ImageDataset` too large to keep in memory (ImageNet):
-    it has the tensor's len/shape/dtype/ndim, and indexing with an int, slice, index array or
-    tensor decodes those files with a thread pool into a real uint8 tensor. `.to()` and
-    `.contiguous()` return the object itself: each decoded batch moves to the device instead.
-    """
-
-    dtype = torch.uint8
-    ndim = 4
-
-    def __init__(self, files: list[Path], size: int):
-        self.files = list(files)
-        self.size = size
-        self.shape = torch.Size((len(self.files), 3, size, size))
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index) -> torch.Tensor:
-        if isinstance(index, torch.Tensor):
-            index = index.cpu().numpy()
-        rows = np.arange(len(self))[index]
-        files = [self.files[i] for i in np.atleast_1d(rows)]
-        decoded = decode_images(files, self.size)
-        for file, img in zip(files, decoded):
-            if img is None:
-                log.warning("%s: unreadable image, used as a black image", file)
-        batch = np.stack([np.zeros((self.size, self.size, 3), np.uint8) if img is None else img for img in decoded])
-        batch = torch.from_numpy(batch.transpose(0, 3, 1, 2).copy())
-        return batch[0] if np.ndim(rows) == 0 else batch
-
-    def to(self, *args, **kwargs) -> LazyImages:
-        return self
-
-    def contiguous(self, *args, **kwargs) -> LazyImages:
-        return self
-
-    def fingerprint(self) -> str:
-        """Hash of the file list with sizes and modification times (decoding every image would take hours)."""
-        return stable_hash(self.size, [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in self.files])
 
 
 def imagenet_subsets() -> list[str]:
@@ -157,7 +172,9 @@ def _imagenet_dataset(request: LoadRequest, classes: list[tuple[str, str]] | Non
             labels += [label] * len(found)
     if not files:
         raise DataError(f"{root}: no images in the {len(classes)} class folders of split '{request.split}'")
-    return ImageDataset(LazyImages(files, request.image_size or IMAGENET_SIDE), np.array(labels),
+    # decoded on every use without a cache: random epochs over 1.3M files would rarely hit one
+    images = LazyImages(files, request.image_size or IMAGENET_SIDE, request.folder.workers)
+    return ImageDataset(images, np.array(labels),
                         [name for _, name in classes], paths=[str(f) for f in files])
 
 

@@ -3,21 +3,26 @@
 Shared by image folders, ImageNet-style trees (decoded lazily) and `scan predict`, so new
 images are preprocessed exactly like training ones. Anything that is not a regular file (a
 FIFO, a device, a socket named *.png) is skipped without being opened for a blocking read.
+HEIC/HEIF photos (phones) are read when the optional `pillow-heif` plugin is installed
+(`pip install 'scan-clustering[heif]'`); without it they are skipped like any unreadable file.
 """
 from __future__ import annotations
 
 import os
 import stat
+import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from functools import lru_cache
 from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+HEIF_EXTENSIONS = frozenset({".heic", ".heif"})
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}) | HEIF_EXTENSIONS
 MAX_IMAGE_PIXELS = 50_000_000    # ~7000 x 7000: far above useful inputs, stops decompression bombs
 
 
@@ -36,6 +41,20 @@ def _decompression_bomb_guard() -> Iterator[None]:
             yield
     finally:
         Image.MAX_IMAGE_PIXELS = previous
+
+
+@lru_cache(maxsize=None)
+def heif_available() -> bool:
+    """Register the pillow-heif plugin with Pillow (once); False when it is not installed.
+
+    Registered at decode time rather than at import, so importing scan never pays for it.
+    """
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -88,13 +107,54 @@ def _decode(file: Path, size: int) -> np.ndarray | None:
         return None
 
 
-def decode_images(files: list[Path], size: int) -> list[np.ndarray | None]:
-    """Each file as a (size, size, 3) uint8 RGB crop (see `_decode`), None where unreadable.
+def decode_images(files: list[Path], size: int, workers: int = 0, bar=None) -> list[np.ndarray | None]:
+    """Each file as a (size, size, 3) uint8 RGB crop (see `_decode`), None where unreadable, in order.
 
-    Public so that new images are preprocessed exactly like a training folder (scan predict).
+    `workers` threads decode (0: the pool's default, about one per core + 4): Pillow releases the
+    GIL while decoding, so threads scale without copying images between processes. `bar` (a tqdm
+    bar, see `progress`) advances by one per image. Public so that new images are preprocessed
+    exactly like a training folder (scan predict).
     """
-    with _decompression_bomb_guard(), ThreadPoolExecutor() as pool:  # Pillow decodes without the GIL
-        return list(pool.map(lambda f: _decode(f, size), files))
+    return _map_files(lambda f: _decode(f, size), files, workers, bar)
+
+
+def probe_images(files: list[Path], workers: int = 0, bar=None) -> list[bool]:
+    """Whether Pillow recognises each file as an image, from its header only (no pixels decoded).
+
+    What decoding on demand can check up front; a file truncated after its header still passes.
+    """
+    def probe(file: Path) -> bool:
+        try:
+            handle = _open_regular(file)
+            if handle is None:
+                return False
+            with handle, Image.open(handle) as img:
+                return min(img.size) > 0
+        except MemoryError:
+            raise
+        except Exception:  # same reasoning as _decode: any failure means "not an image"
+            return False
+    return _map_files(probe, files, workers, bar)
+
+
+def _map_files(fn, files: list[Path], workers: int, bar) -> list:
+    """fn(file) for every file on a thread pool, results in file order; `bar` counts finished files."""
+    if any(Path(f).suffix.lower() in HEIF_EXTENSIONS for f in files):
+        heif_available()
+    results = []
+    with _decompression_bomb_guard(), ThreadPoolExecutor(workers or None) as pool:
+        for result in pool.map(fn, files):   # main thread only: the bar needs no lock
+            results.append(result)
+            if bar is not None:
+                bar.update(1)
+    return results
+
+
+def progress(total: int, desc: str, quiet: bool):
+    """A bar on stderr counting images, with rate and time left; silent when `quiet`."""
+    from tqdm.auto import tqdm   # imported here: predict decodes a few files and needs no bar
+    return tqdm(total=total, desc=desc, unit="img", disable=quiet, leave=False, file=sys.stderr,
+                mininterval=0.5, smoothing=0.1)
 
 
 def list_files(root: Path) -> list[Path]:

@@ -103,7 +103,8 @@ def neighbor_agreement(assignments: np.ndarray, neighbors: np.ndarray) -> float:
     return float((a[neighbors] == a[:, None]).mean())
 
 
-def pixel_features(images, dim: int = 50, max_side: int = 32, seed: int = 0, also=None, whiten: bool = True):
+def pixel_features(images, dim: int = 50, max_side: int = 32, seed: int = 0, also=None, whiten: bool = True,
+                   fit_sample: int = 20_000, batch_size: int = 1024):
     """(N, dim) PCA-whitened raw pixels of uint8 images (N, C, H, W): the baseline every run compares with.
 
     Images larger than `max_side` are average-pooled down first, so a folder of 224 px photos
@@ -111,6 +112,9 @@ def pixel_features(images, dim: int = 50, max_side: int = 32, seed: int = 0, als
     which measured better than plain PCA for kNN on colour images (tinted Fashion-MNIST 0.58 vs 0.23).
     With `also` (more images of the same shape), returns (features of images, of `also`) from one PCA.
     `whiten=False` keeps the pixel distances (up to the dropped components): k-means on raw pixels.
+    Images not held in memory (LazyImages) are read `batch_size` at a time: the PCA is fitted on a
+    seeded sample of at most `fit_sample` of them and every image is projected batch by batch, so
+    100k images need the pooled pixels of 20k (245 MB), not all of them.
     """
     import torch
     from sklearn.decomposition import PCA
@@ -120,10 +124,24 @@ def pixel_features(images, dim: int = 50, max_side: int = 32, seed: int = 0, als
         if x.shape[-1] > max_side:
             x = torch.nn.functional.adaptive_avg_pool2d(x, max_side)
         return x.reshape(len(x), -1).numpy()
-    x = flat(images)
-    pca = PCA(min(dim, x.shape[1], len(x)), whiten=whiten, svd_solver="randomized", random_state=seed).fit(x)
-    features = pca.transform(x).astype(np.float32)
-    return features if also is None else (features, pca.transform(flat(also)).astype(np.float32))
+
+    def pca_of(x):
+        return PCA(min(dim, x.shape[1], len(x)), whiten=whiten, svd_solver="randomized", random_state=seed).fit(x)
+    if all(isinstance(x, torch.Tensor) for x in (images, images if also is None else also)):
+        x = flat(images)
+        pca = pca_of(x)
+        features = pca.transform(x).astype(np.float32)
+        return features if also is None else (features, pca.transform(flat(also)).astype(np.float32))
+
+    def batches(source, rows):
+        return (flat(source[torch.from_numpy(rows[i:i + batch_size])]) for i in range(0, len(rows), batch_size))
+    n = len(images)
+    sample = np.sort(np.random.default_rng(seed).choice(n, min(n, fit_sample), replace=False))
+    pca = pca_of(np.concatenate(list(batches(images, sample))))
+
+    def project(source):
+        return np.concatenate([pca.transform(x).astype(np.float32) for x in batches(source, np.arange(len(source)))])
+    return project(images) if also is None else (project(images), project(also))
 
 
 def combine_features(*parts: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from scan.checkpoint import atomic_write_json, load_torch, read_json
 from scan.config import Config, ConfigError
-from scan.data import ImageDataset, content_hash, has_splits, load_dataset
+from scan.data import FolderOptions, ImageDataset, content_hash, has_splits, load_dataset
 from scan.engine import Runtime, StageError, resolve_device
 from scan.models import Backbone, ClusteringModel, build_backbone
 from scan.pretrained import check_pretrained_config
@@ -115,7 +115,8 @@ class Run:
 
 def load_data(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
     d = cfg.data
-    kwargs = dict(path=d.path, image_size=d.image_size, labels_from_folders=d.labels_from_folders, seed=cfg.seed)
+    kwargs = dict(path=d.path, image_size=d.image_size, labels_from_folders=d.labels_from_folders, seed=cfg.seed,
+                  folder=FolderOptions.from_config(cfg))
     train = load_dataset(d.dataset, split=d.train_split, **kwargs)
     same = d.eval_split == d.train_split or not has_splits(d.dataset, d.path)
     evaluation = train if same else load_dataset(d.dataset, split=d.eval_split, **kwargs)
