@@ -170,3 +170,17 @@ def test_compile_flag_compiles_every_training_backbone_and_its_models_load_uncom
     assert backbone and not any("_orig_mod" in k for k in backbone)
     plain = load_stage_model(run, "cluster")   # an uncompiled model loads the compiled run's weights
     assert not plain.backbone._compiled_call_impl
+
+
+def test_a_cpu_batch_bound_for_the_gpu_is_pinned_then_copied_as_uint8(monkeypatch):
+    pinned, copies = [], []
+    monkeypatch.setattr(Runtime, "cuda", property(lambda self: True))   # a CPU-only torch cannot pin memory
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(self.dtype) or self)
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: copies.append((self.dtype, k)) or real_to(self, *a, **k))
+    rt = Runtime(torch.device("cpu"))
+    rt.prepare(tiny_model())
+    copies.clear()
+    x = rt.batch(torch.full((2, 1, 4, 4), 255, dtype=torch.uint8))
+    assert pinned == [torch.uint8] and copies[0] == (torch.uint8, {"non_blocking": True})
+    assert x.dtype == torch.float32 and bool((x == 1).all())
