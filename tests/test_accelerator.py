@@ -114,6 +114,18 @@ def test_fused_optimizers_take_the_same_step_as_the_plain_ones(name, flag):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_a_device_without_fused_adam_kernels_gets_the_multi_tensor_adam(monkeypatch):
+    real_adam = torch.optim.Adam
+
+    def adam_without_fused_kernels(params, fused=None, **kwargs):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real_adam(params, **kwargs)
+    monkeypatch.setattr(torch.optim, "Adam", adam_without_fused_kernels)
+    opt = build_optimizer(tiny_model().parameters(), "adam", 1e-3, 0.0, fused=True)
+    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
+
+
 def test_a_non_finite_loss_stops_before_the_weights_change():
     model = tiny_model()
     before = [p.clone() for p in model.parameters()]
@@ -177,7 +189,8 @@ def test_a_cpu_batch_bound_for_the_gpu_is_pinned_then_copied_as_uint8(monkeypatc
     monkeypatch.setattr(Runtime, "cuda", property(lambda self: True))   # a CPU-only torch cannot pin memory
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(self.dtype) or self)
     real_to = torch.Tensor.to
-    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: copies.append((self.dtype, k)) or real_to(self, *a, **k))
+    monkeypatch.setattr(torch.Tensor, "to",
+                        lambda self, *a, **k: copies.append((self.dtype, k)) or real_to(self, *a, **k))
     rt = Runtime(torch.device("cpu"))
     rt.prepare(tiny_model())
     copies.clear()

@@ -170,17 +170,21 @@ def build_optimizer(params, name: str, lr: float, weight_decay: float, momentum:
     if fused is None:
         tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
         fused = any(p.device.type != "cpu" for p in tensors)
-    fast_adam = {"fused": True} if fused else {}
-    makers = {
-        "sgd": lambda extra: torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                             nesterov=nesterov, **({"foreach": True} if fused else {})),
-        "adam": lambda extra: torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **extra),
-        "adamw": lambda extra: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **extra),
-    }
+
+    multi_tensor = {"foreach": True} if fused else {}
+
+    def make(adam_kernel: dict) -> torch.optim.Optimizer:
+        makers = {
+            "sgd": lambda: torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                           nesterov=nesterov, **multi_tensor),
+            "adam": lambda: torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **adam_kernel),
+            "adamw": lambda: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **adam_kernel),
+        }
+        return makers[name]()
     try:
-        return makers[name](fast_adam)
+        return make({"fused": True} if fused else {})
     except RuntimeError:   # a device without fused Adam kernels: the multi-tensor path instead
-        return makers[name]({"foreach": True})
+        return make(multi_tensor)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
