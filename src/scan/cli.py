@@ -29,6 +29,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, mps")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or status lines")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbones (sets compile: true)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set cluster.epochs=50 (repeatable)")
     p.add_argument("--restart", action="store_true", help="ignore finished stages and checkpoints; start afresh")
@@ -46,7 +47,7 @@ def _user_overrides(args) -> dict:
     shortcuts = {
         ("data", "path"): args.data, ("data", "dataset"): args.dataset, ("data", "num_clusters"): args.num_clusters,
         ("device",): args.device, ("seed",): args.seed, ("refine", "method"): args.refine,
-        ("quiet",): True if args.quiet else None,
+        ("quiet",): True if args.quiet else None, ("compile",): True if args.compile else None,
         ("data", "labels_from_folders"): True if args.labels_from_folders else None,
     }
     for keys, value in shortcuts.items():

@@ -165,6 +165,7 @@ class Config:
     seed: int = _f(0, lo=0, hi=2**32 - 1)   # the range numpy and scikit-learn generators accept
     device: str = "auto"
     quiet: bool = False
+    compile: bool = False   # torch.compile the backbones (worth it on CUDA for long runs; minutes of compiling first)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)

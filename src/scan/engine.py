@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from scan.augment import to_float
 from scan.checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
 from scan.config import ConfigError
+from scan.models import Backbone
 
 
 class StageError(RuntimeError):
@@ -26,30 +27,61 @@ class StageError(RuntimeError):
 
 @dataclass
 class Runtime:
+    """Device and precision of a run: what every stage asks for autocast, memory layout and batches.
+
+    On CUDA: bf16 autocast, channels-last, uint8 batches copied without blocking the host, and
+    (`compile`) the backbones compiled in place by torch.compile. On the CPU, full precision and
+    channels-last only where `channels_last_safe`. `autocast_dtype` and `force_channels_last` impose
+    the CUDA choices on any device, so the tests run every line of the accelerator path on the CPU.
+    """
     device: torch.device
     quiet: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
+    autocast_dtype: torch.dtype | None = None   # None: bf16 on CUDA, full precision elsewhere
+    force_channels_last: bool = False
+    channels_last: bool = True   # decided by `prepare` for the model it was given
 
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
 
-    def autocast(self):
-        """bf16 autocast on CUDA (no loss scaling needed); full precision elsewhere."""
-        if self.cuda:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    @property
+    def precision(self) -> torch.dtype | None:
+        """The autocast dtype, or None for full precision."""
+        return self.autocast_dtype if self.autocast_dtype is not None else (torch.bfloat16 if self.cuda else None)
 
-    channels_last: bool = True
+    def autocast(self):
+        """bf16 autocast on CUDA (no loss scaling needed); full precision elsewhere unless forced."""
+        if self.precision is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.precision)
 
     def prepare(self, model: nn.Module) -> nn.Module:
+        """Move `model` to the device in the memory layout `batch` will use; with `compile`, compile
+        its backbones in place (their state_dict keys stay those of the plain model)."""
         # channels-last convolutions are faster on CUDA and, measured here, 1.2-1.5x on AVX2 CPUs too;
         # but the CPU kernels of torch 2.13 corrupt memory for convolutions narrower than 8 channels
-        self.channels_last = self.cuda or channels_last_safe(model)
+        safe = channels_last_safe(model)
+        if self.force_channels_last and not (self.cuda or safe):
+            raise ValueError("force_channels_last: this model has convolutions narrower than 8 channels, which "
+                             "corrupt memory in torch's CPU channels-last kernels; force it on CUDA only")
+        self.channels_last = self.cuda or safe
         model = model.to(self.device)
-        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if self.compile:
+            compile_backbones(model, self.compile_backend)
+        return model
 
     def batch(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        """uint8 images (already on the device) -> float [0, 1] in the layout `prepare` chose."""
+        """uint8 images -> float [0, 1] on the device, in the layout `prepare` chose.
+
+        Images are copied as uint8 (4x less than float) and converted on the device; a CPU batch
+        bound for CUDA is pinned first, so the copy does not block the host.
+        """
+        if self.cuda and images_uint8.device.type == "cpu":
+            images_uint8 = images_uint8.pin_memory()
         x = to_float(images_uint8.to(self.device, non_blocking=True))
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
@@ -59,6 +91,20 @@ def channels_last_safe(model: nn.Module) -> bool:
     (narrower ones crash torch's CPU backward in that layout: 'corrupted double-linked list')."""
     return all(min(m.in_channels, m.out_channels) >= 8 or m.in_channels <= 3 and m.out_channels >= 8
                for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+def compile_backbones(model: nn.Module, backend: str = "inductor") -> None:
+    """torch.compile every backbone inside `model`, in place (nn.Module.compile).
+
+    The backbones carry nearly all the compute of every stage, whatever method calls them (a
+    pretext method's `loss`, a clustering model's forward, `model.backbone(x)` for frozen
+    features); compiling in place keeps `state_dict` keys unprefixed (no `_orig_mod.`), so
+    checkpoints load into uncompiled models and resume either way. A deep copy (EMA, momentum
+    encoder) is an ordinary module again.
+    """
+    for m in model.modules():
+        if isinstance(m, Backbone):
+            m.compile(backend=backend)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -112,14 +158,33 @@ def momentum_schedule(base: float, total_steps: int) -> np.ndarray:
 
 
 def build_optimizer(params, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
-                    nesterov: bool = False) -> torch.optim.Optimizer:
-    makers = {
-        "sgd": lambda: torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                       nesterov=nesterov),
-        "adam": lambda: torch.optim.Adam(params, lr=lr, weight_decay=weight_decay),
-        "adamw": lambda: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay),
-    }
-    return makers[name]()
+                    nesterov: bool = False, fused: bool | None = None) -> torch.optim.Optimizer:
+    """The optimizer `name` (sgd | adam | adamw) over `params`.
+
+    `fused` picks the one-kernel update: Adam/AdamW `fused=True` (multi-tensor `foreach` where the
+    device has no fused kernel), SGD `foreach=True`. None: when the parameters live on an
+    accelerator (CUDA); the CPU keeps the plain per-parameter loop, so seeded CPU numbers stay
+    those of earlier versions. True forces it on any device (the tests run it on the CPU).
+    """
+    params = list(params)
+    if fused is None:
+        tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+        fused = any(p.device.type != "cpu" for p in tensors)
+
+    multi_tensor = {"foreach": True} if fused else {}
+
+    def make(adam_kernel: dict) -> torch.optim.Optimizer:
+        makers = {
+            "sgd": lambda: torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                           nesterov=nesterov, **multi_tensor),
+            "adam": lambda: torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **adam_kernel),
+            "adamw": lambda: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **adam_kernel),
+        }
+        return makers[name]()
+    try:
+        return make({"fused": True} if fused else {})
+    except RuntimeError:   # a device without fused Adam kernels: the multi-tensor path instead
+        return make(multi_tensor)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -127,9 +192,9 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def check_finite(loss: torch.Tensor, stage: str, epoch: int) -> None:
-    if not torch.isfinite(loss):
-        raise StageError(f"{stage}: the loss became {loss.item()} in epoch {epoch + 1}; the checkpoint of the last "
+def check_finite(loss: float, stage: str, epoch: int) -> None:
+    if not math.isfinite(loss):
+        raise StageError(f"{stage}: the loss became {loss} in epoch {epoch + 1}; the checkpoint of the last "
                          f"good epoch is kept and a rerun resumes from it. If it recurs, lower {stage}.lr "
                          f"(the stage then starts over).")
 
@@ -137,13 +202,15 @@ def check_finite(loss: torch.Tensor, stage: str, epoch: int) -> None:
 def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, stage: str, epoch: int) -> float:
     """The gradient step of every training loop: finite-loss check, zero grad, backward, step.
 
-    Returns the loss value (a NaN/inf loss raises StageError before any weight changes).
+    Returns the loss value (a NaN/inf loss raises StageError before any weight changes). Reading
+    the value is the step's one wait for the device: the finite check uses it too.
     """
-    check_finite(loss, stage, epoch)
+    value = loss.item()
+    check_finite(value, stage, epoch)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.item()
+    return value
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

@@ -159,7 +159,7 @@ def open_run(cfg: Config, run_dir: Path, restart: bool = False, data=None) -> Ru
         check_pretrained_config(cfg)
     prepare_run_dir(run_dir, restart, stage_names())
     cfg = with_absolute_paths(cfg)
-    rt = Runtime(resolve_device(cfg.device), quiet=cfg.quiet)
+    rt = Runtime(resolve_device(cfg.device), quiet=cfg.quiet, compile=cfg.compile)
     train, evaluation = data if data is not None else load_data(cfg)
     info = describe_data(cfg, train, evaluation)
     run = Run(cfg, run_dir, rt, train, evaluation, info)
