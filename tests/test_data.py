@@ -426,3 +426,18 @@ def test_splitless_formats_are_known(tmp_path):
     assert not data.has_splits("npz", None) and not data.has_splits("auto", str(tmp_path / "x.npz"))
     assert not data.has_splits("folder", None)
     assert data.has_splits("cifar10", None) and data.has_splits("digits", None)
+
+
+def test_channel_stats_in_chunks_match_one_pass():
+    """The normalisation statistics of a sample too big for one float tensor (ImageNet at 224 px)
+    come from exact integer sums in chunks and equal the one-pass float32 values."""
+    from scan.run import channel_stats
+    images = torch.zeros(4, 2, 1, 2, dtype=torch.uint8)
+    images[:, 0] = torch.tensor([[0, 255]], dtype=torch.uint8)      # channel 0: half 0, half 1
+    images[:, 1] = 51                                                 # channel 1: constant 0.2
+    rows = torch.arange(4)
+    for budget in (2 ** 26, 4):   # one pass, then chunks of one image (4 values each)
+        mean, std = channel_stats(images, rows, max_values=budget)
+        # channel 0: eight values, four 0 and four 1: mean 0.5, unbiased var = 8 * 0.25 / 7
+        assert mean.tolist() == pytest.approx([0.5, 0.2], abs=1e-7)
+        assert std.tolist() == pytest.approx([(2 / 7) ** 0.5, 0.0], abs=1e-6)
