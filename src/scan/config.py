@@ -148,6 +148,9 @@ class Config:
     seed: int = _f(0, lo=0, hi=2**32 - 1)   # the range numpy and scikit-learn generators accept
     device: str = "auto"
     quiet: bool = False
+    # per-epoch training logs besides RUN_DIR/metrics.csv (scan.logs): tensorboard also writes event
+    # files to RUN_DIR/tensorboard (the optional extra `scan-clustering[tensorboard]`)
+    log: str = _f("none", choices=("none", "tensorboard"))
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
