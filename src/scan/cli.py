@@ -171,7 +171,7 @@ def build_config(args):
     resolved = load_config(None, _merge(auto, user))
     if auto:
         _say(cfg, "no --config given; chose defaults from the data: " + ", ".join(f"{k}={v}" for k, v in flatten(auto)))
-    if not cfg.quiet:
+    if not cfg.quiet and getattr(args, "estimate", True):
         _print_estimate(resolved, data)
     return resolved, data
 
@@ -331,7 +331,7 @@ def _add_pipeline_commands(sub, chosen: str | None) -> None:
         show = shows.add_parser("show", help="print the configuration a `scan run` with these options would use, "
                                              "as YAML (with --data and no --config: the defaults chosen from the data)")
         _add_config_options(show, ("pretrained", "refine", "log"))
-        show.set_defaults(handler=cmd_config_show, quiet=True)
+        show.set_defaults(handler=cmd_config_show, estimate=False)   # nothing runs: no time to estimate
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:

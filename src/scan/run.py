@@ -35,8 +35,8 @@ from scan.engine import Runtime, StageError, resolve_device
 from scan.models import Backbone, ClusteringModel, build_backbone
 from scan.pretrained import check_pretrained_config
 from scan.logs import TrainingLog, check_log_writer
-from scan.rundir import (check_neighbors, check_run_format, discard_new_run_dir, prepare_run_dir, record_config,
-                         stage_basis, what_changed, with_absolute_paths)
+from scan.rundir import (check_neighbors, check_run_format, discard_new_run_dir, is_run_dir, prepare_run_dir,
+                         record_config, stage_basis, what_changed, with_absolute_paths)
 from scan.stage import fingerprint, model_stages, stage_enabled, stage_names
 
 log = logging.getLogger("scan")
@@ -170,15 +170,15 @@ def open_run(cfg: Config, run_dir: Path, restart: bool = False, data=None) -> Ru
     rt = Runtime(resolve_device(cfg.device), quiet=cfg.quiet, log=TrainingLog(run_dir, cfg.log))
     train, evaluation = data if data is not None else load_data(cfg)
     info = describe_data(cfg, train, evaluation)
-    created = not run_dir.exists()
+    created, was_run = not run_dir.exists(), is_run_dir(run_dir)
     try:
         prepare_run_dir(run_dir, restart, stage_names())
         run = Run(cfg, run_dir, rt, train, evaluation, info)
         check_neighbors(run, len(train))
         record_config(run, tuple(s for s in model_stages() if stage_enabled(cfg, s)))
     except BaseException:
-        if created:
-            discard_new_run_dir(run_dir)
+        if not was_run:
+            discard_new_run_dir(run_dir, created)
         raise
     return run
 

@@ -158,16 +158,17 @@ def prepare_run_dir(run_dir: Path, restart: bool, stages: tuple[str, ...]) -> No
                 (run_dir / stage / name).unlink(missing_ok=True)
 
 
-def discard_new_run_dir(run_dir: Path) -> None:
-    """Undo `prepare_run_dir` on a folder this process created for a start that then failed: only
-    our marker and lock go, and the folder only if nothing else is in it."""
+def discard_new_run_dir(run_dir: Path, created: bool) -> None:
+    """Undo `prepare_run_dir` on a folder that was not a run before a start that then failed: our
+    marker and lock go, and the folder too if this process `created` it and nothing else is in it."""
     release_run_dir(run_dir)
     for name in (MARKER, LOCK_FILE):
         (run_dir / name).unlink(missing_ok=True)
-    try:
-        run_dir.rmdir()
-    except OSError:   # something else is in it (or it is gone): leave it
-        pass
+    if created:
+        try:
+            run_dir.rmdir()
+        except OSError:   # something else is in it (or it is gone): leave it
+            pass
 
 
 def with_absolute_paths(cfg: Config) -> Config:
