@@ -4,10 +4,12 @@ folder, and pretrained features chosen for a folder of colour photos."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ import yaml
 from PIL import Image
 
 import scan
-from scan.cli import STAGE_NAMES, STAGE_OPTIONS, build_config, build_parser, main
+from scan.cli import ALL_OPTIONS, STAGE_NAMES, STAGE_OPTIONS, build_config, build_parser, main
 
 SRC = str(Path(scan.__file__).resolve().parents[1])
 # the TINY settings of conftest with hand-countable epochs: 2 pretext, 3 cluster, 1 self-label
@@ -54,6 +56,7 @@ def test_static_stage_list_matches_the_stage_registry():
     from scan.stage import stage_names
     assert STAGE_NAMES == stage_names()
     assert set(STAGE_OPTIONS) == set(STAGE_NAMES)
+    assert set(ALL_OPTIONS) == {option for options in STAGE_OPTIONS.values() for option in options}
 
 
 def test_version(capsys):
@@ -101,19 +104,24 @@ def test_config_show_with_data_includes_the_automatic_defaults(tmp_path, capsys)
 
 # ---------------------------------------------------------------- logs of a run, and a rerun
 
+def run_cli(*args: str) -> dict:
+    """`scan ARGS` in this process: exit code, stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(list(args))
+    return {"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()}
+
+
 @pytest.fixture(scope="module")
 def logged_run(tmp_path_factory):
+    """A tiny digits run with TensorBoard logs, then a rerun with one cluster setting changed."""
     pytest.importorskip("tensorboard")
     run = tmp_path_factory.mktemp("logs") / "run"
-    first = subprocess.run([sys.executable, "-m", "scan.cli", "run", "--run-dir", str(run), "--log", "tensorboard"]
-                           + sets(TINY_RUN), capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"})
-    assert first.returncode == 0, first.stderr[-2000:]
+    first = run_cli("run", "--run-dir", str(run), "--log", "tensorboard", *sets(TINY_RUN))
+    assert first["code"] == 0, first["stderr"][-2000:]
     rows = read_metrics(run)
-    second = subprocess.run([sys.executable, "-m", "scan.cli", "run", "--run-dir", str(run)]
-                            + sets(TINY_RUN + ["cluster.epochs=2"]), capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"})
-    assert second.returncode == 0, second.stderr[-2000:]
+    second = run_cli("run", "--run-dir", str(run), *sets(TINY_RUN + ["cluster.epochs=2"]))
+    assert second["code"] == 0, second["stderr"][-2000:]
     return {"run": run, "first": first, "rows": rows, "second": second}
 
 
@@ -138,13 +146,13 @@ def test_tensorboard_event_files_when_asked(logged_run):
 
 
 def test_status_on_stderr_and_only_the_result_on_stdout(logged_run):
-    lines = logged_run["first"].stdout.splitlines()
+    lines = logged_run["first"]["stdout"].splitlines()
     assert len(lines) == 2 and lines[1] == f"report: {logged_run['run'] / 'report.html'}"
-    assert "pretext epoch" in logged_run["first"].stderr and "2/2" in logged_run["first"].stderr
+    assert "pretext epoch" in logged_run["first"]["stderr"] and "2/2" in logged_run["first"]["stderr"]
 
 
 def test_rerun_says_what_changed_and_what_is_reused(logged_run):
-    err = logged_run["second"].stderr
+    err = logged_run["second"]["stderr"]
     assert "pretext: done earlier, reused" in err and "mine: done earlier, reused" in err
     assert "cluster: changed since the last run: cluster.epochs 3 -> 2; recomputing" in err
     assert "selflabel: changed since the last run: the output of cluster; recomputing" in err

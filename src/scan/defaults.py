@@ -124,7 +124,7 @@ def network_rate(cfg, channels: int, side: int, device: torch.device) -> float:
 
 
 @torch.no_grad()
-def embedding_rate(cfg, channels: int, side: int, device: torch.device, batch: int = 32) -> float:
+def embedding_rate(cfg, channels: int, side: int, device: torch.device, batch: int = 8) -> float:
     """Images per second through the frozen network of `pretext.method: pretrained` (untrained
     weights of the same architecture: the time does not depend on them)."""
     from scan.pretrained import LITE_MODELS, LiteBackbone
