@@ -98,11 +98,9 @@ def cmd_stages(args, stages) -> int:
 
 def cmd_config_show(args) -> int:
     """The resolved configuration as YAML, without running anything (and without creating a folder)."""
-    import json
-
-    import yaml
+    from scan.config import config_yaml
     cfg, _ = build_config(args)
-    sys.stdout.write(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False))
+    sys.stdout.write(config_yaml(cfg))
     return 0
 
 

@@ -166,4 +166,4 @@ class Config:
 
 # loading lives in its own module; these names are the public API of scan.config
 from scan.config_loading import (_merge, _read_yaml, builtin_config_names, check_choices, config_from_dict,  # noqa: E402,F401
-                                 flatten, load_config, parse_override, save_config, validate)
+                                 config_yaml, flatten, load_config, parse_override, save_config, validate)

@@ -66,11 +66,15 @@ def numbers(stats: dict) -> dict[str, float]:
 
 
 def read_rows(path: Path) -> tuple[list[dict], list[str]]:
+    """The rows and columns of metrics.csv; rows without a stage and an integer epoch (a damaged
+    file) are dropped rather than stopping the training that appends to it."""
     if not path.is_file():
         return [], ["stage", "epoch"]
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
         reader = csv.DictReader(f)
-        return list(reader), list(reader.fieldnames or ["stage", "epoch"])
+        rows = [r for r in reader if r.get("stage") and str(r.get("epoch") or "").isdigit()]
+        columns = [c for c in reader.fieldnames or () if c]
+    return rows, ["stage", "epoch"] + [c for c in columns if c not in ("stage", "epoch")]
 
 
 def write_rows(path: Path, rows: list[dict], columns: list[str]) -> None:

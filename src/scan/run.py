@@ -171,8 +171,8 @@ def open_run(cfg: Config, run_dir: Path, restart: bool = False, data=None) -> Ru
     train, evaluation = data if data is not None else load_data(cfg)
     info = describe_data(cfg, train, evaluation)
     created, was_run = not run_dir.exists(), is_run_dir(run_dir)
-    try:
-        prepare_run_dir(run_dir, restart, stage_names())
+    prepare_run_dir(run_dir, restart, stage_names())
+    try:   # from here on the folder is locked by us: what we made in it is ours to take back
         run = Run(cfg, run_dir, rt, train, evaluation, info)
         check_neighbors(run, len(train))
         record_config(run, tuple(s for s in model_stages() if stage_enabled(cfg, s)))
