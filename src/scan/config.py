@@ -166,6 +166,9 @@ class Config:
     device: str = "auto"
     quiet: bool = False
     compile: bool = False   # torch.compile the backbones (worth it on CUDA for long runs; minutes of compiling first)
+    # per-epoch training logs besides RUN_DIR/metrics.csv (scan.logs): tensorboard also writes event
+    # files to RUN_DIR/tensorboard (the optional extra `scan-clustering[tensorboard]`)
+    log: str = _f("none", choices=("none", "tensorboard"))
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -181,4 +184,4 @@ class Config:
 
 # loading lives in its own module; these names are the public API of scan.config
 from scan.config_loading import (_merge, _read_yaml, builtin_config_names, check_choices, config_from_dict,  # noqa: E402,F401
-                                 flatten, load_config, parse_override, save_config, validate)
+                                 config_yaml, flatten, load_config, parse_override, save_config, validate)

@@ -220,6 +220,11 @@ def config_from_dict(data: dict, check_registries: bool = True) -> Config:
     return cfg
 
 
+def config_yaml(cfg: Config) -> str:
+    """The configuration as the YAML text config.yaml holds (and `scan config show` prints)."""
+    return yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False)
+
+
 def save_config(cfg: Config, path: Path) -> None:
     from scan.checkpoint import atomic_write_text
-    atomic_write_text(path, yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False))
+    atomic_write_text(path, config_yaml(cfg))

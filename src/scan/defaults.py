@@ -19,6 +19,7 @@ tuned for. So they are derived from what the optimisation needs, not from one da
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,6 +69,81 @@ def auto_defaults(cfg, train) -> dict:
     }
 
 
+# ------------------------------------------------------------------------ photos: pretrained features
+
+PHOTO_BACKBONE = "efficientnet_lite0"   # what a folder of colour photos gets when no config is given
+PHOTO_MIN_SIDE = 64       # smaller images (icons, CIFAR-sized crops) keep training from scratch
+GREY_SPREAD = 6           # mean max-min over R, G, B (0..255) below which an image counts as grey
+PHOTO_SAMPLE = 32         # files looked at to decide
+
+
+def looks_like_photos(cfg) -> tuple[bool, str]:
+    """Whether `--data` is a folder of natural colour photos, judged on an even sample of its files:
+    most of them in colour and a median shorter side of at least PHOTO_MIN_SIDE px.
+
+    A frozen ImageNet network clusters such photos in a minute where training from scratch takes
+    most of an hour on a CPU (and does worse); grey or small images (digits, scans, icons) and
+    arrays (.npz) are far from ImageNet, so they keep training from scratch. Returns (verdict, a
+    phrase saying what was seen).
+    """
+    from PIL import Image
+
+    from scan.data import detect_format
+    from scan.imagefiles import IMAGE_EXTENSIONS, decode_images, list_files
+    path = Path(cfg.data.path).expanduser() if cfg.data.path else None
+    if cfg.data.dataset not in ("auto", "folder") or path is None or not path.is_dir() \
+            or detect_format(path) != "folder":
+        return False, "not an image folder"
+    files = [f for f in list_files(path) if f.suffix.lower() in IMAGE_EXTENSIONS]
+    sample = files[::max(1, len(files) // PHOTO_SAMPLE)][:PHOTO_SAMPLE]
+    sides = []
+    for file in sample:
+        try:
+            with Image.open(file) as img:   # reads the header only
+                sides.append(min(img.size))
+        except Exception:  # unreadable files are skipped here as the loader skips them
+            continue
+    crops = [c for c in decode_images(sample, 32) if c is not None]
+    if not sides or not crops:
+        return False, "no readable images"
+    spread = [float((c.max(axis=2).astype(np.int16) - c.min(axis=2)).mean()) for c in crops]
+    colour = float(np.mean([v >= GREY_SPREAD for v in spread]))
+    side = int(np.median(sides))
+    seen = f"{cfg.data.path} holds {len(files)} images, {colour:.0%} in colour, median side {side} px"
+    return colour >= 0.5 and side >= PHOTO_MIN_SIDE, seen
+
+
+# ------------------------------------------------------------------------ time estimates
+
+def network_rate(cfg, channels: int, side: int, device: torch.device) -> float:
+    """Images per second of the network the run will time-limit on: the frozen pretrained network's
+    forward pass, or the backbone's forward + backward pass when it trains."""
+    if cfg.pretext.method == "pretrained":
+        return embedding_rate(cfg, channels, side, device)
+    return training_rate(cfg, channels, side, device)
+
+
+@torch.no_grad()
+def embedding_rate(cfg, channels: int, side: int, device: torch.device, batch: int = 8) -> float:
+    """Images per second through the frozen network of `pretext.method: pretrained` (untrained
+    weights of the same architecture: the time does not depend on them)."""
+    from scan.pretrained import LITE_MODELS, LiteBackbone
+    m = cfg.model
+    if m.backbone in LITE_MODELS:
+        net = LiteBackbone(m.backbone).eval()
+    else:
+        from scan.models import build_backbone
+        net = build_backbone(m.backbone, channels, width=m.width, blocks=m.blocks, stem_stride=m.stem_stride).eval()
+    net = Runtime(device, quiet=True).prepare(net)
+    x = torch.rand(batch, channels, side, side, device=device)
+    times = []
+    for _ in range(3):   # the first pass allocates; the best of the others is the rate
+        start = time.perf_counter()
+        net(x)
+        times.append(time.perf_counter() - start)
+    return batch / min(times[1:])
+
+
 def training_rate(cfg, channels: int, side: int, device: torch.device, batch: int = 128) -> float:
     """Images per second of one forward + backward pass of the configured backbone, timed on random input."""
     from scan.models import build_backbone
@@ -91,8 +167,9 @@ def estimate_seconds(cfg, n_train: int, n_eval: int, rate: float) -> dict[str, f
     the per-epoch bookkeeping add about half again (measured on 2 CPU cores).
     """
     overhead, fwd = 1.5, 1 / 3
-    if cfg.pretext.method == "pretrained":   # the frozen network embeds every image once; heads cost nothing
-        return {"pretext": overhead * fwd * (n_train + n_eval) / rate}
+    if cfg.pretext.method == "pretrained":   # rate: forward passes; every image is embedded once, plus
+        views = 1 + cfg.pretext.cached_views   # any cached augmented views; the heads on features take seconds
+        return {"pretext": overhead * (n_train * views + n_eval) / rate}
     c, s = cfg.cluster, cfg.selflabel
     cluster_pass = fwd if not c.update_backbone else 1.0
     images = {

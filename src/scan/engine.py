@@ -5,6 +5,7 @@ import contextlib
 import copy
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from scan.augment import to_float
 from scan.checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
 from scan.config import ConfigError
 from scan.models import Backbone
+from scan.logs import EpochBar, TrainingLog
 
 
 class StageError(RuntimeError):
@@ -41,6 +43,7 @@ class Runtime:
     autocast_dtype: torch.dtype | None = None   # None: bf16 on CUDA, full precision elsewhere
     force_channels_last: bool = False
     channels_last: bool = True   # decided by `prepare` for the model it was given
+    log: TrainingLog | None = None   # where run_epochs records each epoch (metrics.csv, TensorBoard)
 
     @property
     def cuda(self) -> bool:
@@ -301,26 +304,24 @@ def run_epochs(stage: str, stage_dir: Path, epochs: int, steps_per_epoch: int, s
         set_rng_state(ckpt["rng"])
         history, start = ckpt["history"], ckpt["epoch"]
         if not rt.quiet and start < epochs:
-            tqdm.write(f"{stage}: resuming from epoch {start + 1}/{epochs}")
+            tqdm.write(f"{stage}: resuming from epoch {start + 1}/{epochs}", file=sys.stderr)
     stopped = bool(history and history[-1].get("stop"))
-    bar = tqdm(total=epochs * steps_per_epoch, initial=start * steps_per_epoch, desc=stage, disable=rt.quiet,
-               unit="step", dynamic_ncols=True)
+    bar = EpochBar(stage, epochs, start, steps_per_epoch, rt.quiet, rt.log)   # also writes metrics.csv (scan.logs)
     with _GracefulStop(), bar:
         for epoch in range(start, epochs):
             if stopped:
                 break
             started = time.perf_counter()
-            stats = epoch_fn(epoch, lambda: bar.update(1))
+            stats = epoch_fn(epoch, bar.tick)
             stats["epoch"] = epoch + 1
             stats["seconds"] = time.perf_counter() - started
             if after_epoch is not None and after_epoch(epoch, stats):
                 stats["stop"] = stopped = True
             history.append(stats)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if isinstance(v, float) and k != "seconds"},
-                            refresh=False)
             started = time.perf_counter()
             atomic_torch_save(path, {"fingerprint": fingerprint, "epoch": epoch + 1, "history": history,
                                      "states": {k: v.state_dict() for k, v in states.items()}, "rng": rng_state()})
             # measured after the save, so only the in-memory history (done.json) carries it
             stats["checkpoint_seconds"] = time.perf_counter() - started
+            bar.epoch_done(stats)
     return history

@@ -16,6 +16,7 @@ change of any later stage's settings; changing V re-embeds only the views.
 """
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -91,7 +92,8 @@ def cache_features(run) -> dict:
     start = time.time()
     if have_base and have_views:
         if not rt.quiet:
-            tqdm.write(f"pretext: reusing the cached {cfg.model.backbone} features in {run.path('features')}")
+            tqdm.write(f"pretext: reusing the cached {cfg.model.backbone} features in {run.path('features')}",
+                       file=sys.stderr)
     else:
         backbone = rt.prepare(build_pretrained(cfg, run.channels, run.info["mean"], run.info["std"])).eval()
         if not have_base:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -166,7 +167,7 @@ def train_spc(model: ClusteringModel, inputs: Inputs, n: int, r: RefineConfig, r
                   **pseudo_label_stats(pl, probs, labels, num_classes)}
         state.set(pl, record)
         if not rt.quiet:
-            tqdm.write(_describe(record))
+            tqdm.write(_describe(record), file=sys.stderr)
 
     def epoch_fn(epoch, tick):
         if epoch % per_round == 0:

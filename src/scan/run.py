@@ -21,6 +21,7 @@ stage whose fingerprint is unchanged and recomputes it (saying why) otherwise.
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,20 +34,23 @@ from scan.data import FolderOptions, ImageDataset, content_hash, has_splits, loa
 from scan.engine import Runtime, StageError, resolve_device
 from scan.models import Backbone, ClusteringModel, build_backbone
 from scan.pretrained import check_pretrained_config
-from scan.rundir import check_neighbors, prepare_run_dir, record_config, with_absolute_paths
+from scan.logs import TrainingLog, check_log_writer
+from scan.rundir import (check_neighbors, check_run_format, discard_new_run_dir, is_run_dir, prepare_run_dir,
+                         record_config, stage_basis, what_changed, with_absolute_paths)
 from scan.stage import fingerprint, model_stages, stage_enabled, stage_names
 
 log = logging.getLogger("scan")
 
 
 def say(rt: Runtime, message: str) -> None:
+    """A status line: on stderr (stdout carries only results), above any progress bar; --quiet silences it."""
     if not rt.quiet:
-        tqdm.write(message)
+        tqdm.write(message, file=sys.stderr)
 
 
 def require(path: Path, stage: str) -> Path:
     if not path.exists():
-        raise StageError(f"{path} is missing: run the {stage} stage first (scan {stage} --out {path.parent.parent})")
+        raise StageError(f"{path} is missing: run the {stage} stage first (scan {stage} --run-dir {path.parent.parent})")
     return path
 
 
@@ -80,17 +84,20 @@ class Run:
         return fingerprint(self, stage)
 
     def done(self, stage: str) -> dict | None:
-        """The stage's record if it completed with the current fingerprint, else None (and why)."""
+        """The stage's record if it completed with the current fingerprint (saying it is reused),
+        else None (saying what changed)."""
         record = read_json(self.path(stage, "done.json"))
         if record is None:
             return None
         if record.get("fingerprint") != self.fingerprint(stage):
-            say(self.rt, f"{stage}: configuration or inputs changed since the last run; recomputing")
+            changed = what_changed(record.get("basis"), stage_basis(self, stage))
+            say(self.rt, f"{stage}: changed since the last run: {changed}; recomputing")
             return None
+        say(self.rt, f"{stage}: done earlier, reused")
         return record
 
     def finish(self, stage: str, **extra) -> dict:
-        record = {"fingerprint": self.fingerprint(stage), **extra}
+        record = {"fingerprint": self.fingerprint(stage), "basis": stage_basis(self, stage), **extra}
         atomic_write_json(self.path(stage, "done.json"), record)
         ckpt = self.path(stage, "checkpoint.pt")
         if ckpt.exists():
@@ -175,19 +182,28 @@ def describe_data(cfg: Config, train: ImageDataset, evaluation: ImageDataset) ->
 
 
 def open_run(cfg: Config, run_dir: Path, restart: bool = False, data=None) -> Run:
-    """Claim the run directory (scan.rundir), load data (unless given as (train, eval)), record
-    the configuration (config.yaml, data.json, per-model snapshots) and return the Run."""
+    """Check the configuration and load the data (unless given as (train, eval)), then claim the
+    run directory (scan.rundir), record the configuration (config.yaml, data.json, per-model
+    snapshots) and return the Run. A start that fails leaves no folder it created behind."""
     run_dir = Path(run_dir)
     if cfg.pretext.method == "pretrained":
         check_pretrained_config(cfg)
-    prepare_run_dir(run_dir, restart, stage_names())
+    check_log_writer(cfg.log)
+    check_run_format(run_dir, restart)
     cfg = with_absolute_paths(cfg)
-    rt = Runtime(resolve_device(cfg.device), quiet=cfg.quiet, compile=cfg.compile)
+    rt = Runtime(resolve_device(cfg.device), quiet=cfg.quiet, compile=cfg.compile, log=TrainingLog(run_dir, cfg.log))
     train, evaluation = data if data is not None else load_data(cfg)
     info = describe_data(cfg, train, evaluation)
-    run = Run(cfg, run_dir, rt, train, evaluation, info)
-    check_neighbors(run, len(train))
-    record_config(run, tuple(s for s in model_stages() if stage_enabled(cfg, s)))
+    created, was_run = not run_dir.exists(), is_run_dir(run_dir)
+    prepare_run_dir(run_dir, restart, stage_names())
+    try:   # from here on the folder is locked by us: what we made in it is ours to take back
+        run = Run(cfg, run_dir, rt, train, evaluation, info)
+        check_neighbors(run, len(train))
+        record_config(run, tuple(s for s in model_stages() if stage_enabled(cfg, s)))
+    except BaseException:
+        if not was_run:
+            discard_new_run_dir(run_dir, created)
+        raise
     return run
 
 

@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from scan.checkpoint import FORMAT_VERSION, TEMP_PATTERN, ArtifactError, atomic_write_json, read_json, write_error
-from scan.config import Config, ConfigError, config_from_dict, load_config, save_config
+from scan.config import Config, ConfigError, config_from_dict, flatten, load_config, save_config
+from scan.hashing import stable_hash
+from scan.stage import get_stage, stage_enabled
 
 log = logging.getLogger("scan")
 
@@ -156,6 +158,19 @@ def prepare_run_dir(run_dir: Path, restart: bool, stages: tuple[str, ...]) -> No
                 (run_dir / stage / name).unlink(missing_ok=True)
 
 
+def discard_new_run_dir(run_dir: Path, created: bool) -> None:
+    """Undo `prepare_run_dir` on a folder that was not a run before a start that then failed: our
+    marker and lock go, and the folder too if this process `created` it and nothing else is in it."""
+    release_run_dir(run_dir)
+    for name in (MARKER, LOCK_FILE):
+        (run_dir / name).unlink(missing_ok=True)
+    if created:
+        try:
+            run_dir.rmdir()
+        except OSError:   # something else is in it (or it is gone): leave it
+            pass
+
+
 def with_absolute_paths(cfg: Config) -> Config:
     """data.path made absolute, so that the run works from any working directory (scan report)."""
     path = cfg.data.path
@@ -236,6 +251,33 @@ def rewrite_data_path(run_dir: Path, old: str, new: str) -> None:
         if snapshot["config"]["data"]["path"] == old:
             snapshot["config"]["data"]["path"] = new
             atomic_write_json(file, snapshot)
+
+
+# ------------------------------------------------------------------------ what a stage was computed from
+
+def stage_basis(run, stage: str) -> dict:
+    """What a stage's fingerprint hashes, readable: its settings (flat keys), a hash of its other
+    inputs and the fingerprints of the stages it needs. Kept in done.json so that a rerun can say
+    what changed, not only that something did."""
+    spec, c = get_stage(stage), json.loads(json.dumps(run.cfg.to_dict()))
+    return {"settings": dict(flatten({s: c[s] for s in spec.sections})),
+            "inputs": stable_hash(spec.inputs(run)),
+            "upstream": {need: run.fingerprint(need) for need in spec.needs if stage_enabled(run.cfg, need)}}
+
+
+def what_changed(old: dict | None, new: dict) -> str:
+    """'cluster.epochs 3 -> 2, the output of mine' from two stage_basis records (old: from done.json)."""
+    unknown = "its configuration or inputs"
+    if not old:   # written before done.json kept its basis
+        return unknown
+    before, after = old.get("settings", {}), new["settings"]
+    parts = [f"{k} {before.get(k, '(unset)')} -> {after.get(k, '(unset)')}"
+             for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+    if old.get("inputs") != new["inputs"]:
+        parts.append("its inputs (the data or the number of clusters)")
+    upstream = set(old.get("upstream", {}).items()) ^ set(new["upstream"].items())
+    parts += [f"the output of {name}" for name in sorted({name for name, _ in upstream})]
+    return ", ".join(parts) or unknown
 
 
 # ------------------------------------------------------------------------ artifacts reused as inputs
