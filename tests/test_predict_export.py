@@ -186,6 +186,7 @@ def _run_torch_export(path, images):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")   # torch.jit.load: TorchScript is deprecated upstream
+@pytest.mark.filterwarnings("ignore:No complete tensor found:UserWarning")   # torch.export.load, CPU weights
 @pytest.mark.parametrize("fmt, suffix, load", [("torchscript", "pt", _run_torchscript), ("onnx", "onnx", _run_onnx),
                                                ("torch-export", "pt2", _run_torch_export)])
 def test_exported_models_give_predicts_numbers_on_the_same_files(trained, tmp_path, fmt, suffix, load):
@@ -220,3 +221,15 @@ def test_torchscript_takes_float_images_and_refuses_other_sizes(trained, tmp_pat
         with pytest.raises(Exception, match="image_shape"):
             model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
     assert export_run(trained["run"]) == trained["run"] / "model.torchscript.pt"
+
+
+def test_predict_imports_neither_training_code_nor_kornia_faiss_or_sklearn(trained):
+    import subprocess
+    import sys
+    code = ("import sys; from scan.cli import main; "
+            f"assert main(['predict', {str(trained['run'])!r}, {str(trained['files'][0])!r}]) == 0; "
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('kornia', 'faiss', 'sklearn', 'scipy') "
+            "or m.startswith(('scan.augment', 'scan.stages', 'scan.losses', 'scan.pretext', 'scan.mining'))); "
+            "assert not heavy, heavy")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
