@@ -98,7 +98,7 @@ def _onnx(model: nn.Module, example: torch.Tensor, meta: str) -> bytes:
         import onnx
         import onnxscript  # noqa: F401  (torch.onnx.export's exporter)
     except ImportError:
-        raise RunError("--format onnx needs the onnx packages: pip install 'scan[export]'") from None
+        raise RunError("--format onnx needs the onnx packages: pip install 'scan-clustering[export]'") from None
     quiet = logging.getLogger("torch.onnx")   # its exporter logs each torchvision op it skips
     level = quiet.level
     quiet.setLevel(logging.ERROR)
