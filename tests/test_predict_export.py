@@ -5,7 +5,6 @@ import io
 import json
 import shutil
 from contextlib import redirect_stdout
-from pathlib import Path
 
 import numpy as np
 import pytest

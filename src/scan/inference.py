@@ -28,7 +28,7 @@ from scan.checkpoint import (ArtifactError, atomic_torch_save, atomic_write_json
                              read_json)
 from scan.data import ImageDataset
 from scan.engine import Runtime, predict_in_batches, resolve_device
-from scan.assignments import Trust, assignments_csv, csv_cell  # csv_cell: re-exported for callers
+from scan.assignments import Trust, assignments_csv
 from scan.images_in import as_image_tensor, load_image_paths, match_shape  # re-exported for callers of this API
 from scan.models import Classifier, ClusteringModel
 from scan.ood import TrustedClassifier, TrustHead, fit_trust
