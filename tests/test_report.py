@@ -13,13 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
 from scan.cli import main
-from scan.export import export_run
-from scan.inference import load_classifier, load_image_paths, open_trained_run, predict_proba
 from scan.report import prototypes
 
 NUM_IMAGES = 300
@@ -91,11 +88,12 @@ def test_one_command_clusters_a_messy_folder_and_writes_assignments_and_report(t
     rows = read_csv(run / "assignments.csv")
     assert len(rows) == NUM_IMAGES   # the text file and the truncated JPEG are skipped
     assert sorted(r["path"] for r in rows) == sorted(str(f) for f in trained["files"])
-    assert set(rows[0]) == {"path", "cluster", "cluster_name", "confidence", "top3"}
+    assert set(rows[0]) == {"path", "cluster", "cluster_name", "confidence", "probability", "unknown", "ood_score",
+                            "top3"}
     for row in rows:
         top3 = [item.split(":") for item in row["top3"].split()]
         assert len(top3) == 3 and top3[0][0] == row["cluster"]
-        assert 0 < float(row["confidence"]) <= 1
+        assert 0 < float(row["probability"]) <= 1 and 0 <= float(row["confidence"]) <= 1
     metrics = json.loads((run / "metrics.json").read_text())
     assert "acc" in metrics["cluster"]   # --labels-from-folders: evaluated against the folder names
 
@@ -196,28 +194,7 @@ def test_predict_classifies_unseen_images_like_the_training_ones(trained, tmp_pa
     assert 0 <= int(rows[0]["cluster"]) < 10
     training = {r["path"]: r for r in read_csv(run / "assignments.csv")}
     assert rows[1]["cluster"] == training[str(seen)]["cluster"]
-    assert abs(float(rows[1]["confidence"]) - float(training[str(seen)]["confidence"])) < 1e-3
-
-
-@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")   # TorchScript is deprecated in torch 2.13
-def test_torchscript_export_matches_the_library(trained, tmp_path):
-    run_dir = trained["run"]
-    code, stdout = scan("export", run_dir, "--format", "torchscript", "--out", tmp_path / "model.pt")
-    assert code == 0 and stdout.strip() == str(tmp_path / "model.pt")
-    extra = {"scan.json": ""}
-    exported = torch.jit.load(str(tmp_path / "model.pt"), _extra_files=extra)
-    meta = json.loads(extra["scan.json"])
-    assert meta["image_shape"] == [3, 16, 16] and meta["num_clusters"] == 10
-    run = open_trained_run(run_dir, device="cpu")
-    images = load_image_paths(trained["files"][:40], run.info["image_shape"]).images
-    expected = predict_proba(load_classifier(run), images, run.rt)
-    with torch.no_grad():
-        from_uint8 = exported(images).numpy()
-        from_float = exported(images.float() / 255).numpy()
-    np.testing.assert_allclose(from_uint8, expected, atol=1e-5)
-    np.testing.assert_allclose(from_float, expected, atol=1e-5)
-    assert np.array_equal(from_uint8.argmax(1), expected.argmax(1))
-    assert export_run(run_dir) == run_dir / "model.torchscript.pt"
+    assert abs(float(rows[1]["probability"]) - float(training[str(seen)]["probability"])) < 1e-3
 
 
 def test_prototypes_are_the_members_closest_to_the_mean_of_the_ten_most_confident():

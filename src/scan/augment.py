@@ -17,11 +17,6 @@ from torch import nn
 from scan.config import AugmentConfig
 
 
-def to_float(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32 in [0, 1] on the same device."""
-    return images_uint8.float().div_(255.0)
-
-
 class SimCLRAugment(nn.Module):
     """Random resized crop, flip, colour jitter (p=0.8) and grayscale (p=0.2), per sample."""
 

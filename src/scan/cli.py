@@ -135,23 +135,25 @@ def _check_out_file(out, example: str) -> None:
 def cmd_predict(args) -> int:
     from scan.checkpoint import atomic_write_text
     from scan.images_in import load_image_paths
-    from scan.inference import assignments_csv, load_classifier, load_names, open_trained_run, predict_proba
+    from scan.inference import assignments_csv, load_names, open_trained_run, predict_images
     _check_out_file(args.out, "predictions.csv")
     run = open_trained_run(args.run_dir, args.device)
     images = load_image_paths(args.images, run.info["image_shape"])
-    probs = predict_proba(load_classifier(run), images.images, run.rt)
-    table = assignments_csv(images.paths, probs, load_names(args.run_dir))
+    found = predict_images(run, images.images, images.paths)
+    table = assignments_csv(found.ids, found.probs, load_names(args.run_dir), found.trust, name_unknown=True)
     if args.out:
         atomic_write_text(Path(args.out), table)
-        print(f"wrote {len(probs)} predictions to {args.out}", file=sys.stderr)
+        unknown = int(found.trust.unknown.sum())
+        print(f"wrote {len(found.ids)} predictions to {args.out} ({unknown} unknown: like no training image)",
+              file=sys.stderr)
     else:
         sys.stdout.write(table)
     return 0
 
 
 def cmd_export(args) -> int:
-    from scan.export import DEFAULT_NAME, export_run
-    _check_out_file(args.out, DEFAULT_NAME)
+    from scan.export import default_name, export_run
+    _check_out_file(args.out, default_name(args.format))
     print(export_run(args.run_dir, args.out, args.format))
     return 0
 
@@ -165,12 +167,12 @@ def _export_formats(chosen: str | None) -> tuple[str, ...]:
     if chosen != "export":
         return ("",)
     from scan.export import FORMATS
-    return FORMATS
+    return tuple(FORMATS.names())
 
 
 def _add_trained_run_commands(sub, chosen: str | None = None) -> None:
     """Subcommands that use a finished run directory: report, name, predict, export."""
-    FORMATS = _export_formats(chosen)
+    formats = _export_formats(chosen)
     p = sub.add_parser("report", help="write RUN_DIR/report.html, a self-contained gallery of the clusters")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, mps")
@@ -185,10 +187,12 @@ def _add_trained_run_commands(sub, chosen: str | None = None) -> None:
     p.add_argument("--out", "-o", help="CSV file to write (default: print the CSV)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, mps")
     p.set_defaults(handler=cmd_predict)
-    p = sub.add_parser("export", help="save the trained model as one file mapping images to cluster probabilities")
+    p = sub.add_parser("export", help="save the trained model as one file: images -> cluster probabilities, "
+                                      "confidence, ood_score")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--format", default=FORMATS[0], choices=FORMATS, help="file format (default %(default)s)")
-    p.add_argument("--out", "-o", help="output file (default RUN_DIR/model.torchscript.pt)")
+    p.add_argument("--format", default="torchscript", choices=formats,
+                   help="torchscript (default), onnx (needs the `export` extra) or torch-export (.pt2)")
+    p.add_argument("--out", "-o", help="output file (default RUN_DIR/model.torchscript.pt, model.onnx, model.pt2)")
     p.set_defaults(handler=cmd_export)
 
 

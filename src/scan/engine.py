@@ -16,7 +16,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from scan.augment import to_float
 from scan.checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
 from scan.config import ConfigError
 from scan.models import Backbone
@@ -85,7 +84,7 @@ class Runtime:
         """
         if self.cuda and images_uint8.device.type == "cpu":
             images_uint8 = images_uint8.pin_memory()
-        x = to_float(images_uint8.to(self.device, non_blocking=True))
+        x = images_uint8.to(self.device, non_blocking=True).float().div_(255.0)   # uint8 -> [0, 1]
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 

@@ -24,7 +24,6 @@ import torch
 from tqdm.auto import tqdm
 
 from scan.hashing import bytes_hash, stable_hash
-from scan.augment import SimCLRAugment
 from scan.checkpoint import atomic_save_npy, atomic_write_json, read_json, seed_everything
 from scan.engine import StageError, predict_in_batches
 from scan.pretrained import build_pretrained, weights_identity
@@ -70,6 +69,7 @@ def _embed_views(run, backbone) -> None:
     """Write features/train_views.npy: pretext.cached_views SimCLR-augmented views of every training image."""
     cfg = run.cfg
     seed_everything(cfg.seed)
+    from scan.augment import SimCLRAugment   # kornia: imported only where views are augmented, not by predict
     augment = SimCLRAugment(cfg.augment, run.image_size, run.channels)
     views = cfg.pretext.cached_views
     stacked = np.stack([embed(backbone, run.train.images, run.rt, f"embedding (view {v + 1}/{views})", augment)

@@ -2,14 +2,17 @@
 shaped like the run's training images (same decoding, crop, size and channels)."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from scan.data import DataError, ImageDataset, load_dataset
-from scan.imagefiles import IMAGE_EXTENSIONS, decode_images
+from scan.data import DataError, ImageDataset
+from scan.imagefiles import IMAGE_EXTENSIONS, decode_images, list_files
 from scan.rundir import RunError
+
+log = logging.getLogger("scan")
 
 
 def as_image_tensor(x) -> torch.Tensor:
@@ -57,20 +60,31 @@ def match_shape(images: torch.Tensor, shape: list[int]) -> torch.Tensor:
 
 
 def load_image_paths(paths, shape: list[int]) -> ImageDataset:
-    """Image files and folders (searched recursively) decoded like the training folder of a run."""
-    size = shape[1]
+    """Image files and folders (searched recursively) decoded like the training folder of a run.
+
+    A file reached twice (given directly and through its folder, or by two spellings of its
+    path) is read once, where it first appears.
+    """
+    seen: set[Path] = set()
     parts = []
     for path in map(Path, paths):
         if not path.exists():
             raise DataError(f"{path} does not exist (expected an image file or a folder of images)")
-        if path.is_dir():
-            parts.append(load_dataset("folder", str(path), image_size=size, labels_from_folders=False))
+        files = [f for f in list_files(path) if f.suffix.lower() in IMAGE_EXTENSIONS] if path.is_dir() else [path]
+        fresh = [f for f in files if f.resolve() not in seen]
+        seen.update(f.resolve() for f in fresh)
+        if not fresh:
             continue
-        image = decode_images([path], size)[0]
-        if image is None:
-            raise DataError(f"{path}: not a readable image (expected {'/'.join(sorted(IMAGE_EXTENSIONS))})")
-        parts.append(ImageDataset(torch.from_numpy(image.transpose(2, 0, 1).copy())[None], None, None, [str(path)]))
+        if path.is_dir():
+            images = [(f, image) for f, image in zip(fresh, decode_images(fresh, shape[1])) if image is not None]
+            if len(images) < len(fresh):
+                log.warning("%s: skipped %d unreadable image files", path, len(fresh) - len(images))
+        else:
+            images = [(path, decode_images([path], shape[1])[0])]
+            if images[0][1] is None:
+                raise DataError(f"{path}: not a readable image (expected {'/'.join(sorted(IMAGE_EXTENSIONS))})")
+        parts += images
     if not parts:
         raise DataError("no images given: pass image files or folders")
-    images = match_shape(torch.cat([p.images for p in parts]), shape)
-    return ImageDataset(images, None, None, [f for p in parts for f in p.paths])
+    tensor = torch.from_numpy(np.stack([image for _, image in parts]).transpose(0, 3, 1, 2).copy())
+    return ImageDataset(match_shape(tensor, shape), None, None, [str(f) for f, _ in parts])

@@ -8,15 +8,14 @@ exactly like the training data (same decoding, crop, size and channels).
 Files written here:
   names.json          {"model": "<sha256 of the named model.pt>", "names": {"3": "red cars", ...}}  (scan name)
   train_outputs.pt    probabilities and features of the training images, cached per model
-  assignments.csv     path, cluster, cluster_name, confidence, top3 of every training image
+  trust.pt            training features and threshold behind `confidence` and `unknown` (scan.ood), per model
+  assignments.csv     path, cluster, cluster_name, confidence, probability, unknown, ood_score, top3 of every
+                      training image
 
-Text cells of the CSV files that a spreadsheet would run as a formula (=, +, -, @ ...) are
-prefixed with ' (see `csv_cell`).
+The CSV columns are written by scan.assignments.
 """
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,10 @@ from scan.checkpoint import (ArtifactError, atomic_torch_save, atomic_write_json
                              read_json)
 from scan.data import ImageDataset
 from scan.engine import Runtime, predict_in_batches, resolve_device
+from scan.assignments import Trust, assignments_csv
 from scan.images_in import as_image_tensor, load_image_paths, match_shape  # re-exported for callers of this API
 from scan.models import Classifier, ClusteringModel
+from scan.ood import TrustedClassifier, TrustHead, fit_trust
 from scan.run import Run, describe_data, final_stage, load_clustering_model, load_data, load_stage_model
 from scan.rundir import RunError, model_config, read_run_config
 
@@ -39,7 +40,7 @@ log = logging.getLogger("scan")
 NAMES_FILE = "names.json"
 OUTPUTS_FILE = "train_outputs.pt"
 ASSIGNMENTS_FILE = "assignments.csv"
-TOP_K = 3
+TRUST_FILE = "trust.pt"
 
 
 # ------------------------------------------------------------------------ reopening a run
@@ -177,31 +178,9 @@ def set_names(run_dir, assignments: list[str]) -> dict[int, str]:
                                                    "names": {str(k): v for k, v in sorted(names.items())}})
     outputs = cached_train_outputs(run)
     if outputs is not None:   # keep assignments.csv in step (cheap: no data or model needed)
-        atomic_write_text(run.path(ASSIGNMENTS_FILE), assignments_csv(outputs.ids, outputs.probs, names))
+        atomic_write_text(run.path(ASSIGNMENTS_FILE), assignments_csv(outputs.ids, outputs.probs, names,
+                                                                      train_trust(run)))
     return names
-
-
-# ------------------------------------------------------------------------ assignments out
-
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")   # what spreadsheets evaluate as a formula
-
-
-def csv_cell(text: str) -> str:
-    """A text cell that a spreadsheet shows as text: a leading ' stops it running as a formula."""
-    return "'" + text if text.startswith(FORMULA_STARTS) else text
-
-
-def assignments_csv(ids: list[str], probs: np.ndarray, names: dict[int, str]) -> str:
-    """CSV text with one row per image: path, cluster, cluster_name, confidence, top3 ("3:0.912 1:0.051 ...")."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "cluster", "cluster_name", "confidence", "top3"])
-    top = np.argsort(-probs, axis=1)[:, :TOP_K]
-    for image_id, p, best in zip(ids, probs, top):
-        name = names.get(int(best[0]), "")
-        writer.writerow([csv_cell(str(image_id)), int(best[0]), csv_cell(name), f"{p[best[0]]:.4f}",
-                         " ".join(f"{c}:{p[c]:.3f}" for c in best)])
-    return buffer.getvalue()
 
 
 @dataclass
@@ -244,9 +223,71 @@ def train_outputs(run: Run) -> TrainOutputs:
     return TrainOutputs(ids, probs.numpy(), features.numpy())
 
 
+def _head_space(run: Run, features: np.ndarray) -> np.ndarray:
+    """Training features as the cluster head sees them: cached pretrained features are standardised
+    by the model's frozen statistics (FrozenFeatures) before the head, image features are not."""
+    backbone = _final_model(run, load_stage_model).backbone
+    standardize = getattr(backbone, "standardize", None)
+    return features if standardize is None else standardize(torch.as_tensor(features)).detach().numpy()
+
+
+def _trust_state(run: Run) -> dict:
+    """trust.pt of the current final model, fitted on its training outputs once (needs the data when
+    the training outputs are not cached yet)."""
+    path = run.path(TRUST_FILE)
+    if path.exists():
+        try:
+            saved = load_torch(path)
+            if isinstance(saved, dict) and saved.get("key") == _model_key(run):
+                return saved
+        except ArtifactError:   # only a cache: refitted and rewritten
+            pass
+    outputs = cached_train_outputs(run)
+    if outputs is None:   # computed from the training images, which a Run opened for predict does not hold
+        outputs = train_outputs(open_trained_run(run.run_dir, str(run.rt.device), with_data=True))
+    head, confidence, score = fit_trust(_head_space(run, outputs.features), outputs.probs, seed=run.cfg.seed)
+    saved = {"key": _model_key(run), "head": head.state(), "train_confidence": torch.from_numpy(confidence),
+             "train_score": torch.from_numpy(score)}
+    atomic_torch_save(path, saved)
+    return saved
+
+
+def train_trust(run: Run) -> Trust:
+    """Confidence, ood_score and unknown of every training image, leave-one-out, aligned with TrainOutputs."""
+    saved = _trust_state(run)
+    return Trust(saved["train_confidence"].numpy(), saved["train_score"].numpy(), saved["head"]["threshold"])
+
+
+def trusted_classifier(run: Run) -> TrustedClassifier:
+    """images -> (probabilities, confidence, ood_score), on the run's device, in eval mode (predict and export)."""
+    trust = TrustHead.from_state(_trust_state(run)["head"])
+    classifier = Classifier(_final_model(run, load_clustering_model))
+    return run.rt.prepare(TrustedClassifier(classifier.backbone, classifier.head, trust)).eval()
+
+
+@dataclass
+class Predictions:
+    """New images assigned by a trained run."""
+    ids: list[str]
+    probs: np.ndarray           # (N, C)
+    trust: Trust
+
+
+def predict_images(run: Run, images: torch.Tensor, ids: list[str]) -> Predictions:
+    """uint8 (N, C, H, W) images, shaped like the run's training images, through `trusted_classifier`."""
+    model = trusted_classifier(run)
+
+    def columns(x):   # (B, C + 2): probabilities, confidence, ood_score
+        probs, confidence, score = model(x)
+        return torch.cat([probs, confidence[:, None], score[:, None]], 1)
+    out = predict_in_batches(columns, images, run.rt).numpy()
+    c = run.num_clusters
+    return Predictions(ids, out[:, :c], Trust(out[:, c], out[:, c + 1], model.trust.threshold))
+
+
 def write_train_assignments(run: Run) -> Path:
     """assignments.csv for the training images of a finished run (the Run must hold its data)."""
     out = train_outputs(run)
     path = run.path(ASSIGNMENTS_FILE)
-    atomic_write_text(path, assignments_csv(out.ids, out.probs, load_names(run.run_dir)))
+    atomic_write_text(path, assignments_csv(out.ids, out.probs, load_names(run.run_dir), train_trust(run)))
     return path

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from scan.assignments import csv_cell
 from scan.checkpoint import atomic_write_text
 from scan.config import ConfigError
 
@@ -54,7 +55,7 @@ class TrainingLog:
         """Drop the stage's rows after `epoch` (a stage starting over, or resuming from its checkpoint)."""
         path = self.run_dir / METRICS_FILE
         rows, columns = read_rows(path)
-        kept = [r for r in rows if not (r["stage"] == _cell(stage) and int(r["epoch"]) > epoch)]
+        kept = [r for r in rows if not (r["stage"] == csv_cell(stage) and int(r["epoch"]) > epoch)]
         if len(kept) != len(rows):
             write_rows(path, kept, columns)
 
@@ -85,16 +86,11 @@ def write_rows(path: Path, rows: list[dict], columns: list[str]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
-def _cell(text: str) -> str:
-    from scan.inference import csv_cell   # imported here: scan.inference imports the engine, which imports us
-    return csv_cell(text)
-
-
 def record_epoch(path: Path, stage: str, stats: dict) -> None:
     """Add (or replace) the row of (stage, epoch); a new statistic becomes a new column."""
     rows, columns = read_rows(path)
     epoch = str(int(stats["epoch"]))
-    row = {"stage": _cell(stage), "epoch": epoch, **{k: f"{v:.6g}" for k, v in numbers(stats).items()}}
+    row = {"stage": csv_cell(stage), "epoch": epoch, **{k: f"{v:.6g}" for k, v in numbers(stats).items()}}
     columns += [k for k in row if k not in columns]
     rows = [r for r in rows if not (r["stage"] == row["stage"] and r["epoch"] == epoch)] + [row]
     write_rows(path, rows, columns)

@@ -14,7 +14,6 @@ from typing import Callable
 
 import torch
 
-from scan.augment import StrongAugment, WeakAugment, build_augment
 from scan.engine import predict_in_batches
 from scan.features import load_features, load_views
 from scan.heads import FrozenFeatures, attach_network, feature_probs, pair_logits, weak_strong_logits
@@ -52,6 +51,7 @@ class ImageSource:
         """SCAN's forward: (anchor idx, neighbour idx) -> (H, 2B, C) logits of augmented views."""
         run = self.run
         cfg, rt, c = run.cfg, run.rt, run.cfg.cluster
+        from scan.augment import build_augment   # kornia: imported by training only, not by predict
         augment = build_augment(c.augment, cfg.augment, run.image_size, run.channels)
         images = run.train.images.to(rt.device)
 
@@ -69,6 +69,7 @@ class ImageSource:
         """Self-labelling's forward: idx -> (weak-view logits without gradient, strong-view logits)."""
         run = self.run
         rt = run.rt
+        from scan.augment import StrongAugment, WeakAugment
         weak, strong = WeakAugment(run.cfg.augment, run.image_size), StrongAugment(run.cfg.augment, run.image_size)
         images = run.train.images.to(rt.device)
 
