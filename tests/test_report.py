@@ -21,7 +21,7 @@ from sklearn.datasets import load_digits
 from scan.cli import main
 from scan.export import export_run
 from scan.inference import load_classifier, load_image_paths, open_trained_run, predict_proba
-from scan.report import ReportData, render_report, write_files
+from scan.report import render_report, write_files
 from scan.report_cluster import merge_hints, prototypes
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))

@@ -178,7 +178,8 @@ def _confusion(data: ReportData, titles: list[str]) -> str:
     mapping = cluster_to_class(data.eval_pred, data.eval_labels, k, num_classes)
     order = np.lexsort((-counts.sum(0), mapping))
     matrix = counts[:, order] / np.maximum(counts.sum(1, keepdims=True), 1)
-    return (f'<div class="card"><h2>Confusion matrix</h2>{heatmap(matrix, data.class_names, [titles[c] for c in order])}'
+    chart = heatmap(matrix, data.class_names, [titles[c] for c in order])
+    return (f'<div class="card"><h2>Confusion matrix</h2>{chart}'
             f'<p class="note">rows: true classes of {escape(data.evaluated_on)}, as in the metrics; '
             f'columns: clusters; each row sums to 100%</p></div>')
 

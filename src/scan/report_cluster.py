@@ -94,19 +94,21 @@ def cluster_card(c: int, ctx: ClusterContext, hints: list[MergeHint], members_ht
         meta += f" · mean confidence {ctx.confidence[members].mean():.2f}"
     if ctx.labels is not None and len(members):
         counts = np.bincount(ctx.labels[members], minlength=len(ctx.class_names))
-        meta += f" · mostly “{escape(ctx.class_names[counts.argmax()])}” ({100 * counts.max() / len(members):.0f}%)"
+        majority = escape(ctx.class_names[counts.argmax()])
+        meta += f" · mostly “{majority}” ({100 * counts.max() / len(members):.0f}%)"
+    open_tag = f'<section class="cluster card" id="cluster-{c}" style="--c:{cluster_color(c)}">'
     head = (f'<header><span class="badge">{c}</span><h2>{escape(ctx.titles[c])}</h2>'
             f'<span class="meta">{meta}</span></header>')
     if not len(members):
         body = '<p class="note">No image is assigned to this cluster.</p>'
-        return f'<section class="cluster card" id="cluster-{c}" style="--c:{cluster_color(c)}">{head}{body}</section>', members
+        return f"{open_tag}{head}{body}</section>", members
     by_confidence = members[np.argsort(ctx.confidence[members], kind="stable")]
     views = {"Prototypes": prototypes(members, ctx.confidence, ctx.features, NUM_PROTOTYPES),
              "Least confident": by_confidence[:NUM_LEAST]}
-    body = "".join(f'<div class="row"><h3>{label}</h3>{thumbs(idx, ctx.pixelated)}</div>' for label, idx in views.items())
+    body = "".join(f'<div class="row"><h3>{label}</h3>{thumbs(idx, ctx.pixelated)}</div>'
+                   for label, idx in views.items())
     body += (f'<div class="row"><h3>Confidence</h3>'
              f'{histogram(ctx.confidence[members], cluster_color(c), f"confidence of cluster {c}")}</div>'
              f'<div class="row"><h3>Most similar clusters</h3>{_merge_list(hints, ctx.titles)}</div>'
              f'<div class="row wide"><h3>All members, most confident first</h3>{members_html}</div>')
-    return (f'<section class="cluster card" id="cluster-{c}" style="--c:{cluster_color(c)}">{head}'
-            f'<div class="views">{body}</div></section>'), np.concatenate(list(views.values()))
+    return f'{open_tag}{head}<div class="views">{body}</div></section>', np.concatenate(list(views.values()))

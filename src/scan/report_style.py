@@ -64,7 +64,8 @@ svg.map circle:hover, svg.map circle.pinned { stroke: #111; stroke-width: 1.5; f
 ul.merge { margin: 0; padding-left: 18px; font-size: 13px; }
 ul.merge a { color: var(--c); font-weight: 600; }
 .pager { display: flex; align-items: center; gap: 10px; margin-bottom: 8px; font-size: 13px; color: var(--muted); }
-.pager button { border: 1px solid var(--line); background: #fafbfd; border-radius: 7px; padding: 2px 10px; cursor: pointer; }
+.pager button { border: 1px solid var(--line); background: #fafbfd; border-radius: 7px; padding: 2px 10px;
+                cursor: pointer; }
 .pager button:disabled { opacity: .4; cursor: default; }
 header.top a { color: #fff; }
 """
