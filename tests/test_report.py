@@ -284,6 +284,7 @@ def test_big_runs_are_split_into_member_pages(tmp_path, monkeypatch):
     assert {p.name for p in (tmp_path / "report_pages").iterdir()} == expected | {"notes.txt"}
     text = (tmp_path / "report.html").read_text()
     assert "50 of the 200 images, drawn at random" in text
+    assert len(re.findall(r'<circle [^>]*data-i="', text)) == 50                  # one dot per sampled image
     assert len(page_rows(text)) < 200                          # the overview holds the map sample and the cards only
     seen = probe(tmp_path / "report_pages" / "cluster-0-2.html", tmp_path)
     members = seen["paging"]["members"] if "paging" in seen else None
