@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -17,7 +18,11 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from scan.cli import main
-from scan.report import prototypes
+from scan.report import render_report, write_files
+from scan.report_cluster import merge_hints, prototypes
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from report_size import synthetic_data  # noqa: E402  (the benchmark's made-up runs, also tested here)
 
 NUM_IMAGES = 300
 ARTIFACTS = Path(__file__).parent / "artifacts"   # the browser screenshot is kept here to look at
@@ -107,17 +112,46 @@ def _chromium() -> str:
     return found
 
 
-# Appended to a copy of the report: once everything has loaded, record what the browser rendered.
+# Appended to a copy of a report page: once everything has loaded, hover and click the map, page
+# through the first member grid that has two pages, and record what the browser rendered.
 PROBE = """<script>
-window.addEventListener("load", () => {
-  const images = Array.from(document.images);
-  document.body.setAttribute("data-probe", JSON.stringify({
-    sections: document.querySelectorAll("section.cluster").length,
-    images: images.length,
-    broken: images.filter(img => !(img.complete && img.naturalWidth > 0)).length,
-    svgs: document.querySelectorAll("svg").length,
-    width: document.documentElement.scrollWidth}));
+window.addEventListener("load", async () => {
+  const seen = {};
+  try { await look(seen); } catch (e) { seen.error = String(e); }
+  document.body.setAttribute("data-probe", JSON.stringify(seen));
 });
+async function look(seen) {
+  Object.assign(seen, {sections: document.querySelectorAll("section.cluster").length,
+                svgs: document.querySelectorAll("svg").length, title: document.title});
+  const dots = document.querySelectorAll("svg.map circle[data-i]"), panel = document.querySelector(".map-panel");
+  seen.dots = Array.from(dots).map(d => +d.dataset.i);
+  if (dots.length >= 3) {
+    dots[0].dispatchEvent(new MouseEvent("mouseover", {bubbles: true}));
+    const img = panel.querySelector("img");
+    seen.hover = {dot: +dots[0].dataset.i, src: img.src, caption: panel.querySelector(".cap").textContent};
+    dots[1].dispatchEvent(new MouseEvent("click", {bubbles: true}));
+    dots[2].dispatchEvent(new MouseEvent("mouseover", {bubbles: true}));   // pinned: must not change
+    seen.pinned = {dot: +dots[1].dataset.i, caption: panel.querySelector(".cap").textContent,
+                   link: panel.querySelector("a").getAttribute("href")};
+  }
+  const box = Array.from(document.querySelectorAll(".members")).find(
+    b => JSON.parse(b.dataset.members).length > +b.dataset.pageSize);
+  if (box) {
+    const shown = () => Array.from(box.querySelectorAll("img")).map(i => +i.dataset.i);
+    const before = shown();
+    box.querySelector(".next").click();
+    seen.paging = {members: JSON.parse(box.dataset.members), size: +box.dataset.pageSize, before,
+                   after: shown(), label: box.querySelector(".page").textContent};
+  }
+  seen.links = Array.from(document.querySelectorAll("figure a.file")).map(a => a.getAttribute("href"));
+  const images = Array.from(document.images);
+  await new Promise(done => setTimeout(done, 1000));   // images added by paging load after the load event
+  if (seen.hover) seen.hover.width = panel.querySelector("img").naturalWidth;
+  seen.images = images.length;
+  seen.broken = images.filter(img => !(img.complete && img.naturalWidth > 0)).length;
+  seen.sources = Array.from(new Set(images.map(i => i.src.slice(0, 23))));
+  seen.width = document.documentElement.scrollWidth;
+}
 </script>"""
 
 
@@ -127,25 +161,173 @@ def browser(*args: str, profile: Path) -> str:
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
 
 
+def page_rows(text: str) -> dict:
+    """The image table a report page inlines for its script: {image index: row}."""
+    table = re.search(r'<script type="application/json" id="scan-images">(.*?)</script>', text, re.S).group(1)
+    return {int(i): row for i, row in json.loads(table)["rows"].items()}
+
+
+def probe(page: Path, tmp_path: Path, screenshot: Path | None = None) -> dict:
+    """Open a copy of `page` (next to it, so relative links hold) in headless Chromium, return what PROBE saw."""
+    copy = page.with_name("probe-" + page.name)
+    copy.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
+    shot = [f"--screenshot={screenshot}"] if screenshot else []
+    dom = browser("--virtual-time-budget=10000", "--window-size=1200,2000", *shot, "--dump-dom",
+                  copy.as_uri(), profile=tmp_path / "profile")
+    copy.unlink()
+    match = re.search(r'data-probe="([^"]*)"', dom)
+    assert match, "the probe script did not run"
+    seen = json.loads(html.unescape(match.group(1)))
+    assert "error" not in seen, seen["error"]
+    return seen
+
+
+def check_map_and_members(seen: dict, rows: dict, num_on_map: int) -> None:
+    assert len(seen["dots"]) == len(set(seen["dots"])) == num_on_map   # one dot per (sampled) image
+    assert set(seen["dots"]) <= set(rows)                              # each with its thumbnail in the page
+    hover = seen["hover"]
+    assert hover["src"] == rows[hover["dot"]]["thumb"] and hover["width"] > 0
+    assert hover["caption"].startswith(rows[hover["dot"]]["id"] + " · confidence")
+    pinned = seen["pinned"]
+    assert pinned["caption"].startswith(rows[pinned["dot"]]["id"] + " · confidence")
+    assert seen["broken"] == 0 and seen["images"] > 0
+    assert all(src.startswith("data:image/webp;base64") for src in seen["sources"])
+
+
 def test_report_renders_in_a_headless_browser(trained, tmp_path):
     report = trained["run"] / "report.html"
     text = report.read_text()
     assert "http://" not in text.replace('xmlns="http://www.w3.org/2000/svg"', "") and "https://" not in text
-    probe = tmp_path / "probe.html"
-    probe.write_text(text.replace("</body>", PROBE + "</body>"))
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "report.png"
-    # One browser start for both: the DOM after the load event, and a screenshot to look at.
-    dom = browser("--virtual-time-budget=10000", "--window-size=1200,2000", f"--screenshot={shot}", "--dump-dom",
-                  probe.as_uri(), profile=tmp_path / "profile")
-    match = re.search(r'data-probe="([^"]*)"', dom)
-    assert match, "the probe script did not run"
-    seen = json.loads(html.unescape(match.group(1)))
+    seen = probe(report, tmp_path, shot)
+    rows = page_rows(text)
     assert seen["sections"] == 10
-    assert seen["images"] >= 10 and seen["broken"] == 0
-    assert seen["svgs"] >= 3            # sizes, confusion matrix, training curves
+    check_map_and_members(seen, rows, NUM_IMAGES)       # 300 images: all on the map
+    assert len(rows) == NUM_IMAGES                      # and every member's thumbnail, once
+    non_empty = len({row["cluster"] for row in rows.values()})
+    assert seen["svgs"] >= 4 + non_empty                # map, sizes, confusion, curves; a histogram per cluster
+    assert seen["pinned"]["link"] == Path(rows[seen["pinned"]["dot"]]["id"]).as_uri()
+    files = {str(f) for f in trained["files"]}
+    assert seen["links"] and all(link.startswith("file:///") for link in seen["links"])
+    assert {Path(link[len("file://"):]).as_posix() for link in seen["links"]} <= files
     assert seen["width"] <= 1200        # nothing overflows the window sideways
     assert shot.stat().st_size > 10_000
+
+
+def test_folder_runs_say_in_sample_and_the_confusion_matrix_uses_the_metrics_images(trained):
+    text = (trained["run"] / "report.html").read_text()
+    assert "on all 300 images (in-sample" in text             # metrics
+    assert "rows: true classes of all 300 images (in-sample" in text
+    assert "'val'" not in text and "&#x27;val&#x27;" not in text
+    assert "SCAN loss = consistency − 5 × entropy" in text     # why the cluster loss is negative
+
+
+@pytest.fixture(scope="module")
+def big_report(tmp_path_factory):
+    """The benchmark's synthetic 1,000-image run, with a hostile file name and cluster name."""
+    data = synthetic_data(1000, k=10)
+    data.ids[7] = "/photos/<img src=x onerror=alert(1)>&\"'.jpg"
+    data.names = {0: "<script>alert(2)</script>"}
+    out = tmp_path_factory.mktemp("big")
+    write_files(out, render_report(data))
+    return data, out
+
+
+def test_a_1000_image_report_is_one_file_under_2_mb_and_works_in_a_browser(big_report, tmp_path):
+    data, out = big_report
+    assert [p.name for p in out.rglob("*.html")] == ["report.html"]
+    report = out / "report.html"
+    assert report.stat().st_size < 2_000_000                    # measured: ~1.2 MB
+    text = report.read_text()
+    assert "data:image/png" not in text and "data:image/jpeg" not in text
+    rows = page_rows(text)
+    assert len(rows) == 1000 and all(r["thumb"].startswith("data:image/webp;base64,") for r in rows.values())
+    seen = probe(report, tmp_path)
+    check_map_and_members(seen, rows, 1000)
+    paging = seen["paging"]                                     # ~100 members a cluster, 60 a screen
+    assert paging["before"] == paging["members"][:paging["size"]]
+    assert paging["after"] == paging["members"][paging["size"]:2 * paging["size"]]
+    assert paging["label"].startswith("page 2 of 2")
+    pred = data.probs.argmax(1)
+    cluster = pred[paging["members"][0]]
+    assert sorted(paging["members"]) == np.flatnonzero(pred == cluster).tolist()      # all of its members
+    assert data.probs.max(1)[paging["members"]].tolist() == sorted(data.probs.max(1)[paging["members"]], reverse=True)
+
+
+def test_hostile_file_and_cluster_names_stay_text(big_report, tmp_path):
+    data, out = big_report
+    text = (out / "report.html").read_text()
+    assert "<img src=x" not in text and "<script>alert" not in text
+    assert "&lt;script&gt;alert(2)&lt;/script&gt;" in text
+    assert page_rows(text)[7]["id"] == data.ids[7]               # the name itself survives, as data
+    assert page_rows(text)[7]["href"] == "file:///photos/%3Cimg%20src%3Dx%20onerror%3Dalert%281%29%3E%26%22%27.jpg"
+    assert probe(out / "report.html", tmp_path)["title"] == "SCAN clusters · photos"
+
+
+def test_big_runs_are_split_into_member_pages(tmp_path, monkeypatch):
+    import scan.report
+    import scan.report_map
+    # the same layout as 100,000 images, at a size a test can afford
+    monkeypatch.setattr(scan.report, "ONE_FILE_MAX", 100)
+    monkeypatch.setattr(scan.report, "MEMBERS_PER_FILE", 40)
+    monkeypatch.setattr(scan.report_map, "MAP_MAX_POINTS", 50)
+    data = synthetic_data(200, k=2)
+    (tmp_path / "report_pages").mkdir()
+    (tmp_path / "report_pages" / "cluster-1-9.html").write_text("left by an earlier, larger report")
+    (tmp_path / "report_pages" / "notes.txt").write_text("not ours")
+    write_files(tmp_path, render_report(data))
+    sizes = np.bincount(data.probs.argmax(1), minlength=2)
+    expected = {f"cluster-{c}-{p + 1}.html" for c in range(2) for p in range(-(-sizes[c] // 40))}
+    assert {p.name for p in (tmp_path / "report_pages").iterdir()} == expected | {"notes.txt"}
+    text = (tmp_path / "report.html").read_text()
+    assert "50 of the 200 images, drawn at random" in text
+    assert len(re.findall(r'<circle [^>]*data-i="', text)) == 50                  # one dot per sampled image
+    assert len(page_rows(text)) < 200                          # the overview holds the map sample and the cards only
+    seen = probe(tmp_path / "report_pages" / "cluster-0-2.html", tmp_path)
+    members = seen["paging"]["members"] if "paging" in seen else None
+    assert seen["broken"] == 0 and seen["images"] > 0 and seen["links"]
+    first = page_rows((tmp_path / "report_pages" / "cluster-0-1.html").read_text())
+    second = page_rows((tmp_path / "report_pages" / "cluster-0-2.html").read_text())
+    assert len(first) == 40 and not set(first) & set(second) and members is None   # 40 a file, fits one screen
+    assert set(first) | set(second) <= set(np.flatnonzero(data.probs.argmax(1) == 0).tolist())
+    assert 'href="report_pages/cluster-0-2.html"' in text and 'href="../report.html#cluster-0"' in \
+        (tmp_path / "report_pages" / "cluster-0-2.html").read_text()
+
+
+def test_the_confusion_matrix_uses_the_images_the_metrics_use():
+    data = synthetic_data(60, k=3)
+    data.labels = np.zeros(60, dtype=int)                      # training labels: all class 0
+    data.eval_labels = np.array([0, 1, 2] * 4)                 # a held-out split of 12, perfectly clustered
+    data.eval_pred = np.array([2, 0, 1] * 4)
+    data.class_names = ["a", "b", "c"]
+    data.evaluated_on = "the 12 'test' images (held out from training)"
+    text = render_report(data)["report.html"]
+    confusion = text[text.index("Confusion matrix"):text.index("each row sums")]
+    assert confusion.count(">100</text>") == 3                 # a diagonal: the eval split, not the training one
+    assert "rows: true classes of the 12 &#x27;test&#x27; images (held out" in confusion
+
+
+def test_merge_hints_rank_clusters_by_mean_feature_similarity_and_count_crossing_neighbours():
+    # clusters 0, 1, 2 point at 0°, 10° and 90°: 0 and 1 are the pair to merge
+    angles = np.radians([0, 0, 10, 10, 90, 90])
+    features = np.stack([np.cos(angles), np.sin(angles)], 1) * np.array([[1], [5], [2], [1], [3], [1]])
+    pred = np.array([0, 0, 1, 1, 2, 2])
+    neighbors = np.array([[1], [2], [3], [0], [5], [0]])          # pairs 1-2 and 3-0 cross 0|1, 5-0 crosses 2|0
+    hints = merge_hints(features, pred, 4, neighbors, top=2)     # cluster 3 is empty: never a hint
+    assert [(h.other, round(h.similarity, 4), h.crossing) for h in hints[0]] == \
+        [(1, round(np.cos(np.radians(10)), 4), 2), (2, 0.0, 1)]
+    assert [h.other for h in hints[2]] == [1, 0] and hints[3] == []
+    assert merge_hints(features, pred, 4, None)[0][0].crossing is None
+
+
+def test_extra_per_image_columns_show_with_every_thumbnail():
+    data = synthetic_data(30, k=2)
+    data.extra_columns = {"ood": np.linspace(0, 1, 30)}          # e.g. an out-of-distribution score
+    text = render_report(data)["report.html"]
+    rows = page_rows(text)
+    assert rows[29]["ood"] == 1.0 and rows[0]["ood"] == 0.0
+    assert '"columns":["confidence","ood"]' in text
 
 
 def test_names_show_in_report_assignments_and_predictions(trained, tmp_path, capsys):

@@ -1,35 +1,66 @@
-"""A self-contained HTML gallery of a run's clusters (`report.html`, opens from disk, offline).
+"""The HTML report of a run: `report.html`, plus `report_pages/` for runs too big for one file.
 
-Thumbnails are embedded as base64 PNG data URIs and charts are inline SVG, so the one file
-can be mailed or archived. Contents: summary and metrics, cluster sizes, a row-normalised
-confusion matrix (when labels exist), training curves, then one `<section class="cluster">`
-per cluster with its prototypes, a sample of its members and its least confident members.
+Every file is self-contained (inline WebP thumbnails, SVG charts, one small script) and opens from
+disk with no network. report.html holds the summary, metrics, a t-SNE map of the images, the
+charts and one card per cluster. Up to ONE_FILE_MAX images every member is in report.html, paged
+MEMBERS_PER_SCREEN at a time; above that each cluster's members go to pages of MEMBERS_PER_FILE
+images in report_pages/, so no file grows with the size of the run and each opens in seconds.
+
+`report_data` gathers everything from a Run into a ReportData; `render_report` turns a ReportData
+into {file name: HTML} and needs no Run (benchmarks/report_size.py feeds it synthetic data).
 """
 from __future__ import annotations
 
-import base64
 import datetime
-import io
+from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from scan.checkpoint import atomic_write_text, read_json
 from scan.inference import TrainOutputs, cluster_title, load_names, open_trained_run, train_outputs
 from scan.metrics import cluster_to_class, contingency
-from scan.report_style import CSS
+from scan.report_charts import bar_chart, cluster_color, heatmap, line_chart
+from scan.report_cluster import ClusterContext, cluster_card, merge_hints
+from scan.report_map import embed_2d, map_card, map_sample
+from scan.report_page import PIXELATED_BELOW, ImageTable, member_list, page
 from scan.report_trust import trust_card
 from scan.run import Run, final_stage
 
 REPORT_FILE = "report.html"
-TOP_CONFIDENT = 10     # prototypes: closest to the mean feature of this many most confident members (paper)
-NUM_PROTOTYPES = 6
-NUM_SAMPLE = 20
-NUM_LEAST = 6
-PIXELATED_BELOW = 24   # thumbnails of smaller images are upscaled without smoothing (crisp 8x8 digits)
-THUMBNAIL_MAX = 128    # larger images are shrunk to this side: the page stays small with 224 px inputs
+PAGES_DIR = "report_pages"
+ONE_FILE_MAX = 2000         # up to this many images, every member's thumbnail is in report.html
+MEMBERS_PER_SCREEN = 60     # thumbnails shown at once in a member grid
+MEMBERS_PER_FILE = 1000     # larger runs: members split into files of this many (~1.5 MB each)
+
+
+@dataclass
+class ReportData:
+    """Everything the report shows, gathered from a run (report_data) or made up (benchmarks)."""
+    source: str                      # the data set or folder the run clustered
+    run_dir: str
+    images: object                   # (N, C, H, W) uint8 tensor of the training images
+    ids: list[str]                   # file paths for folder data, else image indices
+    probs: np.ndarray                # (N, C) cluster probabilities of the training images
+    features: np.ndarray             # (N, D) features of the training images
+    seed: int
+    summary: dict[str, str]          # label -> value, the summary card
+    evaluated_on: str                # which images the metrics and the confusion matrix use
+    names: dict[int, str] = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    labels: np.ndarray | None = None         # (N,) classes of the training images (majority class per cluster)
+    class_names: list[str] | None = None
+    eval_pred: np.ndarray | None = None      # clusters and classes of the images the metrics use
+    eval_labels: np.ndarray | None = None
+    curves: dict[str, list[float]] = field(default_factory=dict)   # stage -> loss per epoch
+    entropy_weight: float | None = None      # the cluster stage's, to explain its negative loss
+    neighbors: np.ndarray | None = None      # (N, K) mined neighbours: merge hints count crossing pairs
+    extra_columns: dict[str, np.ndarray] = field(default_factory=dict)   # more per-image values to show
+
+    @property
+    def num_clusters(self) -> int:
+        return self.probs.shape[1]
 
 
 def write_report(run_dir, device: str = "auto") -> Path:
@@ -38,128 +69,27 @@ def write_report(run_dir, device: str = "auto") -> Path:
 
 
 def write_run_report(run: Run) -> Path:
-    """Write report.html for an open Run that holds its training data; return its path."""
-    outputs = train_outputs(run)
-    names = load_names(run.run_dir)
-    path = run.path(REPORT_FILE)
-    atomic_write_text(path, render(run, outputs, names))
-    return path
+    """Write report.html (and report_pages/ when needed) for an open Run that holds its training data."""
+    return write_files(run.run_dir, render_report(report_data(run, train_outputs(run))))
 
 
-# ------------------------------------------------------------------------ choosing images
-
-def prototypes(members: np.ndarray, confidence: np.ndarray, features: np.ndarray, k: int) -> np.ndarray:
-    """The k members closest (cosine) to the mean feature of the cluster's most confident members.
-
-    members: indices of the cluster's images; confidence (N,), features (N, D) of all images.
-    """
-    if not len(members):
-        return members
-    feats = features[members] / np.maximum(np.linalg.norm(features[members], axis=1, keepdims=True), 1e-12)
-    top = np.argsort(-confidence[members], kind="stable")[:TOP_CONFIDENT]
-    center = feats[top].mean(0)
-    return members[np.argsort(-(feats @ center), kind="stable")[:k]]
-
-
-def cluster_views(cluster: int, pred: np.ndarray, confidence: np.ndarray, features: np.ndarray,
-                  rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Image indices to show for one cluster: prototypes, a random sample and the least confident."""
-    members = np.flatnonzero(pred == cluster)
-    by_confidence = members[np.argsort(confidence[members], kind="stable")]
-    sample = np.sort(rng.choice(members, size=min(NUM_SAMPLE, len(members)), replace=False))
-    return {"Prototypes": prototypes(members, confidence, features, NUM_PROTOTYPES),
-            "Least confident": by_confidence[:NUM_LEAST], "Sample": sample}
+def write_files(run_dir: Path, files: dict[str, str]) -> Path:
+    """Write the report's files into run_dir; member pages of an earlier, larger report are removed."""
+    run_dir = Path(run_dir)
+    for name, text in files.items():
+        (run_dir / name).parent.mkdir(exist_ok=True)
+        atomic_write_text(run_dir / name, text)
+    pages = run_dir / PAGES_DIR
+    if pages.is_dir():
+        for old in pages.glob("cluster-*.html"):   # only names this module writes
+            if f"{PAGES_DIR}/{old.name}" not in files:
+                old.unlink()
+        if not any(pages.iterdir()):
+            pages.rmdir()
+    return run_dir / REPORT_FILE
 
 
-# ------------------------------------------------------------------------ small HTML helpers
-
-def cluster_color(cluster: int) -> str:
-    """Well-separated hues: successive clusters step around the colour wheel by the golden angle."""
-    return f"hsl({cluster * 137.508 % 360:.0f}, 58%, 48%)"
-
-
-def _thumbnail(image) -> str:
-    """A (C, H, W) uint8 tensor as a PNG data URI."""
-    array = image.numpy()
-    pil = Image.fromarray(array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0))
-    pil.thumbnail((THUMBNAIL_MAX, THUMBNAIL_MAX), Image.Resampling.LANCZOS)
-    buffer = io.BytesIO()
-    pil.save(buffer, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def _svg(width: int, height: int, body: str, label: str) -> str:
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" role="img" aria-label="{escape(label)}" '
-            f'viewBox="0 0 {width} {height}" width="{width}" height="{height}">{body}</svg>')
-
-
-def _short(text: str, length: int = 18) -> str:
-    return text if len(text) <= length else text[:length - 1] + "…"
-
-
-def bar_chart(sizes: np.ndarray, titles: list[str]) -> str:
-    """Horizontal bars, one per cluster, labelled with the cluster title and its size."""
-    row, label_w, bar_w = 22, 150, 300
-    top = max(int(sizes.max()), 1)
-    parts = []
-    for c, (size, title) in enumerate(zip(sizes, titles)):
-        y = c * row
-        w = max(bar_w * size / top, 1)
-        parts.append(f'<text x="{label_w - 8}" y="{y + 15}" text-anchor="end">{escape(_short(title))}</text>'
-                     f'<rect x="{label_w}" y="{y + 4}" width="{w:.1f}" height="{row - 8}" rx="3" '
-                     f'fill="{cluster_color(c)}"/>'
-                     f'<text x="{label_w + w + 6:.1f}" y="{y + 15}">{int(size)}</text>')
-    return _svg(label_w + bar_w + 50, row * len(sizes) + 4, "".join(parts), "cluster sizes")
-
-
-def heatmap(matrix: np.ndarray, row_labels: list[str], col_labels: list[str]) -> str:
-    """Values in [0, 1] as cells shaded from white to the accent colour; percentages when cells are big."""
-    rows, cols = matrix.shape
-    cell = int(np.clip(440 / max(rows, cols), 8, 34))
-    left, top = 110, 90
-    parts = []
-    for i, label in enumerate(row_labels):
-        parts.append(f'<text x="{left - 6}" y="{top + i * cell + cell / 2 + 4:.1f}" text-anchor="end">'
-                     f'{escape(_short(label, 14))}</text>')
-    for j, label in enumerate(col_labels):
-        x, y = left + j * cell + cell / 2 + 4, top - 6
-        parts.append(f'<text x="{x:.1f}" y="{y}" transform="rotate(-50 {x:.1f} {y})">{escape(_short(label, 14))}'
-                     f'</text>')
-    for i in range(rows):
-        for j in range(cols):
-            v = float(matrix[i, j])
-            x, y = left + j * cell, top + i * cell
-            parts.append(f'<rect x="{x}" y="{y}" width="{cell}" height="{cell}" fill="#3b4fd0" '
-                         f'fill-opacity="{0.04 + 0.96 * v:.3f}" stroke="#fff"/>')
-            if cell >= 24 and v >= 0.005:
-                colour = "#fff" if v > 0.5 else "#374151"
-                parts.append(f'<text x="{x + cell / 2}" y="{y + cell / 2 + 4}" text-anchor="middle" '
-                             f'style="fill:{colour}">{round(100 * v)}</text>')
-    # the rotated column labels lean right: leave room for the last ones
-    return _svg(left + cols * cell + 70, top + rows * cell + 10, "".join(parts), "confusion matrix")
-
-
-def line_chart(values: list[float], title: str) -> str:
-    """A small line chart of one value per epoch, with the first and last values labelled."""
-    w, h, pad_l, pad_r, pad_t, pad_b = 260, 150, 44, 12, 26, 24
-    lo, hi = min(values), max(values)
-    span = hi - lo or 1.0
-    xs = [pad_l + (w - pad_l - pad_r) * (i / max(len(values) - 1, 1)) for i in range(len(values))]
-    ys = [pad_t + (h - pad_t - pad_b) * (1 - (v - lo) / span) for v in values]
-    points = " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(xs, ys))
-    body = (f'<text x="{pad_l}" y="14" style="font-weight:600;fill:#1f2430">{escape(title)}</text>'
-            f'<line x1="{pad_l}" y1="{h - pad_b}" x2="{w - pad_r}" y2="{h - pad_b}" stroke="#d1d5db"/>'
-            f'<line x1="{pad_l}" y1="{pad_t}" x2="{pad_l}" y2="{h - pad_b}" stroke="#d1d5db"/>'
-            f'<text x="{pad_l - 4}" y="{pad_t + 4}" text-anchor="end">{hi:.3g}</text>'
-            f'<text x="{pad_l - 4}" y="{h - pad_b}" text-anchor="end">{lo:.3g}</text>'
-            f'<text x="{w - pad_r}" y="{h - 6}" text-anchor="end">epoch {len(values)}</text>'
-            f'<text x="{pad_l}" y="{h - 6}">1</text>'
-            f'<polyline points="{points}" fill="none" stroke="#3b4fd0" stroke-width="2" stroke-linejoin="round"/>'
-            + "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="#3b4fd0"/>' for x, y in zip(xs, ys)))
-    return _svg(w, h, body, f"{title} per epoch")
-
-
-# ------------------------------------------------------------------------ report sections
+# ------------------------------------------------------------------------ gathering
 
 def _loss_histories(run: Run) -> dict[str, list[float]]:
     """{stage: loss per epoch} for every stage whose done.json holds a per-epoch history."""
@@ -172,23 +102,56 @@ def _loss_histories(run: Run) -> dict[str, list[float]]:
     return curves
 
 
+def _eval_predictions(run: Run, outputs: TrainOutputs) -> np.ndarray | None:
+    """Clusters of the images the metrics were computed on (probs.npy of the evaluate stage)."""
+    if run.eval is run.train:
+        return outputs.probs.argmax(1)
+    path = run.path("probs.npy")
+    probs = np.load(path) if path.exists() else None
+    return probs.argmax(1) if probs is not None and len(probs) == len(run.eval) else None
+
+
+def report_data(run: Run, outputs: TrainOutputs) -> ReportData:
+    d = run.cfg.data
+    in_sample = run.eval is run.train   # folders and .npz files have no split: metrics on the training images
+    evaluated_on = (f"all {len(run.train):,} images (in-sample: there is no held-out split)" if in_sample else
+                    f"the {len(run.eval):,} '{d.eval_split}' images (held out from training)")
+    neighbors_file = run.path("mine", "neighbors.npy")
+    return ReportData(
+        source=str(d.path or d.dataset), run_dir=str(run.run_dir), images=run.train.images, ids=outputs.ids,
+        probs=outputs.probs, features=outputs.features, seed=run.cfg.seed, names=load_names(run.run_dir),
+        summary={"images": f"{len(run.train):,}", "clusters": str(run.num_clusters),
+                 "image size": "×".join(str(s) for s in run.info["image_shape"][1:]),
+                 "final model": final_stage(run), "backbone": run.cfg.model.backbone},
+        evaluated_on=evaluated_on, metrics=read_json(run.path("metrics.json"), {}),
+        labels=run.train.labels, class_names=run.train.class_names or
+        ([str(k) for k in range(run.info["num_classes"])] if run.info["num_classes"] else None),
+        eval_pred=_eval_predictions(run, outputs), eval_labels=run.eval.labels,
+        curves=_loss_histories(run), entropy_weight=run.cfg.cluster.entropy_weight,
+        neighbors=np.load(neighbors_file) if neighbors_file.exists() else None)
+
+
+def image_columns(data: ReportData) -> dict[str, np.ndarray]:
+    """The values shown with every thumbnail, first one as its caption. An out-of-distribution
+    score per image (scan.ood) is one more entry: ReportData.extra_columns."""
+    return {"confidence": data.probs.max(1), **data.extra_columns}
+
+
+# ------------------------------------------------------------------------ sections
+
 def _stat(label: str, value) -> str:
     return f'<div class="stat"><div class="v">{escape(str(value))}</div><div class="k">{escape(label)}</div></div>'
 
 
-def _summary(run: Run, num_images: int) -> str:
-    d = run.cfg.data
-    source = f"{d.path} ({d.dataset})" if d.path else d.dataset
-    size = "×".join(str(s) for s in run.info["image_shape"][1:])
-    stats = [_stat("images", f"{num_images:,}"), _stat("clusters", run.num_clusters), _stat("image size", size),
-             _stat("final model", final_stage(run)), _stat("backbone", run.cfg.model.backbone)]
-    return (f'<div class="card"><h2>Summary</h2><p class="source">Data: <code>{escape(source)}</code> · '
-            f'run <code>{escape(str(run.run_dir))}</code></p>'
-            f'<div class="stats">{"".join(stats)}</div></div>')
+def _summary(data: ReportData) -> str:
+    return (f'<div class="card"><h2>Summary</h2><p class="source">Data: <code>{escape(data.source)}</code> · '
+            f'run <code>{escape(data.run_dir)}</code></p>'
+            f'<div class="stats">{"".join(_stat(k, v) for k, v in data.summary.items())}</div></div>')
 
 
-def _metrics_table(metrics: dict) -> str:
+def _metrics_table(data: ReportData) -> str:
     """Accuracy and friends of every evaluated stage (only when the run had labels)."""
+    metrics = data.metrics
     stages = [s for s, m in metrics.items() if isinstance(m, dict) and "acc" in m]
     if not stages:
         return ""
@@ -198,97 +161,108 @@ def _metrics_table(metrics: dict) -> str:
     rows = "".join(f"<tr><td>{label.get(s, escape(s))}</td>"
                    + "".join(f"<td>{metrics[s][c]:.3f}</td>" if c in metrics[s] else "<td>–</td>" for c in columns)
                    + "</tr>" for s in stages)
-    note = f"on the '{escape(str(metrics.get('split')))}' split ({metrics.get('num_eval')} images)"
+    note = f"on {escape(data.evaluated_on)}"
     if "neighbor_purity" in metrics:
         note += f" · neighbour purity {metrics['neighbor_purity']:.3f}"
     return (f'<div class="card"><h2>Metrics</h2><table class="metrics"><tr><th>stage</th>{head}</tr>{rows}</table>'
             f'<p class="note">{note}</p></div>')
 
 
-def _confusion(run: Run, pred: np.ndarray, titles: list[str]) -> str:
-    """True classes × clusters, each row normalised; clusters ordered by the class they match."""
-    labels = run.train.labels
-    if labels is None:
+def _confusion(data: ReportData, titles: list[str]) -> str:
+    """True classes × clusters on the images the metrics use, each row normalised; clusters ordered
+    by the class they match."""
+    if data.eval_pred is None or data.eval_labels is None:
         return ""
-    num_classes = run.info["num_classes"]
-    counts = contingency(pred, labels, run.num_clusters, num_classes).T        # (classes, clusters)
-    mapping = cluster_to_class(pred, labels, run.num_clusters, num_classes)
+    k, num_classes = data.num_clusters, len(data.class_names)
+    counts = contingency(data.eval_pred, data.eval_labels, k, num_classes).T        # (classes, clusters)
+    mapping = cluster_to_class(data.eval_pred, data.eval_labels, k, num_classes)
     order = np.lexsort((-counts.sum(0), mapping))
     matrix = counts[:, order] / np.maximum(counts.sum(1, keepdims=True), 1)
-    classes = run.train.class_names or [str(k) for k in range(num_classes)]
-    return (f'<div class="card"><h2>Confusion matrix</h2>{heatmap(matrix, classes, [titles[c] for c in order])}'
-            f'<p class="note">rows: true classes of the {len(labels):,} training images; '
+    chart = heatmap(matrix, data.class_names, [titles[c] for c in order])
+    return (f'<div class="card"><h2>Confusion matrix</h2>{chart}'
+            f'<p class="note">rows: true classes of {escape(data.evaluated_on)}, as in the metrics; '
             f'columns: clusters; each row sums to 100%</p></div>')
 
 
-def _curves(run: Run) -> str:
-    curves = _loss_histories(run)
-    if not curves:
+def _curves(data: ReportData) -> str:
+    if not data.curves:
         return ""
-    charts = "".join(line_chart(losses, f"{stage} loss") for stage, losses in curves.items())
-    return f'<div class="card"><h2>Training curves</h2><div class="curves">{charts}</div></div>'
+    charts = "".join(line_chart(losses, f"{stage} loss") for stage, losses in data.curves.items())
+    note = ""
+    if "cluster" in data.curves and data.entropy_weight is not None:
+        note = (f'<p class="note">The cluster loss goes below zero by design: SCAN loss = consistency − '
+                f'{data.entropy_weight:g} × entropy of the mean prediction (cluster.entropy_weight), and that '
+                f'entropy rewards using all clusters. Lower is better.</p>')
+    return f'<div class="card"><h2>Training curves</h2><div class="curves">{charts}</div>{note}</div>'
 
 
-def _thumbs(indices: np.ndarray, run: Run, outputs: TrainOutputs, confidence: np.ndarray) -> str:
-    pixelated = ' class="pixel"' if run.image_size < PIXELATED_BELOW else ""
-    figures = []
-    for i in indices:
-        tip = f"{outputs.ids[i] if run.train.paths else f'image {i}'} · confidence {confidence[i]:.3f}"
-        figures.append(f'<figure class="thumb"><img{pixelated} src="{_thumbnail(run.train.images[i])}" '
-                       f'alt="image {i}" title="{escape(tip)}"><figcaption>{confidence[i]:.2f}</figcaption></figure>')
-    return f'<div class="thumbs">{"".join(figures)}</div>'
+def _member_file(c: int, part: int) -> str:
+    return f"{PAGES_DIR}/cluster-{c}-{part + 1}.html"
 
 
-def _cluster_section(c: int, title: str, run: Run, outputs: TrainOutputs, pred: np.ndarray,
-                     rng: np.random.Generator) -> str:
-    confidence = outputs.probs.max(1)
-    members = np.flatnonzero(pred == c)
-    meta = f"{len(members):,} images · {100 * len(members) / len(pred):.1f}%"
-    if len(members):
-        meta += f" · mean confidence {confidence[members].mean():.2f}"
-    if run.train.labels is not None and len(members):
-        counts = np.bincount(run.train.labels[members], minlength=run.info["num_classes"])
-        names = run.train.class_names or [str(k) for k in range(len(counts))]
-        meta += f" · mostly “{escape(names[counts.argmax()])}” ({100 * counts.max() / len(members):.0f}%)"
-    head = (f'<header><span class="badge">{c}</span><h2>{escape(title)}</h2>'
-            f'<span class="meta">{meta}</span></header>')
-    if len(members):
-        # Prototypes and least confident side by side, the (wider) sample below them.
-        views = cluster_views(c, pred, confidence, outputs.features, rng)
-        body = "".join(f'<div class="row{" wide" if label == "Sample" else ""}"><h3>{label}</h3>'
-                       f'{_thumbs(idx, run, outputs, confidence)}</div>' for label, idx in views.items())
-        body = f'<div class="views">{body}</div>'
-    else:
-        body = '<p class="note">No image is assigned to this cluster.</p>'
-    return f'<section class="cluster card" id="cluster-{c}" style="--c:{cluster_color(c)}">{head}{body}</section>'
+def _member_pages(data: ReportData, table: ImageTable, titles: list[str], members: dict[int, np.ndarray],
+                  pixelated: bool) -> dict[str, str]:
+    """Files of MEMBERS_PER_FILE members each for every cluster, linked to each other and to report.html."""
+    files = {}
+    for c, ordered in members.items():
+        chunks = [ordered[s:s + MEMBERS_PER_FILE] for s in range(0, len(ordered), MEMBERS_PER_FILE)]
+        for part, chunk in enumerate(chunks):
+            links = " · ".join(f'<a href="{Path(_member_file(c, p)).name}">{p + 1}</a>' if p != part else
+                               f"<b>{p + 1}</b>" for p in range(len(chunks)))
+            body = (f'<header class="top"><div class="wrap"><h1>{escape(titles[c])}</h1><p class="sub">'
+                    f'members {part * MEMBERS_PER_FILE + 1:,}–{part * MEMBERS_PER_FILE + len(chunk):,} of '
+                    f'{len(ordered):,}, most confident first · <a href="../{REPORT_FILE}#cluster-{c}">back to the '
+                    f'report</a></p></div></header><main class="wrap"><section class="cluster card" '
+                    f'style="--c:{cluster_color(c)}"><p class="note">file {links}</p>'
+                    f'{member_list(chunk, MEMBERS_PER_SCREEN, pixelated)}</section></main>')
+            files[_member_file(c, part)] = page(f"{titles[c]} · {part + 1}", body, table, chunk)
+    return files
 
 
-def render(run: Run, outputs: TrainOutputs, names: dict[int, str]) -> str:
-    """The whole report as one HTML string."""
-    pred = outputs.probs.argmax(1)
-    titles = [cluster_title(c, names) for c in range(run.num_clusters)]
-    sizes = np.bincount(pred, minlength=run.num_clusters)
-    rng = np.random.default_rng(run.cfg.seed)   # the same sample on every rerun of the report
+def render_report(data: ReportData) -> dict[str, str]:
+    """{file name relative to the run directory: HTML}: report.html, and member pages for big runs."""
+    k = data.num_clusters
+    pred = data.probs.argmax(1)
+    confidence = data.probs.max(1)
+    titles = [cluster_title(c, data.names) for c in range(k)]
+    sizes = np.bincount(pred, minlength=k)
+    pixelated = data.images.shape[-1] < PIXELATED_BELOW
+    table = ImageTable(data.ids, pred, image_columns(data), data.images)
+    one_file = len(pred) <= ONE_FILE_MAX
+    members = {c: (m := np.flatnonzero(pred == c))[np.argsort(-confidence[m], kind="stable")] for c in range(k)}
+    on_map = map_sample(len(pred), data.seed)
+    ctx = ClusterContext(pred, confidence, data.features, titles, data.labels, data.class_names or [], pixelated)
+    hints = merge_hints(data.features, pred, k, data.neighbors)
+    cards, shown = [], [on_map]
+    for c in range(k):
+        if one_file:
+            listing = member_list(members[c], MEMBERS_PER_SCREEN, pixelated)
+        else:
+            parts = range(-(-len(members[c]) // MEMBERS_PER_FILE))
+            listing = (f'<p class="note">{len(members[c]):,} members, in files of {MEMBERS_PER_FILE:,} (the report '
+                       f'is split so that every page opens quickly): ' + " · ".join(
+                           f'<a class="pages" href="{_member_file(c, p)}">{p + 1}</a>' for p in parts) + "</p>")
+        card, views = cluster_card(c, ctx, hints[c], listing)
+        cards.append(card)
+        shown += [views] + ([members[c]] if one_file else [])
     chips = "".join(f'<a class="chip" href="#cluster-{c}" style="--c:{cluster_color(c)}"><span class="dot"></span>'
                     f'{escape(t)} <span class="n">{sizes[c]}</span></a>' for c, t in enumerate(titles))
-    hint = "" if names else (f'<p class="note">Name clusters with <code>scan name {escape(str(run.run_dir))} '
-                             f'0="a name" 1=…</code>, then rerun <code>scan report</code>.</p>')
-    sections = "".join(_cluster_section(c, titles[c], run, outputs, pred, rng) for c in range(run.num_clusters))
-    charts = (f'<div class="grid2"><div class="card"><h2>Cluster sizes</h2>{bar_chart(sizes, titles)}</div>'
-              f'{_confusion(run, pred, titles)}</div>')
-    source = run.cfg.data.path or run.cfg.data.dataset
-    metrics = read_json(run.path("metrics.json"), {})
+    hint = "" if data.names else (f'<p class="note">Name clusters with <code>scan name {escape(data.run_dir)} '
+                                  f'0="a name" 1=…</code>, then rerun <code>scan report</code>.</p>')
+    name = Path(data.source).name or data.source
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>SCAN clusters · {escape(Path(str(source)).name or str(source))}</title><style>{CSS}</style></head>
-<body><header class="top"><div class="wrap"><h1>{run.num_clusters} clusters in
-<em>{escape(Path(str(source)).name or str(source))}</em></h1>
-<p class="sub">SCAN unsupervised image classification · {len(pred):,} images · generated {stamp}</p></div></header>
-<main class="wrap">{trust_card(metrics)}{_summary(run, len(pred))}{_metrics_table(metrics)}
-<div class="card"><h2>Clusters</h2><nav class="chips">{chips}</nav>{hint}</div>
-{charts}{_curves(run)}{sections}</main>
-<footer>Prototypes are the members closest to the mean feature of the cluster's {TOP_CONFIDENT} most confident
-members. Hover an image for its file and confidence.</footer></body></html>
-"""
-
+    body = (f'<header class="top"><div class="wrap"><h1>{k} clusters in <em>{escape(name)}</em></h1>'
+            f'<p class="sub">SCAN unsupervised image classification · {len(pred):,} images · generated {stamp}</p>'
+            f'</div></header><main class="wrap">{trust_card(data.metrics)}{_summary(data)}{_metrics_table(data)}'
+            f'<div class="card"><h2>Clusters</h2><nav class="chips">{chips}</nav>{hint}</div>'
+            f'{map_card(on_map, embed_2d(data.features[on_map], data.seed), pred, titles, len(pred), pixelated)}'
+            f'<div class="grid2"><div class="card"><h2>Cluster sizes</h2>{bar_chart(sizes, titles)}</div>'
+            f'{_confusion(data, titles)}</div>{_curves(data)}{"".join(cards)}</main>'
+            f'<footer>Prototypes are the members closest to the mean feature of the cluster\'s most confident '
+            f'members. Most similar clusters: cosine similarity of the clusters\' mean features, and how many mined '
+            f'neighbour pairs join them — candidates to merge. Hover an image for its file and confidence; click it '
+            f'to open the original file.</footer>')
+    files = {REPORT_FILE: page(f"SCAN clusters · {name}", body, table, np.concatenate(shown))}
+    if not one_file:
+        files.update(_member_pages(data, table, titles, members, pixelated))
+    return files

@@ -50,4 +50,22 @@ figure.thumb img { display: block; width: 76px; height: 76px; object-fit: cover;
 figure.thumb img.pixel { image-rendering: pixelated; }
 figcaption { font-size: 11px; color: var(--muted); font-variant-numeric: tabular-nums; }
 footer { color: var(--muted); font-size: 12px; text-align: center; padding: 10px 24px 40px; }
+.map-wrap { display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }
+svg.map { max-width: 100%; height: auto; background: #fafbfd; border: 1px solid var(--line); border-radius: 10px; }
+svg.map circle { cursor: pointer; fill-opacity: .8; }
+svg.map circle:hover, svg.map circle.pinned { stroke: #111; stroke-width: 1.5; fill-opacity: 1; }
+.map-panel { width: 200px; font-size: 12px; color: var(--muted); overflow-wrap: anywhere; }
+.map-panel img { display: block; width: 160px; height: 160px; object-fit: contain; border-radius: 9px;
+                 background: #eef0f5; border: 1px solid var(--line); margin-bottom: 6px; }
+.map-panel img.pixel, .members.pixel img { image-rendering: pixelated; }
+.legend { display: flex; flex-wrap: wrap; gap: 4px 14px; margin-top: 8px; font-size: 12.5px; }
+.legend .key { display: inline-flex; align-items: center; gap: 6px; }
+.legend .dot { width: 9px; height: 9px; border-radius: 50%; background: var(--c); }
+ul.merge { margin: 0; padding-left: 18px; font-size: 13px; }
+ul.merge a { color: var(--c); font-weight: 600; }
+.pager { display: flex; align-items: center; gap: 10px; margin-bottom: 8px; font-size: 13px; color: var(--muted); }
+.pager button { border: 1px solid var(--line); background: #fafbfd; border-radius: 7px; padding: 2px 10px;
+                cursor: pointer; }
+.pager button:disabled { opacity: .4; cursor: default; }
+header.top a { color: #fff; }
 """
