@@ -148,6 +148,8 @@ class Config:
     seed: int = _f(0, lo=0, hi=2**32 - 1)   # the range numpy and scikit-learn generators accept
     device: str = "auto"
     quiet: bool = False
+    # under torchrun: batch norm over the global batch (SyncBatchNorm), so statistics mean the same at any scale
+    sync_batchnorm: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from scan import distributed
 from scan.checkpoint import atomic_write_json, load_torch, read_json
 from scan.config import Config, ConfigError
 from scan.data import ImageDataset, content_hash, has_splits, load_dataset
@@ -93,8 +94,9 @@ class Run:
         record = {"fingerprint": self.fingerprint(stage), **extra}
         atomic_write_json(self.path(stage, "done.json"), record)
         ckpt = self.path(stage, "checkpoint.pt")
-        if ckpt.exists():
+        if ckpt.exists() and distributed.is_main():
             ckpt.unlink()
+        distributed.barrier()   # under torchrun: the next stage reads what rank 0 just wrote
         return record
 
     def backbone(self) -> Backbone:
@@ -156,15 +158,27 @@ def open_run(cfg: Config, run_dir: Path, restart: bool = False, data=None) -> Ru
     run_dir = Path(run_dir)
     if cfg.pretext.method == "pretrained":
         check_pretrained_config(cfg)
-    prepare_run_dir(run_dir, restart, stage_names())
+    device = distributed.init(resolve_device(cfg.device))   # joins torchrun's process group, if launched by it
+    check_batch_sizes(cfg, distributed.world_size())
+    # rank 0 claims (and locks, for the whole job) the run directory; the others wait for it
+    distributed.on_main(lambda: prepare_run_dir(run_dir, restart, stage_names()))
     cfg = with_absolute_paths(cfg)
-    rt = Runtime(resolve_device(cfg.device), quiet=cfg.quiet)
+    rt = Runtime(device, quiet=cfg.quiet or not distributed.is_main())
     train, evaluation = data if data is not None else load_data(cfg)
     info = describe_data(cfg, train, evaluation)
     run = Run(cfg, run_dir, rt, train, evaluation, info)
     check_neighbors(run, len(train))
-    record_config(run, tuple(s for s in model_stages() if stage_enabled(cfg, s)))
+    distributed.on_main(lambda: record_config(run, tuple(s for s in model_stages() if stage_enabled(cfg, s))))
     return run
+
+
+def check_batch_sizes(cfg: Config, world: int) -> None:
+    """Each configured batch size is the global batch: W processes must split it evenly."""
+    for section in ("pretext", "cluster", "selflabel"):   # refine (SPC) runs whole on every rank
+        size = getattr(getattr(cfg, section), "batch_size", None)
+        if size is not None and size % world:
+            raise ConfigError(f"{section}.batch_size={size} is the global batch and must be divisible by the number "
+                              f"of processes ({world}); per-process batch = {section}.batch_size / processes")
 
 
 def load_backbone(run: Run) -> Backbone:
