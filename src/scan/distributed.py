@@ -125,7 +125,8 @@ def all_gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """
     if not active():
         return x, 0
-    return torch.cat(dist_nn.all_gather(x)), rank() * len(x)
+    with _quiet_deprecation():
+        return torch.cat(dist_nn.all_gather(x)), rank() * len(x)
 
 
 @torch.no_grad()
@@ -151,7 +152,20 @@ def _comm_device(x: torch.Tensor) -> torch.device:
 
 def sum_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Σ over ranks of `x`, differentiable (the backward sums the gradients of every rank)."""
-    return dist_nn.all_reduce(x) if active() else x
+    if not active():
+        return x
+    with _quiet_deprecation():
+        return dist_nn.all_reduce(x)
+
+
+@contextlib.contextmanager
+def _quiet_deprecation():
+    """torch 2.13 deprecates torch.distributed.nn's differentiable collectives and DDP's
+    broadcast_buffers in favour of private or not yet complete replacements; the public ones are
+    kept and their per-call FutureWarning silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
 
 
 @torch.no_grad()
@@ -210,8 +224,7 @@ def parallel(model: nn.Module, fn: Callable, sync_batchnorm: bool = True) -> Cal
     device_ids = [model_device(model).index] if model_device(model).type == "cuda" else None
     # buffers are not broadcast every step: queues are filled identically on every rank and
     # batch-norm statistics are synchronised once per epoch (`broadcast_buffers`)
-    with warnings.catch_warnings():   # torch 2.13 renames the option; the old name still means "not per step"
-        warnings.simplefilter("ignore", FutureWarning)
+    with _quiet_deprecation():   # (the option's new name would still sync the buffers at start)
         return DistributedDataParallel(_Forward(model, fn), device_ids=device_ids, broadcast_buffers=False)
 
 
