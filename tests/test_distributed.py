@@ -101,12 +101,12 @@ CASES = {"simclr": lambda: _pretext_case("simclr"), "moco": lambda: _pretext_cas
          "byol_queue": lambda: _pretext_case("byol_queue"), "cluster": _cluster_case, "selflabel": _selflabel_case}
 
 
-def train_case(name: str) -> tuple[list[float], dict]:
+def train_case(name: str, sync_batchnorm: bool = True) -> tuple[list[float], dict]:
     """STEPS optimiser steps of a case on this process's share of every batch: (global losses, final state)."""
     torch.manual_seed(0)
     model, fn, step = CASES[name]()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
-    fn = distributed.parallel(model, fn)
+    fn = distributed.parallel(model, fn, sync_batchnorm)
     losses = []
     for i, idx in enumerate(minibatches(N, BATCH)[:STEPS]):
         model.train()
@@ -124,6 +124,7 @@ def _worker(rank: int, world: int, port: int, out: str, cases: list[str]) -> Non
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         results = {name: train_case(name) for name in cases}
+        results["simclr_per_rank_batchnorm"] = train_case("simclr", sync_batchnorm=False)
         if rank == 0:
             torch.save(results, out)
         dist.barrier()
@@ -146,6 +147,12 @@ def test_two_processes_with_half_batches_train_exactly_as_one_process(name, two_
     assert one_losses[0] != pytest.approx(one_losses[-1])                # the parameters did move
     for key, value in one_state.items():
         torch.testing.assert_close(two_state[key], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+
+
+def test_per_rank_batch_norm_statistics_differ_from_the_global_batch(two_process_results):
+    one_losses, _ = train_case("simclr")
+    local_losses, _ = two_process_results["simclr_per_rank_batchnorm"]
+    assert local_losses[0] != pytest.approx(one_losses[0], rel=1e-3)    # sync_batchnorm=false reaches the model
 
 
 def test_without_torchrun_every_helper_is_the_identity():
@@ -178,13 +185,13 @@ def _env():
     return {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def _torchrun(out: Path, *launch: str) -> list[str]:
-    sets = [a for o in TINY for a in ("--set", o)]
+def _torchrun(out: Path, *launch: str, extra: tuple[str, ...] = ()) -> list[str]:
+    sets = [a for o in TINY + list(extra) for a in ("--set", o)]
     return [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "scan", "run", "--out", str(out), *sets]
 
 
-def _single_node(out: Path, port: int) -> list[str]:
-    return _torchrun(out, "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={port}")
+def _single_node(out: Path, port: int, *extra: str) -> list[str]:
+    return _torchrun(out, "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={port}", extra=extra)
 
 
 def _rank_pids(parent: int) -> dict[int, int]:
@@ -238,7 +245,9 @@ def test_a_killed_rank_resumes_with_the_same_command_and_the_same_predictions(tw
     os.kill(_rank_pids(proc.pid)[1], signal.SIGKILL)                    # rank 1 dies mid-stage
     assert proc.wait(timeout=120) != 0
     assert not (out / "cluster" / "done.json").exists()
-    rerun = subprocess.run(_single_node(out, free_port()), env=_env(), capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(_single_node(out, free_port(), "quiet=false"), env=_env(), capture_output=True, text=True,
+                           timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "cluster: resuming from epoch" in rerun.stderr and "pretext: resuming" not in rerun.stderr
     reference, _ = two_node_run
     np.testing.assert_array_equal(np.load(out / "predictions.npy"), np.load(reference / "predictions.npy"))

@@ -186,14 +186,16 @@ def shard(n: int) -> slice:
 
 
 @torch.no_grad()
-def broadcast_buffers(modules) -> None:
-    """Rank 0's buffers (batch-norm statistics, queues) on every rank, so that every rank holds
-    exactly the state rank 0 checkpoints and a resumed run continues as an uninterrupted one."""
+def broadcast_state(modules) -> None:
+    """Rank 0's parameters and buffers on every rank (once an epoch), so that every rank holds
+    exactly the state rank 0 checkpoints and a resumed run continues as an uninterrupted one:
+    batch-norm statistics are per rank without sync_batchnorm, and a stage trained whole on every
+    rank (SPC) could drift on non-deterministic GPU kernels."""
     if not active():
         return
     for module in modules:
-        for buffer in module.buffers():
-            dist.broadcast(buffer, 0)
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, 0)
 
 
 # ------------------------------------------------------------------------ the model wrapper
@@ -223,7 +225,7 @@ def parallel(model: nn.Module, fn: Callable, sync_batchnorm: bool = True) -> Cal
         convert_batchnorm(model)
     device_ids = [model_device(model).index] if model_device(model).type == "cuda" else None
     # buffers are not broadcast every step: queues are filled identically on every rank and
-    # batch-norm statistics are synchronised once per epoch (`broadcast_buffers`)
+    # batch-norm statistics are synchronised once per epoch (`broadcast_state`)
     with _quiet_deprecation():   # (the option's new name would still sync the buffers at start)
         return DistributedDataParallel(_Forward(model, fn), device_ids=device_ids, broadcast_buffers=False)
 

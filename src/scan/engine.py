@@ -205,6 +205,9 @@ def predict_in_batches(fn: Callable[[torch.Tensor], torch.Tensor], images: torch
     for i in bar:
         with rt.autocast():
             out.append(fn(rt.batch(images[i:min(i + batch_size, part.stop)])).to(dtype).cpu())
+    if not out:   # more ranks than images: this rank's share is empty, but it still takes part
+        with rt.autocast():
+            out.append(fn(rt.batch(images[:0])).to(dtype).cpu())
     return distributed.all_gather_rows(torch.cat(out))
 
 
@@ -260,8 +263,8 @@ def run_epochs(stage: str, stage_dir: Path, epochs: int, steps_per_epoch: int, s
             stats = epoch_fn(epoch, lambda: bar.update(1))
             stats["epoch"] = epoch + 1
             stats["seconds"] = time.perf_counter() - started
-            # every rank continues from the state rank 0 checkpoints (batch-norm statistics are per rank)
-            distributed.broadcast_buffers(m if isinstance(m, nn.Module) else m.model for m in states.values()
+            # every rank continues from the state rank 0 checkpoints
+            distributed.broadcast_state(m if isinstance(m, nn.Module) else m.model for m in states.values()
                                           if isinstance(m, nn.Module) or isinstance(getattr(m, "model", None), nn.Module))
             if after_epoch is not None and after_epoch(epoch, stats):
                 stats["stop"] = stopped = True

@@ -164,6 +164,8 @@ def open_run(cfg: Config, run_dir: Path, restart: bool = False, data=None) -> Ru
     distributed.on_main(lambda: prepare_run_dir(run_dir, restart, stage_names()))
     cfg = with_absolute_paths(cfg)
     rt = Runtime(device, quiet=cfg.quiet or not distributed.is_main())
+    if not distributed.is_main():   # rank 0 reports for all: the others keep errors only
+        log.setLevel(logging.ERROR)
     train, evaluation = data if data is not None else load_data(cfg)
     info = describe_data(cfg, train, evaluation)
     run = Run(cfg, run_dir, rt, train, evaluation, info)
