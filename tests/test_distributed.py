@@ -152,7 +152,8 @@ def test_two_processes_with_half_batches_train_exactly_as_one_process(name, two_
 def test_per_rank_batch_norm_statistics_differ_from_the_global_batch(two_process_results):
     one_losses, _ = train_case("simclr")
     local_losses, _ = two_process_results["simclr_per_rank_batchnorm"]
-    assert local_losses[0] != pytest.approx(one_losses[0], rel=1e-3)    # sync_batchnorm=false reaches the model
+    # sync_batchnorm=false reaches the model: outside the tolerance the equivalence tests hold to
+    assert local_losses != pytest.approx(one_losses, rel=1e-4, abs=1e-5)
 
 
 def test_without_torchrun_every_helper_is_the_identity():
