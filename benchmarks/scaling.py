@@ -153,7 +153,8 @@ def main():
         mp.spawn(_worker, args=(2, port, args, path), nprocs=2, join=True)
         with open(path) as f:
             two = json.load(f)
-    result = {"cpu_cores": os.cpu_count(), "global_batch": args.batch, "image": [1, args.size, args.size],
+    result = {"cpu_cores": os.cpu_count(), "threads_one_process": torch.get_num_threads(),
+              "threads_per_process_of_two": max(1, (os.cpu_count() or 2) // 2), "global_batch": args.batch, "image": [1, args.size, args.size],
               "steps": args.steps, "stages": {name: {"one_process_images_per_s": one[name]["images_per_s"],
                                                      "two_processes_images_per_s": two[name]["images_per_s"],
                                                      "ratio": round(two[name]["images_per_s"]

@@ -235,9 +235,9 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """Batch norm over the global batch on any device: in training, mean and variance of every
-    rank's rows (a differentiable all-reduce of Σx, Σx² and the count). Stands in for
-    nn.SyncBatchNorm, which runs on GPUs only, when the ranks train on CPUs."""
+    """Batch norm over the global batch on any device: in training, the mean and (biased) variance
+    of every rank's rows, from differentiable all-reduces of Σx and then Σ(x − mean)². Stands in
+    for nn.SyncBatchNorm, which refuses CPU tensors, when the ranks train on CPUs."""
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
