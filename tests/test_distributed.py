@@ -231,7 +231,7 @@ def test_two_nodes_through_the_rendezvous_cluster_digits_like_one_process(two_no
                     *[a for o in TINY for a in ("--set", o)]], env=_env(), check=True, capture_output=True)
     one = json.loads((single / "metrics.json").read_text())
     assert two["cluster"]["acc"] == pytest.approx(one["cluster"]["acc"], abs=0.15)
-    assert two["cluster"]["acc"] > 2 * two["kmeans"]["acc"] / 3          # it learned something
+    assert two["cluster"]["acc"] > 0.25                 # well above chance (0.1); measured 0.389 (1 process 0.425)
 
 
 @pytest.mark.slow
