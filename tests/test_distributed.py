@@ -249,6 +249,7 @@ def test_a_killed_rank_resumes_with_the_same_command_and_the_same_predictions(tw
     rerun = subprocess.run(_single_node(out, free_port(), "quiet=false"), env=_env(), capture_output=True, text=True,
                            timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "cluster: resuming from epoch" in rerun.stderr and "pretext: resuming" not in rerun.stderr
+    said = rerun.stdout + rerun.stderr                  # (tqdm.write prints on stdout)
+    assert "cluster: resuming from epoch" in said and "pretext: resuming" not in said
     reference, _ = two_node_run
     np.testing.assert_array_equal(np.load(out / "predictions.npy"), np.load(reference / "predictions.npy"))
