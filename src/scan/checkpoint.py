@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from scan import distributed
+
 FORMAT_VERSION = 1
 TEMP_PATTERN = re.compile(r"^\..+\.scan-(\d+)\.[0-9a-f]+\.tmp$")   # our temporary files; group 1: the pid
 
@@ -55,6 +57,10 @@ def temp_path(path: Path) -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all (a temporary sibling, then a rename). Under torchrun only
+    rank 0 writes: the other ranks hold the same values and skip the write."""
+    if not distributed.is_main():
+        return
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

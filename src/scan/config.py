@@ -169,6 +169,8 @@ class Config:
     # per-epoch training logs besides RUN_DIR/metrics.csv (scan.logs): tensorboard also writes event
     # files to RUN_DIR/tensorboard (the optional extra `scan-clustering[tensorboard]`)
     log: str = _f("none", choices=("none", "tensorboard"))
+    # under torchrun: batch norm over the global batch (SyncBatchNorm), so statistics mean the same at any scale
+    sync_batchnorm: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)

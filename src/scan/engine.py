@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from scan import distributed
 from scan.checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
 from scan.config import ConfigError
 from scan.models import Backbone
@@ -126,15 +127,23 @@ def resolve_device(name: str) -> torch.device:
 
 
 def minibatches(n: int, batch_size: int, shuffle: bool = True, drop_last: bool = True) -> list[torch.Tensor]:
-    """Index batches over range(n) from the global torch RNG.
+    """Index batches over range(n) from the global torch RNG: this rank's share of each.
 
-    The last partial batch is dropped in training when at least one full batch exists, so
-    batch-norm never sees a batch of one.
+    `batch_size` is the global batch: under torchrun every rank draws the same permutation (the
+    ranks' RNGs are seeded alike) and takes its 1/W slice of every batch, so W ranks together
+    see exactly the batches one process would. The last partial batch is dropped in training
+    when at least one full batch exists, so batch-norm never sees a batch of one.
     """
     order = torch.randperm(n) if shuffle else torch.arange(n)
     batches = list(order.split(batch_size))
     if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
         batches.pop()
+    world = distributed.world_size()
+    if world > 1:
+        if drop_last and len(batches[0]) % world:
+            raise ConfigError(f"a batch of {len(batches[0])} cannot be split evenly over {world} processes: "
+                              f"make the batch sizes multiples of the number of processes")
+        batches = [b.tensor_split(world)[distributed.rank()] for b in batches]
     return batches
 
 
@@ -254,13 +263,21 @@ class EMA:
 @torch.no_grad()
 def predict_in_batches(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, rt: Runtime,
                        batch_size: int = 512, desc: str | None = None, dtype=torch.float32) -> torch.Tensor:
-    """Apply `fn` to uint8 images in batches (no augmentation) and concatenate on the CPU as `dtype`."""
+    """Apply `fn` to uint8 images in batches (no augmentation) and concatenate on the CPU as `dtype`.
+
+    Under torchrun each rank embeds its contiguous shard and every rank gets all the rows (in order),
+    so all ranks must call it together.
+    """
     out = []
-    bar = tqdm(range(0, len(images), batch_size), desc=desc, disable=rt.quiet or desc is None, leave=False)
+    part = distributed.shard(len(images))
+    bar = tqdm(range(part.start, part.stop, batch_size), desc=desc, disable=rt.quiet or desc is None, leave=False)
     for i in bar:
         with rt.autocast():
-            out.append(fn(rt.batch(images[i:i + batch_size])).to(dtype).cpu())
-    return torch.cat(out)
+            out.append(fn(rt.batch(images[i:min(i + batch_size, part.stop)])).to(dtype).cpu())
+    if not out:   # more ranks than images: this rank's share is empty, but it still takes part
+        with rt.autocast():
+            out.append(fn(rt.batch(images[:0])).to(dtype).cpu())
+    return distributed.all_gather_rows(torch.cat(out))
 
 
 class _GracefulStop:
@@ -314,6 +331,9 @@ def run_epochs(stage: str, stage_dir: Path, epochs: int, steps_per_epoch: int, s
             stats = epoch_fn(epoch, bar.tick)
             stats["epoch"] = epoch + 1
             stats["seconds"] = time.perf_counter() - started
+            # every rank continues from the state rank 0 checkpoints
+            distributed.broadcast_state(m if isinstance(m, nn.Module) else m.model for m in states.values()
+                                          if isinstance(m, nn.Module) or isinstance(getattr(m, "model", None), nn.Module))
             if after_epoch is not None and after_epoch(epoch, stats):
                 stats["stop"] = stopped = True
             history.append(stats)

@@ -6,6 +6,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from scan import distributed
+
 EPS = 1e-8
 
 
@@ -14,12 +16,18 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> tor
 
     With z = [z1; z2] (2B rows) and s_ij = z_i·z_j / τ, each row i has one positive p(i)
     (its other view) and 2B−2 negatives:  L = −mean_i log( exp(s_ip(i)) / Σ_{j≠i} exp(s_ij) ).
+    Under torchrun B is the global batch: each rank scores its own 2b rows against the 2B
+    projections of all ranks (gathered with gradients), the mean over its rows.
     """
     b = z1.shape[0]
-    z = torch.cat([z1, z2]).float()
-    sim = z @ z.t() / temperature
-    sim.fill_diagonal_(float("-inf"))
-    positives = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
+    (g1, offset), (g2, _) = distributed.all_gather_with_grad(z1), distributed.all_gather_with_grad(z2)
+    z = torch.cat([g1, g2]).float()                                       # (2B, D) every rank's views
+    rows = z if len(g1) == b else torch.cat([z1, z2]).float()            # (2b, D) this rank's views
+    sim = rows @ z.t() / temperature                                      # (2b, 2B)
+    own = torch.arange(offset, offset + b, device=z.device)
+    self_cols = torch.cat([own, own + len(g1)])                           # where each row sits in z
+    sim[torch.arange(2 * b, device=z.device), self_cols] = float("-inf")
+    positives = torch.cat([own + len(g1), own])
     return F.cross_entropy(sim, positives)
 
 
@@ -56,8 +64,20 @@ def scan_loss(anchor_logits: torch.Tensor, neighbor_logits: torch.Tensor, entrop
     p_neighbor = neighbor_logits.float().softmax(-1)
     similarity = (p_anchor * p_neighbor).sum(-1)
     consistency = -torch.log(similarity.clamp_min(EPS)).mean(-1)
-    h = entropy(p_anchor.mean(-2))
+    h = entropy(global_mean(p_anchor, -2))
     return consistency - entropy_weight * h, consistency, h
+
+
+def global_mean(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The mean along `dim` over the rows of every rank (differentiable; x.mean(dim) in one process).
+
+    Under torchrun this is what one process would compute over the global batch: the entropy
+    term of the SCAN loss is a function of the whole batch's mean prediction, not a per-rank sum.
+    """
+    if distributed.world_size() == 1:
+        return x.mean(dim)
+    count = distributed.all_reduce_sum(torch.tensor(float(x.shape[dim]), device=x.device))
+    return distributed.sum_with_grad(x.sum(dim)) / count
 
 
 def scan_loss_over_pairs(probs: torch.Tensor, neighbors: torch.Tensor, entropy_weight: float = 5.0,
@@ -99,14 +119,18 @@ def balanced_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, num_clas
 
     L = Σ_i w_{y_i} CE(logits_i, y_i) / Σ_i w_{y_i}, so every class present contributes equally;
     without balancing this is the plain mean CE. Empty `targets` give a zero loss.
+    Under torchrun the counts and the normaliser Σ_i w_{y_i} are those of the global batch; each
+    rank's loss is scaled so that DDP's average of the ranks' gradients is the global loss's.
     """
+    counts = distributed.all_reduce_sum(torch.bincount(targets, minlength=num_classes).float())
+    weight = torch.where(counts > 0, 1.0 / counts.clamp_min(1), torch.zeros_like(counts)) if class_balance else None
+    local = weight[targets].sum() if class_balance else torch.tensor(float(targets.numel()))
+    total = distributed.all_reduce_sum(local.to(counts.device))
     if targets.numel() == 0:
         return logits.sum() * 0.0
-    weight = None
-    if class_balance:
-        counts = torch.bincount(targets, minlength=num_classes).float()
-        weight = torch.where(counts > 0, 1.0 / counts.clamp_min(1), torch.zeros_like(counts))
-    return F.cross_entropy(logits.float(), targets, weight=weight)
+    # W · (this rank's share of Σ w): exactly 1.0 in one process, so the loss is F.cross_entropy's
+    scale = distributed.world_size() * (local.to(counts.device) / total)
+    return F.cross_entropy(logits.float(), targets, weight=weight) * scale
 
 
 def selflabel_loss(weak_logits: torch.Tensor, strong_logits: torch.Tensor, threshold: float = 0.99,

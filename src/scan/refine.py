@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from scan.augment import StrongAugment, WeakAugment
 from scan.config import AugmentConfig, RefineConfig
+from scan.distributed import on_main
 from scan.engine import Runtime, build_optimizer, optimizer_step, predict_in_batches, run_epochs
 from scan.heads import feature_logits, feature_probs, random_views
 from scan.losses import spc_loss
@@ -161,8 +162,10 @@ def train_spc(model: ClusteringModel, inputs: Inputs, n: int, r: RefineConfig, r
 
     def relabel(epoch: int) -> None:
         features, probs = inputs.embed()
-        pl = hierarchical_pseudo_labels(features, probs, r.threshold, r.top_fraction, r.num_neighbors, r.mu,
-                                        r.cg_iterations, r.weak_labels, r.rank_by)
+        # the graph and the propagation: once (rank 0 under torchrun), shared with every rank
+        pl = on_main(lambda: hierarchical_pseudo_labels(features, probs, r.threshold, r.top_fraction,
+                                                        r.num_neighbors, r.mu, r.cg_iterations, r.weak_labels,
+                                                        r.rank_by))
         record = {"round": len(state.records) + 1, "epoch": epoch + 1,
                   **pseudo_label_stats(pl, probs, labels, num_classes)}
         state.set(pl, record)

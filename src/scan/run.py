@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from scan import distributed
 from scan.checkpoint import atomic_write_json, load_torch, read_json
 from scan.config import Config, ConfigError
 from scan.data import FolderOptions, ImageDataset, content_hash, has_splits, load_dataset
@@ -100,8 +101,9 @@ class Run:
         record = {"fingerprint": self.fingerprint(stage), "basis": stage_basis(self, stage), **extra}
         atomic_write_json(self.path(stage, "done.json"), record)
         ckpt = self.path(stage, "checkpoint.pt")
-        if ckpt.exists():
+        if ckpt.exists() and distributed.is_main():
             ckpt.unlink()
+        distributed.barrier()   # under torchrun: the next stage reads what rank 0 just wrote
         return record
 
     def backbone(self) -> Backbone:
@@ -190,21 +192,37 @@ def open_run(cfg: Config, run_dir: Path, restart: bool = False, data=None) -> Ru
         check_pretrained_config(cfg)
     check_log_writer(cfg.log)
     check_run_format(run_dir, restart)
+    device = distributed.init(resolve_device(cfg.device))   # joins torchrun's process group, if launched by it
+    check_batch_sizes(cfg, distributed.world_size())
     cfg = with_absolute_paths(cfg)
-    rt = Runtime(resolve_device(cfg.device), quiet=cfg.quiet, compile=cfg.compile, log=TrainingLog(run_dir, cfg.log))
+    main = distributed.is_main()   # rank 0 reports and writes for all: the others keep errors only
+    rt = Runtime(device, quiet=cfg.quiet or not main, compile=cfg.compile,
+                 log=TrainingLog(run_dir, cfg.log) if main else None)
+    if not main:
+        log.setLevel(logging.ERROR)
     train, evaluation = data if data is not None else load_data(cfg)
     info = describe_data(cfg, train, evaluation)
     created, was_run = not run_dir.exists(), is_run_dir(run_dir)
-    prepare_run_dir(run_dir, restart, stage_names())
+    # rank 0 claims (and locks, for the whole job) the run directory; the others wait for it
+    distributed.on_main(lambda: prepare_run_dir(run_dir, restart, stage_names()))
     try:   # from here on the folder is locked by us: what we made in it is ours to take back
         run = Run(cfg, run_dir, rt, train, evaluation, info)
         check_neighbors(run, len(train))
-        record_config(run, tuple(s for s in model_stages() if stage_enabled(cfg, s)))
+        distributed.on_main(lambda: record_config(run, tuple(s for s in model_stages() if stage_enabled(cfg, s))))
     except BaseException:
-        if not was_run:
+        if main and not was_run:
             discard_new_run_dir(run_dir, created)
         raise
     return run
+
+
+def check_batch_sizes(cfg: Config, world: int) -> None:
+    """Each configured batch size is the global batch: W processes must split it evenly."""
+    for section in ("pretext", "cluster", "selflabel"):   # refine (SPC) runs whole on every rank
+        size = getattr(getattr(cfg, section), "batch_size", None)
+        if size is not None and size % world:
+            raise ConfigError(f"{section}.batch_size={size} is the global batch and must be divisible by the number "
+                              f"of processes ({world}); per-process batch = {section}.batch_size / processes")
 
 
 def load_backbone(run: Run) -> Backbone:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from scan import distributed
+
 
 class NegativeQueue(nn.Module):
     """The last `size` L2-normalised keys (size, D), each with the data-set index of its image.
@@ -31,7 +33,12 @@ class NegativeQueue(nn.Module):
 
     @torch.no_grad()
     def push(self, keys: torch.Tensor, index: torch.Tensor) -> None:
-        """Enqueue a batch (after the loss has used the queue), overwriting the oldest entries."""
+        """Enqueue a batch (after the loss has used the queue), overwriting the oldest entries.
+
+        Under torchrun the keys and indices of every rank are enqueued, in rank order (the global
+        batch's order), so every rank's queue is the one a single process would hold.
+        """
+        keys, index = distributed.all_gather_rows(keys.detach()), distributed.all_gather_rows(index)
         size = len(self.ids)
         keys, index = keys[-size:], index[-size:]
         slots = (self.ptr + torch.arange(len(keys), device=self.ids.device)) % size

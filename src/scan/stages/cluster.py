@@ -11,6 +11,7 @@ import torch
 
 from scan.checkpoint import atomic_torch_save, seed_everything
 from scan.checks import cluster_check, report
+from scan.distributed import is_main, parallel
 from scan.engine import build_optimizer, minibatches, optimizer_step, run_epochs
 from scan.losses import scan_loss, scan_loss_over_pairs
 from scan.run import Run, head_probs, require, say
@@ -62,7 +63,7 @@ def stage_cluster(run: Run) -> dict:
     extra = {"seconds": time.time() - start, "head_losses": losses.tolist(), "best_head": best, "history": history,
              "check": report("cluster", check)}
     _warn_collapse(run, probs[best].argmax(1), "cluster")
-    for retry in run.path("cluster").glob("retry*/checkpoint.pt"):
+    for retry in run.path("cluster").glob("retry*/checkpoint.pt") if is_main() else ():
         retry.unlink()
     return run.finish("cluster", **extra)
 
@@ -77,7 +78,9 @@ def _train_heads(run: Run, neighbors: torch.Tensor, lr: float, attempt: int):
     model = rt.prepare(model)
     optimizer = build_optimizer(source.trainable(model, c.update_backbone), c.optimizer, lr, c.weight_decay,
                                 c.momentum)
-    logits_of = source.pair_logits(model)
+    if not c.update_backbone:
+        model.backbone.requires_grad_(False)   # frozen: under torchrun DDP then syncs the heads only
+    logits_of = parallel(model, source.pair_logits(model), cfg.sync_batchnorm)   # DDP under torchrun
     n, k = neighbors.shape
     batch_size = min(c.batch_size, n)
     steps = len(minibatches(n, batch_size))

@@ -10,6 +10,7 @@ import numpy as np
 from scan.baselines import kmeans_assign, pixel_kmeans, unsupervised_scores
 from scan.checkpoint import atomic_save_npy, atomic_write_json, read_json
 from scan.checks import baseline_check, report
+from scan.distributed import on_main
 from scan.engine import StageError
 from scan.metrics import evaluate_clustering
 from scan.run import Run, head_probs, load_stage_model, require, trained_stages
@@ -18,7 +19,13 @@ from scan.stage import Stage, register_stage, stage_names
 
 def stage_evaluate(run: Run) -> dict:
     """Metrics of the baselines and each trained stage on the eval split, label-free scores against
-    k-means on raw pixels, and every stage's self-check; writes metrics.json."""
+    k-means on raw pixels, and every stage's self-check; writes metrics.json.
+
+    Under torchrun it runs once, on rank 0; every rank returns the metrics."""
+    return on_main(lambda: _evaluate(run))
+
+
+def _evaluate(run: Run) -> dict:
     rt, k, seed = run.rt, run.num_clusters, run.cfg.seed
     start = time.time()
     metrics: dict = {"split": run.cfg.data.eval_split, "num_eval": len(run.eval), "num_clusters": k}

@@ -7,6 +7,7 @@ import time
 import numpy as np
 
 from scan.checkpoint import atomic_save_npy
+from scan.distributed import on_main
 from scan.mining import MiningInputs, mine
 from scan.neighbors import neighbor_purity
 from scan.run import Run, load_backbone, require, say
@@ -17,6 +18,12 @@ def stage_mine(run: Run) -> dict:
     """Neighbours of every training image in pretext feature space (mine.method: knn | multiview)."""
     if (record := run.done("mine")) is not None:
         return record
+    # the features were embedded by every rank (its shard) and gathered by the pretext stage;
+    # the search runs once, on rank 0; every rank waits for its record (neighbors.npy is then written)
+    return on_main(lambda: _mine(run))
+
+
+def _mine(run: Run) -> dict:
     start = time.time()
     features = np.load(require(run.path("features", "train.npy"), "pretext"))
     neighbors, facts = mine(MiningInputs(features, run.train.images, lambda: load_backbone(run), run.cfg,

@@ -7,6 +7,7 @@ import time
 
 from scan.checkpoint import atomic_save_npy, atomic_torch_save, seed_everything
 from scan.checks import pretext_check, report
+from scan.distributed import parallel
 from scan.engine import (build_optimizer, cosine_schedule, minibatches, optimizer_step, predict_in_batches, run_epochs,
                          set_lr)
 from scan.features import cache_features
@@ -34,6 +35,7 @@ def stage_pretext(run: Run) -> dict:
         log.warning("pretext.epochs=0 without model.init_checkpoint: the features are those of a random network")
     method = rt.prepare(build_pretext(p.method, backbone, cfg, run.image_size, run.channels, len(run.train)))
     optimizer = build_optimizer(method.parameters(), p.optimizer, p.lr, p.weight_decay, p.momentum)
+    loss_of = parallel(method, method.loss, cfg.sync_batchnorm)   # DDP under torchrun, method.loss otherwise
     images = run.train.images.to(rt.device)
     batch_size = min(p.batch_size, len(images))
     steps = len(minibatches(len(images), batch_size))
@@ -47,7 +49,7 @@ def stage_pretext(run: Run) -> dict:
             step = epoch * steps + i
             set_lr(optimizer, lrs[step])
             with rt.autocast():
-                loss = method.loss(rt.batch(images[idx]), idx.to(rt.device))
+                loss = loss_of(rt.batch(images[idx]), idx.to(rt.device))
             total += optimizer_step(optimizer, loss, "pretext", epoch)
             method.after_step(step, p.epochs * steps)
             tick()

@@ -8,6 +8,7 @@ import torch
 
 from scan.checkpoint import atomic_torch_save, seed_everything
 from scan.checks import report, selflabel_check
+from scan.distributed import parallel
 from scan.engine import EMA, build_optimizer, minibatches, optimizer_step, run_epochs
 from scan.losses import selflabel_loss
 from scan.models import ClusteringModel
@@ -65,7 +66,7 @@ def stage_selflabel(run: Run) -> dict:
         return run.finish("selflabel", seconds=time.time() - start, skipped=True, confident=[0], history=[],
                           check=report("selflabel", selflabel_check(0, None, s.threshold)))
     optimizer = build_optimizer(model.parameters(), s.optimizer, s.lr, s.weight_decay, s.momentum)
-    logits_of = run.source.weak_strong_logits(model)
+    logits_of = parallel(model, run.source.weak_strong_logits(model), cfg.sync_batchnorm)   # DDP under torchrun
     ema = EMA(model, s.ema_decay) if s.ema_decay > 0 else None
     evaluated = ema.model if ema else model
     # The confident count usually dips when training on strong views starts, so the
