@@ -110,3 +110,15 @@ def test_selflabel_that_merges_clusters_stops_and_keeps_the_cluster_model(tmp_pa
     cluster = torch.load(tmp_path / "run" / "cluster" / "model.pt")
     assert kept.keys() == cluster.keys() and all(torch.equal(kept[k], cluster[k]) for k in kept)
     assert metrics["selflabel"]["acc"] == metrics["cluster"]["acc"]
+
+
+def test_summary_line_says_in_sample_for_data_without_a_split():
+    from types import SimpleNamespace
+    from scan.pipeline import summary_line
+    metrics = {"num_eval": 40, "split": "val", "cluster": {"acc": 0.5, "nmi": 0.25, "ari": 0.125}, "checks": {}}
+    train = object()
+    folder = SimpleNamespace(train=train, eval=train, num_clusters=4, run_dir="runs/x")
+    split = SimpleNamespace(train=train, eval=object(), num_clusters=4, run_dir="runs/x")
+    assert summary_line(folder, metrics) == ("cluster acc 0.500 nmi 0.250 ari 0.125  (all 40 images (in-sample), "
+                                             "4 clusters; every self-check ok; results in runs/x)")
+    assert "(40 'val' images, 4 clusters;" in summary_line(split, metrics)

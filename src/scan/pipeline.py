@@ -31,7 +31,9 @@ def summary_line(run: Run, metrics: dict) -> str:
         if stage in metrics:
             m = metrics[stage]
             parts.append(f"{stage} acc {m['acc']:.3f} nmi {m['nmi']:.3f} ari {m['ari']:.3f}")
-    where = f"{metrics['num_eval']} '{metrics['split']}' images, {run.num_clusters} clusters"
+    held_out = run.eval is not run.train   # folders and .npz files have no split: evaluated in-sample
+    images = f"{metrics['num_eval']} '{metrics['split']}' images" if held_out else f"all {metrics['num_eval']} images (in-sample)"
+    where = f"{images}, {run.num_clusters} clusters"
     problems = [f"{stage} {c['status']}" for stage, c in metrics.get("checks", {}).items() if c["status"] != "ok"]
     checks = f"; checks: {', '.join(problems)} (see metrics.json)" if problems else "; every self-check ok"
     if not parts:
