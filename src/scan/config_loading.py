@@ -110,6 +110,7 @@ def validate(cfg, prefix: str = "") -> None:
 
 def check_choices(cfg: Config) -> None:
     """Names chosen from registries exist (with a did-you-mean), checked before any data is loaded."""
+    from scan.augment import STRENGTHS
     from scan.data import DATASETS
     from scan.mining import MINERS, MINING_SPACES
     from scan.models import BACKBONES
@@ -123,6 +124,7 @@ def check_choices(cfg: Config) -> None:
         DATASETS.check(cfg.data.dataset.lower())
     MINERS.check(cfg.mine.method)
     MINING_SPACES.check(cfg.mine.features)
+    STRENGTHS.check(cfg.augment.strong_strength)
 
 
 def flatten(nested: dict, separator: str = ".", prefix: str = ""):
