@@ -19,7 +19,7 @@ from torch import nn
 from scan.augment import StrongAugment, WeakAugment
 from scan.checkpoint import seed_everything
 from scan.config import Config
-from scan.engine import Runtime, minibatches, optimizer_step, predict_in_batches
+from scan.engine import Runtime, StageError, minibatches, optimizer_step, predict_in_batches
 from scan.losses import scan_loss
 from scan.registry import Registry
 from scan.neighbors import combine_features, mine_neighbors, neighbor_purity, pixel_features, select_multiview
@@ -37,18 +37,30 @@ class MiningInputs:
     rt: Runtime
     labels: np.ndarray | None = None          # ground truth, only to report purity
     say: Callable[[str], None] = print
+    # (N, P) L2-normalised projection-head outputs of the same images, loaded only by mine.features=projection
+    load_projection: Callable[[], np.ndarray] | None = None
 
 
-# mine.features: the (N, D) matrix neighbours are searched in, from the backbone features and the images
-MINING_SPACES: Registry[Callable[[np.ndarray, torch.Tensor, int], np.ndarray]] = Registry("mine.features")
-MINING_SPACES.add("backbone", lambda features, images, seed: features)
-MINING_SPACES.add("pixels", lambda features, images, seed: pixel_features(images, seed=seed))
+def _projection(inputs: MiningInputs) -> np.ndarray:
+    if inputs.load_projection is None:
+        raise StageError("mine.features=projection: the pretext stage wrote no projection features "
+                         "(features/*_projection.npy); they come from a contrastive pretext (simclr, moco, "
+                         "byol_queue) with pretext.epochs > 0: rerun it with --restart or use mine.features=backbone")
+    return inputs.load_projection()
+
+
+# mine.features: the (N, D) matrix neighbours are searched in, from the mining inputs of one split
+MINING_SPACES: Registry[Callable[[MiningInputs], np.ndarray]] = Registry("mine.features")
+MINING_SPACES.add("backbone", lambda inputs: inputs.features)
+# the SCAN authors' choice for SimCLR: the 128-d L2-normalised projection output (ImageNet: backbone)
+MINING_SPACES.add("projection", _projection)
+MINING_SPACES.add("pixels", lambda inputs: pixel_features(inputs.images, seed=inputs.cfg.seed))
 MINING_SPACES.add("backbone+pixels",
-                  lambda features, images, seed: combine_features(features, pixel_features(images, seed=seed)))
+                  lambda inputs: combine_features(inputs.features, pixel_features(inputs.images, seed=inputs.cfg.seed)))
 
 
 def mining_space(inputs: MiningInputs) -> np.ndarray:
-    return MINING_SPACES.get(inputs.cfg.mine.features)(inputs.features, inputs.images, inputs.cfg.seed)
+    return MINING_SPACES.get(inputs.cfg.mine.features)(inputs)
 
 
 Miner = Callable[[MiningInputs], tuple[np.ndarray, dict]]
