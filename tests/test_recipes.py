@@ -204,6 +204,37 @@ def test_per_epoch_head_choice_saves_the_lowest_held_out_loss_of_all_epochs(mine
     assert loss.item() == pytest.approx(table.min(), abs=1e-5)
 
 
+def test_per_epoch_head_choice_keeps_an_earlier_epoch_when_its_held_out_loss_was_lowest(mined_run, tmp_path,
+                                                                                         monkeypatch):
+    """Held-out losses scripted per epoch (3 heads): epoch 2's head 0 is the lowest, the last epoch's
+    best head is another one, and the training-split choice would be yet another epoch's weights."""
+    import scan.stages.cluster as cluster
+    script = iter([[3.0, 2.0, 4.0], [1.5, 2.5, 3.0], [1.8, 1.7, 1.9]])
+    weights, real_probs, real_loss = [], cluster.head_probs, cluster.scan_loss_over_pairs
+
+    def probs(run, model, split, dtype=torch.float32):
+        if split == "eval":   # after an epoch: remember that epoch's weights
+            weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real_probs(run, model, split, dtype)
+
+    def loss(probs, neighbors, entropy_weight):
+        if len(neighbors) == len(run.eval) and neighbors.shape[1] == 4:
+            return (torch.tensor(next(script)),) * 3
+        return real_loss(probs, neighbors, entropy_weight)
+    monkeypatch.setattr(cluster, "head_probs", probs)
+    monkeypatch.setattr(cluster, "scan_loss_over_pairs", loss)
+    run = _copy_run(mined_run, tmp_path, ["cluster.head_choice=per_epoch", "cluster.epochs=3",
+                                          "cluster.heldout_neighbors=4"])
+    record = cluster.stage_cluster(run)
+    assert record["kept"] == {"epoch": 2, "head": 0, "heldout_loss": 1.5} and record["best_head"] == 0
+    saved = torch.load(run.path("cluster", "model.pt"), map_location="cpu")
+    epoch2 = weights[1]
+    assert torch.equal(saved["heads.0.weight"], epoch2["heads.0.weight"])
+    assert not torch.equal(saved["heads.0.weight"], weights[2]["heads.0.weight"])
+    backbone = [k for k in saved if k.startswith("backbone.") and saved[k].is_floating_point()]
+    assert backbone and all(torch.equal(saved[k], epoch2[k]) for k in backbone)
+
+
 # ---------------------------------------------------------------- 5. EMA written back
 
 def test_write_back_replaces_the_trained_weights_by_the_average():
