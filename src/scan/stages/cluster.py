@@ -1,7 +1,7 @@
 """Stage 3, cluster: heads trained with the SCAN loss so that an image and its neighbours agree;
 the head with the lowest loss is kept (after the last epoch on the training neighbours, or with
-cluster.head_choice=per_epoch the lowest of every epoch on held-out neighbours), and a training that never left the uniform prediction is
-retried at a higher learning rate. Writes cluster/model.pt."""
+cluster.head_choice=per_epoch the lowest of every epoch on held-out neighbours), and a training
+that never left the uniform prediction is retried at a higher learning rate. Writes cluster/model.pt."""
 from __future__ import annotations
 
 import logging
