@@ -7,6 +7,7 @@ run_dir/
   data.json                   data set summary (sizes, classes, normalisation, content hash)
   pretext/backbone.pt         pretext backbone weights            (stage: pretext)
   features/{train,eval}.npy   backbone features                   (stage: pretext)
+  features/*_projection.npy   L2-normalised projection outputs    (contrastive pretext; mine.features=projection)
   features/cache.json         key of cached pretrained features   (pretext.method: pretrained; scan.features)
   mine/neighbors.npy          (N_train, K) neighbour indices      (stage: mine)
   cluster/model.pt            clustering model, best head only    (stage: cluster)
