@@ -287,3 +287,16 @@ def test_pretext_split_trains_the_pretext_on_the_union_and_clusters_the_train_sp
     prints = {run.fingerprint("pretext"), plain.fingerprint("pretext"), other.fingerprint("pretext")}
     assert len(prints) == 3
     assert len(plain.pretext_data) == 12
+
+
+def test_stl10_reads_any_plus_joined_split_set_in_order(tmp_path):
+    from scan.data import DataError, load_dataset
+    root = write_stl10(tmp_path / "data", n_train=3, n_test=2, n_unlabeled=4)
+    train, test, unlabeled = (load_dataset("stl10", str(root), split=s) for s in ("train", "test", "unlabeled"))
+    joined = load_dataset("stl10", str(root), split="unlabeled+test")
+    assert torch.equal(joined.images, torch.cat([unlabeled.images, test.images])) and joined.labels is None
+    labelled = load_dataset("stl10", str(root), split="test+train")
+    assert labelled.labels.tolist() == test.labels.tolist() + train.labels.tolist()
+    assert len(load_dataset("stl10", str(root), split="all+train+unlabeled")) == 3 + 2 + 4   # each part once
+    with pytest.raises(DataError, match="STL-10 has no split 'extra'"):
+        load_dataset("stl10", str(root), split="train+extra")
