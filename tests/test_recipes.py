@@ -235,6 +235,42 @@ def test_per_epoch_head_choice_keeps_an_earlier_epoch_when_its_held_out_loss_was
     assert backbone and all(torch.equal(saved[k], epoch2[k]) for k in backbone)
 
 
+def test_per_epoch_head_choice_resumes_with_its_lowest_loss(mined_run, tmp_path, monkeypatch):
+    """An interrupted cluster stage resumes with the remembered (epoch, head, weights) from its checkpoint:
+    epoch 1 is scripted to be the lowest, so a resume that forgot it would keep epoch 3."""
+    import scan.stages.cluster as cluster
+    real_loss, script = cluster.scan_loss_over_pairs, []
+
+    def loss(probs, neighbors, entropy_weight):
+        if neighbors.shape[1] == 4:   # the held-out pairs
+            return (torch.tensor(script.pop(0)),) * 3
+        return real_loss(probs, neighbors, entropy_weight)
+    monkeypatch.setattr(cluster, "scan_loss_over_pairs", loss)
+    overrides = ["cluster.head_choice=per_epoch", "cluster.epochs=3", "cluster.heldout_neighbors=4"]
+    script[:] = [[1.0, 5.0, 5.0], [2.0, 5.0, 5.0], [3.0, 5.0, 5.0]]
+    whole = stage_cluster(_copy_run(mined_run, tmp_path / "whole", overrides))
+    assert whole["kept"]["epoch"] == 1
+
+    offer, calls = LowestLoss.offer, []
+
+    def interrupted(self, model, losses, epoch):
+        calls.append(epoch)
+        if epoch == 3 and calls.count(3) == 1:
+            raise KeyboardInterrupt   # as SIGTERM: epochs 1-2 are checkpointed, epoch 3 is not
+        return offer(self, model, losses, epoch)
+    monkeypatch.setattr(LowestLoss, "offer", interrupted)
+    script[:] = [[1.0, 5.0, 5.0], [2.0, 5.0, 5.0], [3.0, 5.0, 5.0], [3.0, 5.0, 5.0]]
+    run = _copy_run(mined_run, tmp_path / "cut", overrides)
+    with pytest.raises(KeyboardInterrupt):
+        stage_cluster(run)
+    resumed = stage_cluster(run)
+    assert calls == [1, 2, 3, 3] and not script
+    assert resumed["kept"] == whole["kept"]
+    a = torch.load(tmp_path / "whole" / "run" / "cluster" / "model.pt", map_location="cpu")
+    b = torch.load(run.path("cluster", "model.pt"), map_location="cpu")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ---------------------------------------------------------------- 5. EMA written back
 
 def test_write_back_replaces_the_trained_weights_by_the_average():
