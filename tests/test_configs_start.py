@@ -1,5 +1,7 @@
 """The GPU-scale configs (paper hyperparameters, real backbones) start and run every stage on
 tiny fake files in the real on-disk formats, with epochs cut to one."""
+import json
+
 import numpy as np
 import pytest
 
@@ -33,6 +35,13 @@ def test_paper_config_runs_every_stage_on_fake_files(tmp_path, name):
     probs = np.load(tmp_path / "run" / "probs.npy")
     assert probs.shape == (metrics["num_eval"], expected_clusters)
     assert 0.0 <= metrics["cluster"]["acc"] <= 1.0
+    # the published recipe's settings ran: the pretext on data.pretext_split (STL-10: train + unlabeled),
+    # the head kept by its held-out loss per epoch
+    pretext = json.loads((tmp_path / "run" / "pretext" / "done.json").read_text())
+    assert pretext["num_images"] == (24 + 4 if name == "stl10" else run.info["num_train"])
+    assert pretext["split"] == ("train+unlabeled" if name == "stl10" else "train")
+    cluster = json.loads((tmp_path / "run" / "cluster" / "done.json").read_text())
+    assert cluster["head_choice"] == "per_epoch" and cluster["kept"]["epoch"] == 1
 
 
 def test_fashion_mnist_cpu_config_runs_every_stage_on_fake_idx_files(tmp_path):

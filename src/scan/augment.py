@@ -6,6 +6,7 @@ same configuration works for 8x8 digits and 96x96 STL-10 images.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import kornia.augmentation as K
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from scan.config import AugmentConfig
+from scan.registry import Registry
 
 
 class SimCLRAugment(nn.Module):
@@ -83,18 +85,18 @@ def _rotate(x, m):
     return KT.rotate(x, _signed(m) * 30.0, padding_mode="zeros")
 
 
-def _shear(axis):
+def _shear(axis, strength):
     def op(x, m):
         s = torch.zeros(x.shape[0], 2, device=x.device, dtype=x.dtype)
-        s[:, axis] = _signed(m) * 0.3
+        s[:, axis] = _signed(m) * strength
         return KT.shear(x, s)
     return op
 
 
-def _translate(axis):
+def _translate(axis, strength):
     def op(x, m):
         t = torch.zeros(x.shape[0], 2, device=x.device, dtype=x.dtype)
-        t[:, axis] = _signed(m) * 0.3 * x.shape[-1]
+        t[:, axis] = _signed(m) * strength * x.shape[-1]
         return KT.translate(x, t)
     return op
 
@@ -114,65 +116,118 @@ def _equalize(x, m):
     return KE.equalize(x)
 
 
-def _enhance(reference: Callable):
-    """PIL-style enhancement: blend with a reference image, factor in [0.05, 1.95]."""
+def _enhance(reference: Callable, factors: tuple[float, float]):
+    """PIL-style enhancement: blend with a reference image, factor uniform in `factors` (lo, hi):
+    ours (0.05, 1.95) weakens or strengthens, the authors' (0.05, 0.95) only weakens."""
+    lo, hi = factors
+    around_one = lo < 1 < hi
+
     def op(x, m):
-        factor = 1 + _signed(m) * 0.95
+        # 1 ± m·(hi − 1) with a random sign is uniform on (lo, hi) for a range symmetric about 1, as
+        # lo + m·(hi − lo) is; the signed form draws the random numbers our tuned configs were run with
+        factor = 1 + _signed(m) * (hi - 1) if around_one else lo + m * (hi - lo)
         return _blend(x, reference(x), factor)
     return op
 
 
-def _sharpness(x, m):
-    return KE.sharpness(x, (m * 0.95 + 0.05) * 1.0)
+def _sharpness(factors: tuple[float, float]):
+    lo, hi = factors
+
+    def op(x, m):
+        return KE.sharpness(x, m * (hi - lo) + lo)
+    return op
 
 
 def _identity(x, m):
     return x
 
 
-RAND_OPS: dict[str, Callable] = {
-    "identity": _identity,
-    "autocontrast": _autocontrast,
-    "equalize": _equalize,
-    "rotate": _rotate,
-    "solarize": _solarize,
-    "color": _enhance(lambda x: _grey(x).expand_as(x)),
-    "posterize": _posterize,
-    "contrast": _enhance(lambda x: _grey(x).mean(dim=(1, 2, 3), keepdim=True).expand_as(x)),
-    "brightness": _enhance(torch.zeros_like),
-    "sharpness": _sharpness,
-    "shear_x": _shear(0),
-    "shear_y": _shear(1),
-    "translate_x": _translate(0),
-    "translate_y": _translate(1),
-}
+@dataclass(frozen=True)
+class StrongStrength:
+    """How hard the strong augmentation is (`augment.strong_strength`, the STRENGTHS registry).
+
+    shear, translate: largest shear and shift (fraction of the side) of the RandAugment ops;
+    enhance, sharpness: (lo, hi) factors of the colour/contrast/brightness and sharpness ops;
+    pre_shift: the weak view's random shift (augment.weak_translate) before the ops;
+    cutout_random_side: the square's side is drawn from 1..augment.cutout_fraction x side
+    (else always that side); cutout_fill: 'black' (0) or 'mean' (the batch's mean colour per
+    channel: what the authors' zero after normalisation is, up to batch-vs-data-set mean).
+    """
+    shear: float
+    translate: float
+    enhance: tuple[float, float]
+    sharpness: tuple[float, float]
+    pre_shift: bool
+    cutout_random_side: bool
+    cutout_fill: str
 
 
-def cutout(x: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Zero one square of side `fraction * H` at a random centre per image (may overhang)."""
+STRENGTHS: Registry[StrongStrength] = Registry("augment.strong_strength")
+# ours: stronger geometry and colour, a 12.5% shift first and a fixed black square; what the CPU
+# configs were tuned with (and what every existing config keeps)
+STRENGTHS.add("scan-cpu", StrongStrength(shear=0.3, translate=0.3, enhance=(0.05, 1.95), sharpness=(0.05, 1.0),
+                                         pre_shift=True, cutout_random_side=False, cutout_fill="black"))
+# the SCAN authors' published strong augmentation (RandAugment-style ops at their ranges, Cutout of a
+# random side up to the configured one, applied after normalisation so the hole is the mean colour)
+STRENGTHS.add("paper", StrongStrength(shear=0.1, translate=0.1, enhance=(0.05, 0.95), sharpness=(0.05, 0.95),
+                                      pre_shift=False, cutout_random_side=True, cutout_fill="mean"))
+
+
+def rand_ops(strength: StrongStrength) -> dict[str, Callable]:
+    """The 14 RandAugment-style operations at `strength`, f(images, magnitudes (n,) in [0, 1])."""
+    return {
+        "identity": _identity,
+        "autocontrast": _autocontrast,
+        "equalize": _equalize,
+        "rotate": _rotate,
+        "solarize": _solarize,
+        "color": _enhance(lambda x: _grey(x).expand_as(x), strength.enhance),
+        "posterize": _posterize,
+        "contrast": _enhance(lambda x: _grey(x).mean(dim=(1, 2, 3), keepdim=True).expand_as(x), strength.enhance),
+        "brightness": _enhance(torch.zeros_like, strength.enhance),
+        "sharpness": _sharpness(strength.sharpness),
+        "shear_x": _shear(0, strength.shear),
+        "shear_y": _shear(1, strength.shear),
+        "translate_x": _translate(0, strength.translate),
+        "translate_y": _translate(1, strength.translate),
+    }
+
+
+def cutout(x: torch.Tensor, fraction: float, random_side: bool = False, fill: str = "black") -> torch.Tensor:
+    """Blank one square of side `fraction * H` at a random centre per image (may overhang).
+
+    random_side: each image's side is drawn uniformly from 1 .. fraction * H instead;
+    fill: 'black' (0) or 'mean' (the batch's mean value per channel)."""
     if fraction <= 0:
         return x
-    b, _, h, w = x.shape
+    b, c, h, w = x.shape
     side = max(1, int(round(fraction * h)))
+    sides = torch.randint(1, side + 1, (b, 1, 1), device=x.device) if random_side else torch.full(
+        (b, 1, 1), side, device=x.device)
     cy = torch.randint(0, h, (b, 1, 1), device=x.device)
     cx = torch.randint(0, w, (b, 1, 1), device=x.device)
     ys = torch.arange(h, device=x.device).view(1, h, 1)
     xs = torch.arange(w, device=x.device).view(1, 1, w)
-    inside = ((ys - cy).abs() <= side // 2) & ((xs - cx).abs() <= side // 2)
-    if side % 2 == 0:   # even side: drop the last row/column so the square is exactly side wide
-        inside &= (ys - cy < side // 2) & (xs - cx < side // 2)
-    return x.masked_fill(inside.unsqueeze(1), 0.0)
+    half = sides // 2
+    inside = ((ys - cy).abs() <= half) & ((xs - cx).abs() <= half)
+    even = (sides % 2 == 0)   # even side: drop the last row/column so the square is exactly side wide
+    inside &= ~even | ((ys - cy < half) & (xs - cx < half))
+    value = x.mean(dim=(0, 2, 3)).view(1, c, 1, 1) if fill == "mean" else torch.zeros((), dtype=x.dtype,
+                                                                                          device=x.device)
+    return torch.where(inside.unsqueeze(1), value, x)
 
 
 class StrongAugment(nn.Module):
-    """SCAN's strong augmentation: flip + shift, `num_ops` random ops with uniform magnitudes, cutout."""
+    """SCAN's strong augmentation: flip (+ shift), `num_ops` random ops with uniform magnitudes, cutout,
+    at the strength `augment.strong_strength` names (STRENGTHS)."""
 
     def __init__(self, cfg: AugmentConfig, image_size: int):
         super().__init__()
-        self.weak = WeakAugment(cfg, image_size)
+        self.strength = STRENGTHS.get(cfg.strong_strength)
+        self.weak = WeakAugment(cfg if self.strength.pre_shift else replace(cfg, weak_translate=0.0), image_size)
         self.num_ops = cfg.strong_num_ops
         self.cutout_fraction = cfg.cutout_fraction
-        self.ops = list(RAND_OPS.values())
+        self.ops = list(rand_ops(self.strength).values())
 
     def forward(self, x):
         x = self.weak(x)
@@ -186,7 +241,7 @@ class StrongAugment(nn.Module):
                 if sel.numel():
                     out[sel] = op(x[sel], magnitude[sel]).to(x.dtype)
             x = out.clamp_(0, 1)
-        return cutout(x, self.cutout_fraction)
+        return cutout(x, self.cutout_fraction, self.strength.cutout_random_side, self.strength.cutout_fill)
 
 
 class NoAugment(nn.Module):

@@ -29,6 +29,9 @@ class DataConfig:
     dataset: str = "digits"          # registry name, or "auto" to guess from `path`
     path: str | None = None          # folder / file; None uses the data set's default location
     train_split: str = "train"
+    # the pretext stage trains on this split instead (e.g. STL-10's train+unlabeled, as the paper);
+    # None: on train_split. Mining, clustering and self-labelling always use train_split
+    pretext_split: str | None = None
     eval_split: str = "val"
     image_size: int | None = _f(None, lo=4)   # folder images are resized to this; None = native
     labels_from_folders: bool = False
@@ -64,6 +67,9 @@ class AugmentConfig:
     strong_num_ops: int = _f(4, lo=0, hi=14)
     cutout_fraction: float = _f(0.5, lo=0.0, hi=1.0)   # cutout side / image side (16/32 in the paper)
     weak_translate: float = _f(0.125, lo=0.0, hi=0.5)  # max shift as a fraction of the side
+    # scan.augment.STRENGTHS: scan-cpu (ours: shear/translate ±0.3, enhance 0.05-1.95, shift first, fixed
+    # black cutout) | paper (the SCAN authors': ±0.1, 0.05-0.95, no shift, cutout of a random side, mean fill)
+    strong_strength: str = "scan-cpu"
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,8 @@ class MineConfig:
     # the space neighbours are searched in (scan.mining.MINING_SPACES): the pretext backbone's features,
     # PCA-whitened raw pixels, or both with equal weight (what the automatic defaults use: it never
     # falls far below the better of the two, and a weak pretext cannot make neighbours worse than pixels)
-    features: str = "backbone"    # scan.mining.MINING_SPACES: backbone | pixels | backbone+pixels
+    # projection: the L2-normalised output of the contrastive projection head (the authors' choice for SimCLR)
+    features: str = "backbone"    # scan.mining.MINING_SPACES: backbone | projection | pixels | backbone+pixels
     # multiview only: a clustering head trained briefly on plain kNN pairs (frozen backbone) ranks candidates
     head_epochs: int = _f(100, lo=1)
     head_lr: float = _f(1e-2, lo=0.0, lo_open=True)
@@ -120,6 +127,11 @@ class ClusterConfig(TrainingConfig):
     update_backbone: bool = True
     augment: str = _f("strong", choices=("strong", "simclr", "weak", "none"))
     head_hidden: int = _f(0, lo=0)           # 0: linear heads; else MLP heads with this many hidden units
+    # which head is kept: final = the lowest SCAN loss on the training neighbours after the last epoch;
+    # per_epoch = the authors': every epoch, the total SCAN loss of every head on held-out neighbours
+    # (the eval split's own nearest neighbours), keeping the weights of the lowest (epoch, head)
+    head_choice: str = _f("final", choices=("final", "per_epoch"))
+    heldout_neighbors: int = _f(5, lo=1)     # per_epoch: neighbours per held-out image (the authors' 5)
 
 
 @dataclass(frozen=True)
@@ -130,6 +142,9 @@ class SelfLabelConfig(TrainingConfig):
     threshold: float = _f(0.99, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
     class_balance: bool = True
     ema_decay: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True)   # 0 disables the EMA (0.999 in the paper)
+    # separate: a separate averaged copy is evaluated and kept; write_back: the average is copied into the
+    # trained weights after every step (the authors' form on ImageNet), so training continues from it
+    ema_mode: str = _f("separate", choices=("separate", "write_back"))
     patience: int = _f(0, lo=0)     # stop after this many epochs without more confident samples; 0 = never
     # an epoch that shrinks any cluster below this fraction of its cluster-stage size is merging
     # clusters (confident errors feed on themselves): stop and keep the last epoch that did not; 0 = off

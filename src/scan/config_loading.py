@@ -121,6 +121,7 @@ def check_recipe_choices(cfg: Config) -> None:
 
 def check_choices(cfg: Config) -> None:
     """Names chosen from registries exist (with a did-you-mean), checked before any data is loaded."""
+    from scan.augment import STRENGTHS
     from scan.data import DATASETS
     from scan.mining import MINERS, MINING_SPACES
     from scan.models import BACKBONES
@@ -135,6 +136,7 @@ def check_choices(cfg: Config) -> None:
     MINERS.check(cfg.mine.method)
     MINING_SPACES.check(cfg.mine.features)
     check_recipe_choices(cfg)
+    STRENGTHS.check(cfg.augment.strong_strength)
 
 
 def flatten(nested: dict, separator: str = ".", prefix: str = ""):

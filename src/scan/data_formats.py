@@ -210,7 +210,7 @@ def load_cifar100_20(request: LoadRequest) -> ImageDataset:
 # ----------------------------------------------------------------------------- STL-10 (binary)
 
 _STL_SIDE = 96
-_STL_SPLITS = {"unlabeled": ("unlabeled",), "train+unlabeled": ("train", "unlabeled")}
+_STL_SPLITS = {"unlabeled": ("unlabeled",)}
 
 
 def _stl_part(folder: Path, part: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -235,9 +235,11 @@ def _stl_part(folder: Path, part: str) -> tuple[np.ndarray, np.ndarray | None]:
 
 @register_dataset("stl10")
 def load_stl10(request: LoadRequest) -> ImageDataset:
-    """STL-10 binary version: stl10_binary/ or its parent. Extra splits "unlabeled" and
-    "train+unlabeled" (what SCAN trains on) have no labels."""
-    parts = split_parts("STL-10", request.split, _STL_SPLITS)
+    """STL-10 binary version: stl10_binary/ or its parent. An extra split "unlabeled"; splits joined
+    with '+' are read in that order, each part once ("train+unlabeled": what SCAN's pretext trains
+    on); a set with an unlabeled part has no labels."""
+    pieces = request.split.split("+")
+    parts = tuple(dict.fromkeys(part for piece in pieces for part in split_parts("STL-10", piece, _STL_SPLITS)))
     folder = require_dir(request, "STL-10", "stl10_binary", (f"{parts[0]}_X.bin",))
     names_file = folder / "class_names.txt"
     names = names_file.read_text().split() if names_file.is_file() else None

@@ -253,6 +253,13 @@ class EMA:
         for e, b in zip(self.model.buffers(), model.buffers()):
             e.copy_(b)
 
+    @torch.no_grad()
+    def write_back(self, model: nn.Module) -> None:
+        """θ ← θ_ema: the average replaces the trained parameters, so training continues from it
+        (the SCAN authors' self-labelling EMA on ImageNet, selflabel.ema_mode=write_back)."""
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            p.copy_(e)
+
     def state_dict(self):
         return self.model.state_dict()
 

@@ -41,18 +41,30 @@ class MiningInputs:
     labels: np.ndarray | None = None          # ground truth, only to report purity
     say: Callable[[str], None] = print
     projection_path: Path | None = None       # pretext/projection.pt, read only by mine.head: mlp
+    # (N, P) L2-normalised projection-head outputs of the same images, loaded only by mine.features=projection
+    load_projection: Callable[[], np.ndarray] | None = None
 
 
-# mine.features: the (N, D) matrix neighbours are searched in, from the backbone features and the images
-MINING_SPACES: Registry[Callable[[np.ndarray, torch.Tensor, int], np.ndarray]] = Registry("mine.features")
-MINING_SPACES.add("backbone", lambda features, images, seed: features)
-MINING_SPACES.add("pixels", lambda features, images, seed: pixel_features(images, seed=seed))
+def _projection(inputs: MiningInputs) -> np.ndarray:
+    if inputs.load_projection is None:
+        raise StageError("mine.features=projection: the pretext stage wrote no projection features "
+                         "(features/*_projection.npy); they come from a contrastive pretext (simclr, moco, "
+                         "byol_queue) with pretext.epochs > 0: rerun it with --restart or use mine.features=backbone")
+    return inputs.load_projection()
+
+
+# mine.features: the (N, D) matrix neighbours are searched in, from the mining inputs of one split
+MINING_SPACES: Registry[Callable[[MiningInputs], np.ndarray]] = Registry("mine.features")
+MINING_SPACES.add("backbone", lambda inputs: inputs.features)
+# the SCAN authors' choice for SimCLR: the 128-d L2-normalised projection output (ImageNet: backbone)
+MINING_SPACES.add("projection", _projection)
+MINING_SPACES.add("pixels", lambda inputs: pixel_features(inputs.images, seed=inputs.cfg.seed))
 MINING_SPACES.add("backbone+pixels",
-                  lambda features, images, seed: combine_features(features, pixel_features(images, seed=seed)))
+                  lambda inputs: combine_features(inputs.features, pixel_features(inputs.images, seed=inputs.cfg.seed)))
 
 
 def mining_space(inputs: MiningInputs) -> np.ndarray:
-    return MINING_SPACES.get(inputs.cfg.mine.features)(inputs.features, inputs.images, inputs.cfg.seed)
+    return MINING_SPACES.get(inputs.cfg.mine.features)(inputs)
 
 
 Miner = Callable[[MiningInputs], tuple[np.ndarray, dict]]

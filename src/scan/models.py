@@ -217,10 +217,17 @@ class ContrastiveModel(nn.Module):
         return F.normalize(self.head(self.backbone(x)), dim=1)
 
 
+def trained_contrastive(method: nn.Module) -> ContrastiveModel | None:
+    """The contrastive model (backbone + projection MLP) whose backbone a pretext method trains:
+    SimCLR's model, MoCo's query encoder, BYOL's online network; None for RotNet."""
+    return next((m for m in method.modules() if isinstance(m, ContrastiveModel) and m.backbone is method.backbone),
+                None)
+
+
 def projection_head(method: nn.Module) -> nn.Module | None:
-    """The projection MLP of a pretext method: the head of its first ContrastiveModel (SimCLR's model,
-    MoCo's query, BYOL's online network; registered before any momentum copy), None for RotNet."""
-    return next((m.head for m in method.modules() if isinstance(m, ContrastiveModel)), None)
+    """The projection MLP of `trained_contrastive(method)` (mine.head: mlp starts from its first layer)."""
+    model = trained_contrastive(method)
+    return None if model is None else model.head
 
 
 class ClusteringModel(nn.Module):

@@ -7,6 +7,7 @@ run_dir/
   data.json                   data set summary (sizes, classes, normalisation, content hash)
   pretext/backbone.pt         pretext backbone weights            (stage: pretext)
   features/{train,eval}.npy   backbone features                   (stage: pretext)
+  features/*_projection.npy   L2-normalised projection outputs    (contrastive pretext; mine.features=projection)
   features/cache.json         key of cached pretrained features   (pretext.method: pretrained; scan.features)
   mine/neighbors.npy          (N_train, K) neighbour indices      (stage: mine)
   cluster/model.pt            clustering model, best head only    (stage: cluster)
@@ -23,6 +24,7 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -80,6 +82,24 @@ class Run:
     def path(self, *parts: str) -> Path:
         return self.run_dir.joinpath(*parts)
 
+    @cached_property
+    def pretext_data(self) -> ImageDataset:
+        """The images the pretext stage trains on: data.pretext_split (loaded on first use), else the training split."""
+        split = self.cfg.data.pretext_split
+        if split is None or split == self.cfg.data.train_split or not has_splits(self.cfg.data.dataset,
+                                                                                 self.cfg.data.path):
+            return self.train
+        data = load_split(self.cfg, split)
+        if data.images.shape[1:] != self.train.images.shape[1:]:
+            raise ConfigError(f"data.pretext_split '{split}' has images of shape {tuple(data.images.shape[1:])}, "
+                              f"the train split {tuple(self.train.images.shape[1:])}")
+        return data
+
+    @cached_property
+    def pretext_data_hash(self) -> str:
+        """Content hash of the pretext stage's images (part of its fingerprint)."""
+        return self.info["data_hash"] if self.pretext_data is self.train else content_hash(self.pretext_data.images)
+
     def fingerprint(self, stage: str) -> str:
         """Hash of a stage's declared configuration and inputs and of the stages it needs (scan.stage)."""
         return fingerprint(self, stage)
@@ -122,13 +142,17 @@ class Run:
         return self.source.new_model(num_heads)
 
 
+def load_split(cfg: Config, split: str) -> ImageDataset:
+    d = cfg.data
+    return load_dataset(d.dataset, path=d.path, split=split, image_size=d.image_size,
+                        labels_from_folders=d.labels_from_folders, seed=cfg.seed, folder=FolderOptions.from_config(cfg))
+
+
 def load_data(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
     d = cfg.data
-    kwargs = dict(path=d.path, image_size=d.image_size, labels_from_folders=d.labels_from_folders, seed=cfg.seed,
-                  folder=FolderOptions.from_config(cfg))
-    train = load_dataset(d.dataset, split=d.train_split, **kwargs)
+    train = load_split(cfg, d.train_split)
     same = d.eval_split == d.train_split or not has_splits(d.dataset, d.path)
-    evaluation = train if same else load_dataset(d.dataset, split=d.eval_split, **kwargs)
+    evaluation = train if same else load_split(cfg, d.eval_split)
     return train, evaluation
 
 

@@ -1,6 +1,7 @@
 """Stage 3, cluster: heads trained with the SCAN loss so that an image and its neighbours agree;
-the head with the lowest loss is kept, and a training that never left the uniform prediction is
-retried at a higher learning rate. Writes cluster/model.pt."""
+the head with the lowest loss is kept (after the last epoch on the training neighbours, or with
+cluster.head_choice=per_epoch the lowest of every epoch on held-out neighbours), and a training
+that never left the uniform prediction is retried at a higher learning rate. Writes cluster/model.pt."""
 from __future__ import annotations
 
 import logging
@@ -14,8 +15,11 @@ from scan.checks import cluster_check, report
 from scan.distributed import is_main, parallel
 from scan.engine import build_optimizer, minibatches, optimizer_step, run_epochs
 from scan.losses import scan_loss, scan_loss_over_pairs
+from scan.mining import mining_space
+from scan.neighbors import mine_neighbors
 from scan.run import Run, head_probs, require, say
 from scan.stage import Stage, register_stage
+from scan.stages.mine import mining_inputs
 
 log = logging.getLogger("scan")
 
@@ -38,13 +42,16 @@ def stage_cluster(run: Run) -> dict:
     neighbors = torch.from_numpy(np.load(require(run.path("mine", "neighbors.npy"), "mine")))
     start = time.time()
     lrs = sorted(lr for lr in {c.lr, *(min(c.lr * f, RESCUE_MAX_LR) for f in RESCUE_LR_FACTORS)} if lr >= c.lr)
+    heldout = heldout_neighbors(run) if c.head_choice == "per_epoch" else None
     tried = []
     for attempt, lr in enumerate(lrs):
-        model, history = _train_heads(run, neighbors, lr, attempt)
+        model, history, lowest = _train_heads(run, neighbors, lr, attempt, heldout)
+        if lowest is not None:   # per_epoch: back to the weights of the epoch whose head had the lowest loss
+            model.load_state_dict(lowest.state)
         # (H, N, C) in float16: 10 heads x 260k ImageNet-200 images would take 2 GB in float32
         probs = head_probs(run, model, "train", dtype=torch.float16)
         losses, consistency, _ = scan_loss_over_pairs(probs, neighbors, c.entropy_weight)
-        best = int(losses.argmin())
+        best = int(losses.argmin()) if lowest is None else lowest.head
         confidence = float(probs[best].max(1).values.float().mean())
         check = cluster_check(float(consistency[best]), confidence, run.num_clusters)
         tried.append({"lr": lr, "status": check["status"], "consistency": float(consistency[best])})
@@ -61,15 +68,48 @@ def stage_cluster(run: Run) -> dict:
     model.keep_head(best)
     atomic_torch_save(run.path("cluster", "model.pt"), model.state_dict())
     extra = {"seconds": time.time() - start, "head_losses": losses.tolist(), "best_head": best, "history": history,
-             "check": report("cluster", check)}
+             "head_choice": c.head_choice, "check": report("cluster", check)}
+    if lowest is not None:
+        extra["kept"] = {"epoch": lowest.epoch, "head": lowest.head, "heldout_loss": lowest.loss}
     _warn_collapse(run, probs[best].argmax(1), "cluster")
     for retry in run.path("cluster").glob("retry*/checkpoint.pt") if is_main() else ():
         retry.unlink()
     return run.finish("cluster", **extra)
 
 
-def _train_heads(run: Run, neighbors: torch.Tensor, lr: float, attempt: int):
-    """One training of the clustering heads (and backbone, if updated) at learning rate `lr`."""
+def heldout_neighbors(run: Run) -> torch.Tensor:
+    """(N_eval, K) nearest neighbours of the eval images among themselves, in the mining space
+    (mine.features), K = cluster.heldout_neighbors: the held-out pairs per-epoch head choice scores."""
+    inputs = mining_inputs(run, "eval")
+    k = min(run.cfg.cluster.heldout_neighbors, len(inputs.features) - 1)
+    return torch.from_numpy(mine_neighbors(mining_space(inputs), k))
+
+
+class LowestLoss:
+    """The (epoch, head) with the lowest held-out SCAN loss so far and the weights of that epoch."""
+
+    def __init__(self):
+        self.loss, self.epoch, self.head, self.state = float("inf"), 0, 0, None
+
+    def offer(self, model, losses: torch.Tensor, epoch: int) -> bool:
+        """losses: (H,) total SCAN loss of every head after `epoch`; keeps the weights if one is the lowest yet."""
+        head = int(losses.argmin())
+        if float(losses[head]) < self.loss:
+            self.loss, self.epoch, self.head = float(losses[head]), epoch, head
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return True
+        return False
+
+    def state_dict(self):
+        return {"loss": self.loss, "epoch": self.epoch, "head": self.head, "state": self.state}
+
+    def load_state_dict(self, d):
+        self.loss, self.epoch, self.head, self.state = d["loss"], d["epoch"], d["head"], d["state"]
+
+
+def _train_heads(run: Run, neighbors: torch.Tensor, lr: float, attempt: int, heldout: torch.Tensor | None):
+    """One training of the clustering heads (and backbone, if updated) at learning rate `lr`; with held-out
+    neighbours (cluster.head_choice=per_epoch) also the LowestLoss over epochs and heads, else None."""
     cfg, rt, c = run.cfg, run.rt, run.cfg.cluster
     seed_everything(cfg.seed + 1 + attempt)
     source = run.source
@@ -104,9 +144,21 @@ def _train_heads(run: Run, neighbors: torch.Tensor, lr: float, attempt: int):
     # a retry keeps its own checkpoint, so a kill during it resumes the retry, not the failed attempt
     where = run.path("cluster") if attempt == 0 else run.path("cluster", f"retry{attempt}")
     fingerprint = run.fingerprint("cluster") + ("" if attempt == 0 else f"-lr{lr:g}")
-    history = run_epochs("cluster", where, c.epochs, steps, {"model": model, "opt": optimizer},
-                         epoch_fn, fingerprint, rt)
-    return model, history
+    states = {"model": model, "opt": optimizer}
+    after_epoch = None
+    if heldout is not None:
+        states["lowest"] = lowest = LowestLoss()
+
+        def after_epoch(epoch, stats):
+            probs = head_probs(run, model, "eval", dtype=torch.float16)
+            losses = scan_loss_over_pairs(probs, heldout, c.entropy_weight)[0]
+            stats["heldout_losses"] = losses.tolist()
+            lowest.offer(model, losses, epoch + 1)
+            return False
+    history = run_epochs("cluster", where, c.epochs, steps, states, epoch_fn, fingerprint, rt, after_epoch)
+    if heldout is None or lowest.state is None:   # no epoch ran (cluster.epochs=0): the final choice
+        return model, history, None
+    return model, history, lowest
 
 
 def _warn_collapse(run: Run, pred: torch.Tensor, stage: str) -> None:

@@ -14,6 +14,17 @@ from scan.run import Run, load_backbone, require, say
 from scan.stage import Stage, register_stage
 
 
+def mining_inputs(run: Run, split: str) -> MiningInputs:
+    """What the miners and mining spaces read for the 'train' or 'eval' images (features/<split>*.npy)."""
+    data = run.train if split == "train" else run.eval
+    features = np.load(require(run.path("features", f"{split}.npy"), "pretext"))
+    projection = run.path("features", f"{split}_projection.npy")
+    return MiningInputs(features, data.images, lambda: load_backbone(run), run.cfg, run.num_clusters, run.rt,
+                        data.labels, lambda m: say(run.rt, m),
+                        projection_path=run.path("pretext", "projection.pt"),
+                        load_projection=(lambda: np.load(projection)) if projection.is_file() else None)
+
+
 def stage_mine(run: Run) -> dict:
     """Neighbours of every training image in pretext feature space (mine.method: knn | multiview)."""
     if (record := run.done("mine")) is not None:
@@ -25,10 +36,7 @@ def stage_mine(run: Run) -> dict:
 
 def _mine(run: Run) -> dict:
     start = time.time()
-    features = np.load(require(run.path("features", "train.npy"), "pretext"))
-    neighbors, facts = mine(MiningInputs(features, run.train.images, lambda: load_backbone(run), run.cfg,
-                                         run.num_clusters, run.rt, run.train.labels, lambda m: say(run.rt, m),
-                                         projection_path=run.path("pretext", "projection.pt")))
+    neighbors, facts = mine(mining_inputs(run, "train"))
     atomic_save_npy(run.path("mine", "neighbors.npy"), neighbors)
     extra = {"seconds": time.time() - start, "method": run.cfg.mine.method, "num_neighbors": int(neighbors.shape[1]),
              **facts}

@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
+import torch.nn.functional as F
+
 from scan.checkpoint import atomic_save_npy, atomic_torch_save, seed_everything
 from scan.checks import pretext_check, report
 from scan.distributed import parallel
 from scan.engine import (build_optimizer, cosine_schedule, minibatches, optimizer_step, predict_in_batches, run_epochs,
                          set_lr)
 from scan.features import cache_features
-from scan.models import Backbone, load_backbone_weights, projection_head
+from scan.models import Backbone, ContrastiveModel, load_backbone_weights, trained_contrastive
 from scan.pretext import build_pretext
 from scan.run import Run
 from scan.stage import Stage, register_stage
@@ -33,10 +36,11 @@ def stage_pretext(run: Run) -> dict:
         load_backbone_weights(backbone, cfg.model.init_checkpoint)
     elif p.epochs == 0:
         log.warning("pretext.epochs=0 without model.init_checkpoint: the features are those of a random network")
-    method = rt.prepare(build_pretext(p.method, backbone, cfg, run.image_size, run.channels, len(run.train)))
+    data = run.pretext_data   # data.pretext_split (e.g. STL-10's train+unlabeled), else the training split
+    method = rt.prepare(build_pretext(p.method, backbone, cfg, run.image_size, run.channels, len(data)))
     optimizer = build_optimizer(method.parameters(), p.optimizer, p.lr, p.weight_decay, p.momentum)
     loss_of = parallel(method, method.loss, cfg.sync_batchnorm)   # DDP under torchrun, method.loss otherwise
-    images = run.train.images.to(rt.device)
+    images = data.images.to(rt.device)
     batch_size = min(p.batch_size, len(images))
     steps = len(minibatches(len(images), batch_size))
     lrs = cosine_schedule(p.lr, p.epochs * steps, p.warmup_epochs * steps)
@@ -59,20 +63,35 @@ def stage_pretext(run: Run) -> dict:
                          epoch_fn, run.fingerprint("pretext"), rt)
     backbone = method.backbone
     atomic_torch_save(run.path("pretext", "backbone.pt"), backbone.state_dict())
-    if (projection := projection_head(method)) is not None:   # mine.head: mlp starts from its first layer
-        atomic_torch_save(run.path("pretext", "projection.pt"), projection.state_dict())
-    _write_features(run, backbone)
+    contrastive = trained_contrastive(method)
+    if contrastive is not None:   # mine.head: mlp starts from the first layer of its projection
+        atomic_torch_save(run.path("pretext", "projection.pt"), contrastive.head.state_dict())
+    _write_features(run, backbone, contrastive if p.epochs > 0 else None)
     return run.finish("pretext", seconds=time.time() - start, history=history, method=p.method,
+                      split=cfg.data.pretext_split or cfg.data.train_split, num_images=len(data),
                       check=report("pretext", pretext_check(history)))
 
 
-def _write_features(run: Run, backbone: Backbone) -> None:
+def _write_features(run: Run, backbone: Backbone, projection: ContrastiveModel | None) -> None:
+    """features/{train,eval}.npy (pooled backbone features) and, for a trained projection head,
+    features/{train,eval}_projection.npy (its L2-normalised output: mine.features=projection)."""
     backbone.eval()
+    if projection is not None:
+        projection.eval()
+    dim = backbone.feature_dim
     for name, data in (("train", run.train), ("eval", run.eval)):
-        feats = predict_in_batches(backbone, data.images, run.rt, desc=f"features ({name})")
-        atomic_save_npy(run.path("features", f"{name}.npy"), feats.numpy())
+        if projection is None:
+            feats = predict_in_batches(backbone, data.images, run.rt, desc=f"features ({name})")
+        else:   # one pass: (N, D) backbone features next to the (N, P) projections of the same images
+            def features_and_projection(x):
+                f = backbone(x)
+                return torch.cat([f, F.normalize(projection.head(f), dim=1)], 1)
+            both = predict_in_batches(features_and_projection, data.images, run.rt, desc=f"features ({name})")
+            feats = both[:, :dim]
+            atomic_save_npy(run.path("features", f"{name}_projection.npy"), both[:, dim:].contiguous().numpy())
+        atomic_save_npy(run.path("features", f"{name}.npy"), feats.contiguous().numpy())
 
 
 register_stage(Stage("pretext", stage_pretext, sections=("seed", "model", "augment", "pretext"),
-                     inputs=lambda run: (run.info["data_hash"],),
+                     inputs=lambda run: (run.pretext_data_hash,),
                      description="self-supervised features (SimCLR, MoCo, BYOL-queue, RotNet) or a frozen network"))

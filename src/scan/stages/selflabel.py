@@ -68,7 +68,9 @@ def stage_selflabel(run: Run) -> dict:
     optimizer = build_optimizer(model.parameters(), s.optimizer, s.lr, s.weight_decay, s.momentum)
     logits_of = parallel(model, run.source.weak_strong_logits(model), cfg.sync_batchnorm)   # DDP under torchrun
     ema = EMA(model, s.ema_decay) if s.ema_decay > 0 else None
-    evaluated = ema.model if ema else model
+    write_back = ema is not None and s.ema_mode == "write_back"
+    # separate: the averaged copy is what is evaluated and kept; write_back: the model itself is the average
+    evaluated = ema.model if ema and not write_back else model
     # The confident count usually dips when training on strong views starts, so the
     # initial model does not compete: the best trained epoch is kept.
     best = _Best(evaluated, -1)
@@ -86,6 +88,8 @@ def stage_selflabel(run: Run) -> dict:
             total += optimizer_step(optimizer, loss, "selflabel", epoch)
             if ema:
                 ema.update(model)
+                if write_back:
+                    ema.write_back(model)
             used += count
             tick()
         return {"loss": total / steps, "confident_in_batches": float(used)}

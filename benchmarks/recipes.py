@@ -1,0 +1,108 @@
+"""The published recipe against ours, one setting at a time (issue 14, items 1 and 2), over seeds.
+
+For each seed the CPU config runs once as shipped ("ours"); each variant then copies that run
+directory and changes one setting, so the stages it does not touch are reused (the mining
+variant keeps the pretext; the augmentation variant retrains it, since the augment section is
+part of the pretext's fingerprint). Prints JSON: per variant and seed ACC/NMI/ARI of the cluster
+stage and the final one, neighbour purity and seconds, then per variant the median, min-max
+spread and the median difference to ours over seeds.
+
+    python benchmarks/recipes.py --seeds 3                          # digits, about 1-2 min per run
+    python benchmarks/recipes.py --config fashion-mnist --seeds 3   # Fashion-MNIST (needs the data; ~30 min per run)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from scan.config import load_config
+from scan.pipeline import open_run, run_pipeline
+
+# variant -> the overrides that turn our CPU default into the published setting
+VARIANTS = {
+    "ours": [],
+    "mine.features=projection": ["mine.features=projection"],            # item 1: the authors' mining space
+    "augment.strong_strength=paper": ["augment.strong_strength=paper"],  # item 2: the authors' strong augmentation
+}
+STAGES = ("cluster", "selflabel")
+METRICS = ("acc", "nmi", "ari")
+
+
+def one_run(config: str, seed: int, overrides: list[str], run_dir: Path, start_from: Path | None) -> dict:
+    """Run the pipeline in `run_dir` (a copy of `start_from`, whose unchanged stages are then skipped)."""
+    if start_from is not None:
+        shutil.copytree(start_from, run_dir)
+    cfg = load_config(config, overrides + [f"seed={seed}", "quiet=true"])
+    started = time.time()
+    metrics = run_pipeline(open_run(cfg, run_dir, restart=start_from is None))
+    out = {"seed": seed, "seconds": time.time() - started, "neighbor_purity": metrics.get("neighbor_purity")}
+    for stage in STAGES:
+        if stage in metrics:
+            out[stage] = {k: metrics[stage][k] for k in METRICS}
+    out["final"] = out.get("selflabel", out.get("cluster"))
+    return out
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "mean": statistics.fmean(values), "std": statistics.pstdev(values)}
+
+
+def summarise(runs: dict[str, list[dict]]) -> dict:
+    """Per variant: median and spread of every metric, and the per-seed difference to ours."""
+    summary = {}
+    for variant, rows in runs.items():
+        entry = {}
+        for stage in (*STAGES, "final"):
+            for metric in METRICS:
+                values = [r[stage][metric] for r in rows if stage in r]
+                if values:
+                    entry[f"{stage}_{metric}"] = spread(values)
+        purity = [r["neighbor_purity"] for r in rows if r.get("neighbor_purity") is not None]
+        if purity:
+            entry["neighbor_purity"] = spread(purity)
+        if variant != "ours":
+            diffs = [r["final"]["acc"] - o["final"]["acc"] for r, o in zip(rows, runs["ours"])]
+            entry["final_acc_minus_ours"] = spread(diffs)
+        entry["seconds_median"] = statistics.median(r["seconds"] for r in rows)
+        summary[variant] = entry
+    return summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="digits")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="applied to every variant")
+    parser.add_argument("--out", help="keep run directories here (default: a temporary folder)")
+    parser.add_argument("--json", help="also write the result to this file")
+    args = parser.parse_args(argv)
+    root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="scan-recipes-"))
+    variants = ["ours"] + [v for v in args.variants if v != "ours"]
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for seed in range(args.seeds):
+        ours_dir = root / f"seed{seed}" / "ours"
+        for variant in variants:
+            start_from = None if variant == "ours" else ours_dir
+            row = one_run(args.config, seed, args.overrides + VARIANTS[variant],
+                          root / f"seed{seed}" / variant.replace("=", "-"), start_from)
+            runs[variant].append(row)
+            print(json.dumps({"variant": variant, **row}), file=sys.stderr)
+    result = {"config": args.config, "overrides": args.overrides, "seeds": args.seeds,
+              "variants": {v: VARIANTS[v] for v in variants}, "summary": summarise(runs), "runs": runs}
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
