@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from scan.config import load_config
-from scan.engine import ema_update, frozen_copy, momentum_schedule
+from scan.averaging import ema_update, frozen_copy, momentum_schedule
 from scan.models import build_backbone
 from scan.pipeline import open_run
 from scan.stages.pretext import stage_pretext

@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from scan.cli import _pretrained_overrides, main
+from scan.cli import main
+from scan.cli_config import _pretrained_overrides
 from scan.config import ConfigError, load_config
 from scan.data import load_dataset
 from scan.heads import FrozenFeatures

@@ -20,7 +20,8 @@ from torch import nn
 
 from scan.augment import STRENGTHS, build_augment, cutout, rand_ops
 from scan.config import load_config
-from scan.engine import EMA, minibatches
+from scan.averaging import EMA
+from scan.engine import minibatches
 from scan.losses import scan_loss_over_pairs
 from scan.neighbors import mine_neighbors
 from scan.pipeline import open_run

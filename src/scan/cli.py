@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from scan import __version__
-from scan.cli_config import _pretrained_overrides, build_config  # noqa: F401  (the estimator's --pretrained)
+from scan.cli_config import build_config
 from scan.config import Config, ConfigError, builtin_config_names
 
 # the pipeline's stages in order: a static copy of the stage registry (scan.stage), which imports

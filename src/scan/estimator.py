@@ -174,7 +174,7 @@ class SCANClustering(ClusterMixin, BaseEstimator):
         if data is None and dataset is _ABSENT:
             fit_data = _merge(fit_data, {"data": {"dataset": "auto"}})   # the format is recognised from the files
         if self.pretrained is not None:
-            from scan.cli import _pretrained_overrides   # exactly what `scan run --pretrained` applies
+            from scan.cli_config import _pretrained_overrides   # exactly what `scan run --pretrained` applies
             overrides = _merge(_pretrained_overrides(str(self.pretrained)), overrides)
         params = {"seed": self.seed, "device": self.device, "quiet": self.quiet}
         if self.n_clusters is not None:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scan.augment_views import build_views
-from scan.engine import ema_update, frozen_copy, momentum_schedule
+from scan.averaging import ema_update, frozen_copy, momentum_schedule
 from scan.losses import info_nce
 from scan.models import ContrastiveModel, mlp
 from scan.pretext import method_default, register_pretext

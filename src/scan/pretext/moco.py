@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from scan.augment import SimCLRAugment
-from scan.engine import ema_update, frozen_copy
+from scan.averaging import ema_update, frozen_copy
 from scan.losses import info_nce
 from scan.models import ContrastiveModel
 from scan.pretext import method_default, register_pretext

@@ -9,7 +9,8 @@ import torch
 from scan.checkpoint import atomic_torch_save, seed_everything
 from scan.checks import report, selflabel_check
 from scan.distributed import parallel
-from scan.engine import EMA, build_optimizer, minibatches, optimizer_step, run_epochs
+from scan.averaging import EMA
+from scan.engine import build_optimizer, minibatches, optimizer_step, run_epochs
 from scan.losses import selflabel_loss
 from scan.models import ClusteringModel
 from scan.run import Run, head_probs, load_stage_model, say
