@@ -223,6 +223,24 @@ def test_folder_runs_say_in_sample_and_the_confusion_matrix_uses_the_metrics_ima
     assert "SCAN loss = consistency − 5 × entropy" in text     # why the cluster loss is negative
 
 
+def test_report_confidence_is_the_trust_measure_and_shows_the_ood_score(trained):
+    """The report ranks and histograms by the neighbour-agreement confidence of trust.pt (the softmax
+    maximum sits at 1.00 for nearly every image after self-labelling) and shows ood_score/unknown."""
+    import json
+    import re
+    from scan.inference import open_trained_run, train_trust
+    text = (trained["run"] / "report.html").read_text()
+    table = json.loads(re.search(r'<script type="application/json" id="scan-images">(.*?)</script>', text, re.S).group(1))
+    assert table["columns"] == ["confidence", "probability", "ood_score", "unknown"]
+    trust = train_trust(open_trained_run(trained["run"], "cpu"))
+    rows = table["rows"]
+    for i, row in list(rows.items())[:20]:
+        assert row["confidence"] == round(float(trust.confidence[int(i)]), 4)
+        assert row["ood_score"] == round(float(trust.ood_score[int(i)]), 4)
+    assert len({row["confidence"] for row in rows.values()}) > 10     # it ranks images
+    assert f"{int(trust.unknown.sum()):,} (ood_score above {trust.threshold:.3f}" in text
+
+
 @pytest.fixture(scope="module")
 def big_report(tmp_path_factory):
     """The benchmark's synthetic 1,000-image run, with a hostile file name and cluster name."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from scan.checkpoint import atomic_write_text, read_json
-from scan.inference import TrainOutputs, cluster_title, load_names, open_trained_run, train_outputs
+from scan.inference import TrainOutputs, cluster_title, load_names, open_trained_run, train_outputs, train_trust
 from scan.metrics import cluster_to_class, contingency
 from scan.report_charts import bar_chart, cluster_color, heatmap, line_chart
 from scan.report_cluster import ClusterContext, cluster_card, merge_hints
@@ -57,6 +57,13 @@ class ReportData:
     entropy_weight: float | None = None      # the cluster stage's, to explain its negative loss
     neighbors: np.ndarray | None = None      # (N, K) mined neighbours: merge hints count crossing pairs
     extra_columns: dict[str, np.ndarray] = field(default_factory=dict)   # more per-image values to show
+    # (N,) how far to trust each assignment (scan.ood: agreement of the nearest training images);
+    # None: the softmax maximum, which self-labelling pushes to 1.00 for nearly every image
+    trust: np.ndarray | None = None
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self.probs.max(1) if self.trust is None else self.trust
 
     @property
     def num_clusters(self) -> int:
@@ -117,24 +124,30 @@ def report_data(run: Run, outputs: TrainOutputs) -> ReportData:
     evaluated_on = (f"all {len(run.train):,} images (in-sample: there is no held-out split)" if in_sample else
                     f"the {len(run.eval):,} '{d.eval_split}' images (held out from training)")
     neighbors_file = run.path("mine", "neighbors.npy")
+    trust = train_trust(run)   # leave-one-out, so a training image is judged like a new one
+    unknown = trust.unknown
     return ReportData(
         source=str(d.path or d.dataset), run_dir=str(run.run_dir), images=run.train.images, ids=outputs.ids,
         probs=outputs.probs, features=outputs.features, seed=run.cfg.seed, names=load_names(run.run_dir),
         summary={"images": f"{len(run.train):,}", "clusters": str(run.num_clusters),
                  "image size": "×".join(str(s) for s in run.info["image_shape"][1:]),
-                 "final model": final_stage(run), "backbone": run.cfg.model.backbone},
+                 "final model": final_stage(run), "backbone": run.cfg.model.backbone,
+                 "unknown-like training images": f"{int(unknown.sum()):,} (ood_score above {trust.threshold:.3f}; "
+                                           f"scan predict calls such new images 'unknown')"},
         evaluated_on=evaluated_on, metrics=read_json(run.path("metrics.json"), {}),
         labels=run.train.labels, class_names=run.train.class_names or
         ([str(k) for k in range(run.info["num_classes"])] if run.info["num_classes"] else None),
         eval_pred=_eval_predictions(run, outputs), eval_labels=run.eval.labels,
         curves=_loss_histories(run), entropy_weight=run.cfg.cluster.entropy_weight,
-        neighbors=np.load(neighbors_file) if neighbors_file.exists() else None)
+        neighbors=np.load(neighbors_file) if neighbors_file.exists() else None, trust=trust.confidence,
+        extra_columns={"probability": outputs.probs.max(1), "ood_score": trust.ood_score,
+                       "unknown": unknown.astype(np.float32)})
 
 
 def image_columns(data: ReportData) -> dict[str, np.ndarray]:
     """The values shown with every thumbnail, first one as its caption. An out-of-distribution
     score per image (scan.ood) is one more entry: ReportData.extra_columns."""
-    return {"confidence": data.probs.max(1), **data.extra_columns}
+    return {"confidence": data.confidence, **data.extra_columns}
 
 
 # ------------------------------------------------------------------------ sections
@@ -223,7 +236,7 @@ def render_report(data: ReportData) -> dict[str, str]:
     """{file name relative to the run directory: HTML}: report.html, and member pages for big runs."""
     k = data.num_clusters
     pred = data.probs.argmax(1)
-    confidence = data.probs.max(1)
+    confidence = data.confidence
     titles = [cluster_title(c, data.names) for c in range(k)]
     sizes = np.bincount(pred, minlength=k)
     pixelated = data.images.shape[-1] < PIXELATED_BELOW
