@@ -119,12 +119,26 @@ def train_case(name: str, sync_batchnorm: bool = True) -> tuple[list[float], dic
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def augment_case() -> dict:
+    """The same images augmented on every rank, and the shared stream's next permutation, from each rank."""
+    from scan.augment import SimCLRAugment, StrongAugment, WeakAugment
+    from scan.config import AugmentConfig
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 16, 16)
+    views = [aug(x) for aug in (SimCLRAugment(AugmentConfig(), 16, 3), WeakAugment(AugmentConfig(), 16),
+                                StrongAugment(AugmentConfig(), 16))]
+    gathered = [None] * distributed.world_size()
+    dist.all_gather_object(gathered, {"views": views, "order": torch.randperm(50)})
+    return {"ranks": gathered}
+
+
 def _worker(rank: int, world: int, port: int, out: str, cases: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         results = {name: train_case(name) for name in cases}
         results["simclr_per_rank_batchnorm"] = train_case("simclr", sync_batchnorm=False)
+        results["augment"] = augment_case()
         if rank == 0:
             torch.save(results, out)
         dist.barrier()
@@ -154,6 +168,22 @@ def test_per_rank_batch_norm_statistics_differ_from_the_global_batch(two_process
     local_losses, _ = two_process_results["simclr_per_rank_batchnorm"]
     # sync_batchnorm=false reaches the model: outside the tolerance the equivalence tests hold to
     assert local_losses != pytest.approx(one_losses, rel=1e-4, abs=1e-5)
+
+
+def test_each_rank_augments_with_its_own_random_numbers_and_the_shared_stream_stays_in_step(two_process_results):
+    rank0, rank1 = two_process_results["augment"]["ranks"]
+    for a, b in zip(rank0["views"], rank1["views"]):   # SimCLR, weak and strong views of the same images
+        assert not torch.allclose(a, b)
+    assert torch.equal(rank0["order"], rank1["order"])   # the batches every rank slices stay the same
+    torch.manual_seed(0)                                   # one process: the augmentation draws as before
+    from scan.augment import WeakAugment
+    from scan.config import AugmentConfig
+    x = torch.rand(4, 3, 16, 16)
+    state = torch.get_rng_state()
+    out = WeakAugment(AugmentConfig(), 16)(x)
+    torch.set_rng_state(state)
+    plain = WeakAugment.forward.__wrapped__(WeakAugment(AugmentConfig(), 16), x)
+    assert torch.equal(out, plain)
 
 
 def test_without_torchrun_every_helper_is_the_identity():

@@ -6,6 +6,7 @@ same configuration works for 8x8 digits and 96x96 STL-10 images.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -15,8 +16,19 @@ import kornia.geometry.transform as KT
 import torch
 from torch import nn
 
+from scan import distributed
 from scan.config import AugmentConfig
 from scan.registry import Registry
+
+
+def per_rank(forward):
+    """Under torchrun, an augmentation draws from its rank's own random numbers
+    (`distributed.rank_random`), so no two ranks augment their i-th images alike."""
+    @functools.wraps(forward)
+    def wrapped(self, x):
+        with distributed.rank_random(x.device):
+            return forward(self, x)
+    return wrapped
 
 
 class SimCLRAugment(nn.Module):
@@ -36,6 +48,7 @@ class SimCLRAugment(nn.Module):
             ops.append(K.ColorJitter(s, s, p=cfg.jitter_prob))
         self.ops = nn.Sequential(*ops)
 
+    @per_rank
     def forward(self, x):
         return self.ops(x).clamp_(0, 1)
 
@@ -48,6 +61,7 @@ class WeakAugment(nn.Module):
         self.flip = cfg.flip
         self.max_shift = cfg.weak_translate * image_size
 
+    @per_rank
     def forward(self, x):
         b = x.shape[0]
         if self.flip:
@@ -229,6 +243,7 @@ class StrongAugment(nn.Module):
         self.cutout_fraction = cfg.cutout_fraction
         self.ops = list(rand_ops(self.strength).values())
 
+    @per_rank
     def forward(self, x):
         x = self.weak(x)
         b = x.shape[0]

@@ -56,6 +56,26 @@ def is_main() -> bool:
     return rank() == 0
 
 
+@contextlib.contextmanager
+def rank_random(device: torch.device):
+    """Inside: random numbers of this rank's own (for augmentation); outside: the stream every rank shares.
+
+    All ranks draw the same permutations from one seeded stream (`engine.minibatches`), so without
+    this each rank would also draw the same augmentation parameters: rank r's i-th image would get
+    rank 0's i-th crop. Here every rank takes one number from the shared stream (keeping it in step,
+    and the run reproducible and resumable from the checkpointed state) and seeds a forked stream
+    with it and its rank. One process: nothing changes.
+    """
+    if world_size() == 1:
+        yield
+        return
+    draw = int(torch.randint(2 ** 62, (1,)))
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed((draw + 1_000_003 * rank()) % 2 ** 63)
+        yield
+
+
 def init(device: torch.device) -> torch.device:
     """Join torchrun's process group (once); returns the device this rank uses.
 
