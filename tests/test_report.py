@@ -238,7 +238,8 @@ def test_report_confidence_is_the_trust_measure_and_shows_the_ood_score(trained)
         assert row["confidence"] == round(float(trust.confidence[int(i)]), 4)
         assert row["ood_score"] == round(float(trust.ood_score[int(i)]), 4)
     assert len({row["confidence"] for row in rows.values()}) > 10     # it ranks images
-    assert f"{int(trust.unknown.sum()):,} (ood_score above {trust.threshold:.3f}" in text
+    assert (f'<div class="v">{int(trust.unknown.sum()):,}</div><div class="k">unknown-like '
+            f'(ood_score &gt; {trust.threshold:.3f})</div>') in text
 
 
 @pytest.fixture(scope="module")

@@ -132,8 +132,7 @@ def report_data(run: Run, outputs: TrainOutputs) -> ReportData:
         summary={"images": f"{len(run.train):,}", "clusters": str(run.num_clusters),
                  "image size": "×".join(str(s) for s in run.info["image_shape"][1:]),
                  "final model": final_stage(run), "backbone": run.cfg.model.backbone,
-                 "unknown-like training images": f"{int(unknown.sum()):,} (ood_score above {trust.threshold:.3f}; "
-                                           f"scan predict calls such new images 'unknown')"},
+                 f"unknown-like (ood_score > {trust.threshold:.3f})": f"{int(unknown.sum()):,}"},
         evaluated_on=evaluated_on, metrics=read_json(run.path("metrics.json"), {}),
         labels=run.train.labels, class_names=run.train.class_names or
         ([str(k) for k in range(run.info["num_classes"])] if run.info["num_classes"] else None),
