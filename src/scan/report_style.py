@@ -17,7 +17,7 @@ header.top .sub { margin: 4px 0 0; opacity: .75; font-size: 13px; }
              letter-spacing: .07em; }
 .source { margin: 0 0 14px; color: var(--muted); font-size: 13px; }
 .stats { display: grid; grid-template-columns: repeat(auto-fit, minmax(150px, 1fr)); gap: 14px; }
-.stat .v { font-size: 22px; font-weight: 650; }
+.stat .v { font-size: 22px; font-weight: 650; overflow-wrap: anywhere; }   /* long backbone names wrap */
 .stat .k { color: var(--muted); font-size: 12px; text-transform: uppercase; letter-spacing: .05em; }
 table.metrics { border-collapse: collapse; font-variant-numeric: tabular-nums; min-width: 60%; }
 table.metrics th, table.metrics td { padding: 6px 14px 6px 0; text-align: left; border-bottom: 1px solid var(--line); }
