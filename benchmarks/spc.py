@@ -14,15 +14,13 @@ the training set and seconds, then the median over seeds.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 from scan.checkpoint import read_json
+from seeds import run_seeds   # benchmarks/seeds.py (python puts the script's folder on the path)
 from scan.config import load_config
 from scan.metrics import cluster_to_class
 from scan.pipeline import open_run, run_pipeline
@@ -85,20 +83,7 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", default="digits")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--out", help="keep run directories here; a rerun reuses finished stages")
-    args = parser.parse_args(argv)
-    root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="scan-spc-"))
-    runs = []
-    for seed in range(args.seeds):
-        runs.append(one_seed(args.config, seed, args.overrides, root / f"seed{seed}"))
-        print(json.dumps(runs[-1]), file=sys.stderr)
-    print(json.dumps({"config": args.config, "overrides": args.overrides, "seeds": args.seeds,
-                      "median": summarise(runs), "runs": runs}, indent=2))
-    return 0
+    return run_seeds(argv, "digits", "scan-spc-", one_seed, summarise, "median")
 
 
 if __name__ == "__main__":

@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 
 # Tiny settings so a whole pipeline runs in seconds on 2 CPU cores.
@@ -9,3 +11,26 @@ TINY = ["model.width=8", "pretext.epochs=2", "pretext.batch_size=128", "cluster.
 @pytest.fixture
 def tiny_overrides():
     return list(TINY)
+
+
+@pytest.fixture(scope="session")
+def mined_run(tmp_path_factory):
+    """A run directory whose pretext and mine stages are done with the TINY settings (shared: copy it)."""
+    from scan.config import load_config
+    from scan.pipeline import open_run
+    from scan.stages.mine import stage_mine
+    from scan.stages.pretext import stage_pretext
+    path = tmp_path_factory.mktemp("shared") / "mined"
+    run = open_run(load_config("digits", list(TINY)), path)
+    stage_pretext(run)
+    stage_mine(run)
+    return path
+
+
+def copy_run(mined_run, tmp_path, overrides):
+    """An open Run in a copy of `mined_run`, with the TINY settings plus `overrides`."""
+    from scan.config import load_config
+    from scan.pipeline import open_run
+    target = tmp_path / "run"
+    shutil.copytree(mined_run, target)
+    return open_run(load_config("digits", list(TINY) + overrides), target)

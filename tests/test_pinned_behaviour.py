@@ -9,7 +9,6 @@
 6. a short digits run clusters far above chance and above k-means on its own pretext features.
 """
 import json
-import shutil
 import time
 
 import numpy as np
@@ -28,14 +27,12 @@ from scan.models import Backbone, ClusteringModel, build_backbone
 from scan.pipeline import open_run, run_pipeline
 from scan.run import head_probs, load_stage_model
 from scan.stages.cluster import stage_cluster
-from scan.stages.mine import stage_mine
-from scan.stages.pretext import stage_pretext
 from scan.stages.selflabel import stage_selflabel
 from scan.pretext import build_pretext
 from scan.propagation import hierarchical_pseudo_labels
 from scan.refine import RoundLabels, pseudo_label_stats
 
-from conftest import TINY
+from conftest import TINY, copy_run
 
 
 # ---------------------------------------------------------------- 1. Hungarian accuracy when C == K
@@ -59,20 +56,6 @@ def test_accuracy_is_one_to_one_when_clusters_equal_classes():
 
 # ---------------------------------------------------------------- shared tiny run (pretext + mine)
 
-@pytest.fixture(scope="module")
-def mined_run(tmp_path_factory):
-    """A run directory whose pretext and mine stages are done with the tiny settings."""
-    path = tmp_path_factory.mktemp("pinned") / "mined"
-    run = open_run(load_config("digits", list(TINY)), path)
-    stage_pretext(run)
-    stage_mine(run)
-    return path
-
-
-def _copy_run(mined_run, tmp_path, overrides):
-    target = tmp_path / "run"
-    shutil.copytree(mined_run, target)
-    return open_run(load_config("digits", list(TINY) + overrides), target)
 
 
 # ---------------------------------------------------------------- 2. the cluster stage keeps the best head
@@ -88,7 +71,7 @@ def test_cluster_stage_keeps_and_saves_the_head_with_the_lowest_loss(mined_run, 
 
     # with the tiny settings the middle of three heads wins (losses about -9.13, -9.34, -9.19), so
     # neither keeping the first nor the last head, nor the highest loss, can pass by chance
-    run = _copy_run(mined_run, tmp_path, ["cluster.num_heads=3"])
+    run = copy_run(mined_run, tmp_path, ["cluster.num_heads=3"])
     record = stage_cluster(run)
     losses = np.array(record["head_losses"])
     best = record["best_head"]
@@ -138,7 +121,7 @@ def _tag_views(monkeypatch) -> list:
 
 
 def test_cluster_stage_trains_on_the_strong_augmentation(mined_run, tmp_path, monkeypatch):
-    run = _copy_run(mined_run, tmp_path, ["cluster.augment=strong", "cluster.epochs=1"])
+    run = copy_run(mined_run, tmp_path, ["cluster.augment=strong", "cluster.epochs=1"])
     calls = _tag_views(monkeypatch)
     stage_cluster(run)
     steps = len(minibatches(len(run.train), run.cfg.cluster.batch_size))
@@ -149,7 +132,7 @@ def test_cluster_stage_trains_on_the_strong_augmentation(mined_run, tmp_path, mo
 
 def test_selflabel_labels_the_weak_view_and_learns_from_the_strong_view(mined_run, tmp_path, monkeypatch):
     # a threshold below 1/C makes every sample confident, so self-labelling never skips
-    run = _copy_run(mined_run, tmp_path, ["selflabel.threshold=0.05", "selflabel.epochs=1",
+    run = copy_run(mined_run, tmp_path, ["selflabel.threshold=0.05", "selflabel.epochs=1",
                                           "selflabel.min_cluster_keep=0"])
     stage_cluster(run)
     calls = _tag_views(monkeypatch)

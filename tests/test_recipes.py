@@ -10,7 +10,6 @@ setting reaches the code it configures:
 5. selflabel.ema_mode=write_back copies the average into the trained weights after every step.
 """
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -31,7 +30,7 @@ from scan.stages.mine import stage_mine
 from scan.stages.pretext import stage_pretext
 from scan.stages.selflabel import stage_selflabel
 
-from conftest import TINY
+from conftest import copy_run
 from fakes import write_stl10
 
 # ---------------------------------------------------------------- the published table
@@ -138,25 +137,12 @@ def test_paper_cutout_has_a_random_side_up_to_the_configured_one_and_the_mean_co
 
 # ---------------------------------------------------------------- shared tiny digits run
 
-@pytest.fixture(scope="module")
-def mined_run(tmp_path_factory):
-    path = tmp_path_factory.mktemp("recipes") / "mined"
-    run = open_run(load_config("digits", list(TINY)), path)
-    stage_pretext(run)
-    stage_mine(run)
-    return path
-
-
-def _copy_run(mined_run, tmp_path, overrides):
-    target = tmp_path / "run"
-    shutil.copytree(mined_run, target)
-    return open_run(load_config("digits", list(TINY) + overrides), target)
 
 
 # ---------------------------------------------------------------- 1. mining on the projection
 
 def test_projection_mining_uses_the_normalised_projection_output(mined_run, tmp_path):
-    run = _copy_run(mined_run, tmp_path, ["mine.features=projection"])
+    run = copy_run(mined_run, tmp_path, ["mine.features=projection"])
     projection = np.load(run.path("features", "train_projection.npy"))
     assert projection.shape == (len(run.train), run.cfg.model.projection_dim)
     assert np.allclose(np.linalg.norm(projection, axis=1), 1.0, atol=1e-5)
@@ -188,7 +174,7 @@ def test_lowest_loss_keeps_the_epoch_and_head_with_the_lowest_held_out_loss():
 
 
 def test_per_epoch_head_choice_saves_the_lowest_held_out_loss_of_all_epochs(mined_run, tmp_path):
-    run = _copy_run(mined_run, tmp_path, ["cluster.head_choice=per_epoch", "cluster.epochs=4",
+    run = copy_run(mined_run, tmp_path, ["cluster.head_choice=per_epoch", "cluster.epochs=4",
                                           "cluster.heldout_neighbors=4"])
     record = stage_cluster(run)
     table = np.array([h["heldout_losses"] for h in record["history"]])      # (epochs, heads)
@@ -224,7 +210,7 @@ def test_per_epoch_head_choice_keeps_an_earlier_epoch_when_its_held_out_loss_was
         return real_loss(probs, neighbors, entropy_weight)
     monkeypatch.setattr(cluster, "head_probs", probs)
     monkeypatch.setattr(cluster, "scan_loss_over_pairs", loss)
-    run = _copy_run(mined_run, tmp_path, ["cluster.head_choice=per_epoch", "cluster.epochs=3",
+    run = copy_run(mined_run, tmp_path, ["cluster.head_choice=per_epoch", "cluster.epochs=3",
                                           "cluster.heldout_neighbors=4"])
     record = cluster.stage_cluster(run)
     assert record["kept"] == {"epoch": 2, "head": 0, "heldout_loss": 1.5} and record["best_head"] == 0
@@ -249,7 +235,7 @@ def test_per_epoch_head_choice_resumes_with_its_lowest_loss(mined_run, tmp_path,
     monkeypatch.setattr(cluster, "scan_loss_over_pairs", loss)
     overrides = ["cluster.head_choice=per_epoch", "cluster.epochs=3", "cluster.heldout_neighbors=4"]
     script[:] = [[1.0, 5.0, 5.0], [2.0, 5.0, 5.0], [3.0, 5.0, 5.0]]
-    whole = stage_cluster(_copy_run(mined_run, tmp_path / "whole", overrides))
+    whole = stage_cluster(copy_run(mined_run, tmp_path / "whole", overrides))
     assert whole["kept"]["epoch"] == 1
 
     offer, calls = LowestLoss.offer, []
@@ -261,7 +247,7 @@ def test_per_epoch_head_choice_resumes_with_its_lowest_loss(mined_run, tmp_path,
         return offer(self, model, losses, epoch)
     monkeypatch.setattr(LowestLoss, "offer", interrupted)
     script[:] = [[1.0, 5.0, 5.0], [2.0, 5.0, 5.0], [3.0, 5.0, 5.0], [3.0, 5.0, 5.0]]
-    run = _copy_run(mined_run, tmp_path / "cut", overrides)
+    run = copy_run(mined_run, tmp_path / "cut", overrides)
     with pytest.raises(KeyboardInterrupt):
         stage_cluster(run)
     resumed = stage_cluster(run)
@@ -288,7 +274,7 @@ def test_write_back_replaces_the_trained_weights_by_the_average():
 
 @pytest.mark.parametrize("mode, writes", [("separate", False), ("write_back", True)])
 def test_selflabel_writes_the_average_back_every_step(mined_run, tmp_path, monkeypatch, mode, writes):
-    run = _copy_run(mined_run, tmp_path, ["selflabel.threshold=0.05", "selflabel.epochs=1",
+    run = copy_run(mined_run, tmp_path, ["selflabel.threshold=0.05", "selflabel.epochs=1",
                                           "selflabel.min_cluster_keep=0", "selflabel.ema_decay=0.5",
                                           f"selflabel.ema_mode={mode}"])
     stage_cluster(run)
