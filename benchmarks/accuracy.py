@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from scan.cli import build_parser
 from scan.cli_config import build_config
 from scan.neighbors import neighbor_purity
 from scan.pipeline import open_run, run_pipeline
+from seeds import emit, spread   # benchmarks/seeds.py (python puts the script's folder on the path)
 
 FASHION_FILES = Path("/usr/share/datasets/fashion-mnist")
 SCORED = ("kmeans_pixels", "kmeans", "cluster", "selflabel", "refine")
@@ -64,8 +64,6 @@ def one_run(config: str, seed: int, pretrained: str | None, overrides: list[str]
     return out
 
 
-def spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -127,11 +125,7 @@ def main(argv=None) -> int:
                 runs.append(one_run(name, seed, args.pretrained, args.overrides, Path(root) / f"{name}-seed{seed}"))
                 print(json.dumps({name: runs[-1]}), file=sys.stderr)
             result["data_sets"][name] = {"summary": summarise(runs), "runs": runs}
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
-    return 0
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from scan.config import load_config
 from scan.pipeline import open_run, run_pipeline
+from seeds import emit   # benchmarks/seeds.py (python puts the script's folder on the path)
 
 # variant -> the overrides that turn our CPU default into the published setting
 VARIANTS = {
@@ -97,11 +98,7 @@ def main(argv=None) -> int:
             print(json.dumps({"variant": variant, **row}), file=sys.stderr)
     result = {"config": args.config, "overrides": args.overrides, "seeds": args.seeds,
               "variants": {v: VARIANTS[v] for v in variants}, "summary": summarise(runs), "runs": runs}
-    text = json.dumps(result, indent=2)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    print(text)
-    return 0
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":

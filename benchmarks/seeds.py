@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -26,4 +27,18 @@ def run_seeds(argv, default_config: str, prefix: str, one_seed: Callable[[str, i
         print(json.dumps(runs[-1]), file=sys.stderr)
     print(json.dumps({"config": args.config, "overrides": args.overrides, "seeds": args.seeds,
                       summary_key: summarise(runs), "runs": runs}, indent=2))
+    return 0
+
+
+def spread(values: list[float]) -> dict:
+    """Median, min and max of a measurement over seeds."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def emit(result: dict, path: str | None) -> int:
+    """Print a benchmark's JSON on stdout and, when asked, keep it in `path`."""
+    text = json.dumps(result, indent=2)
+    if path:
+        Path(path).write_text(text + "\n")
+    print(text)
     return 0

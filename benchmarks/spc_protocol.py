@@ -20,12 +20,11 @@ shared). Fashion-MNIST (hours on a CPU; run it on a machine of your own):
 from __future__ import annotations
 
 import shutil
-import statistics
 import sys
 from pathlib import Path
 
 from scan.checkpoint import read_json
-from seeds import run_seeds   # benchmarks/seeds.py (python puts the script's folder on the path)
+from seeds import run_seeds, spread   # benchmarks/seeds.py (python puts the script's folder on the path)
 from scan.config import load_config
 from scan.pipeline import open_run, run_pipeline
 
@@ -67,7 +66,7 @@ def summarise(runs: list[dict]) -> dict:
         row = {}
         for key in METRICS + ("seconds",):
             values = [r[name][key] for r in runs]
-            row[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+            row[key] = spread(values)
         summary[name] = row
     return summary
 
