@@ -122,3 +122,44 @@ def test_summary_line_says_in_sample_for_data_without_a_split():
     assert summary_line(folder, metrics) == ("cluster acc 0.500 nmi 0.250 ari 0.125  (all 40 images (in-sample), "
                                              "4 clusters; every self-check ok; results in runs/x)")
     assert "(40 'val' images, 4 clusters;" in summary_line(split, metrics)
+
+
+def test_pretext_seed_keeps_one_pretext_while_later_stages_follow_the_run_seed(mined_run, tmp_path):
+    """pretext.seed lets downstream stages vary their seed on one trained pretext; settings the
+    pretext method does not read (the strong augmentation, for SimCLR) do not retrain it."""
+    from conftest import copy_run
+    from scan.config import load_config
+    from scan.pipeline import open_run
+    from scan.rundir import stage_basis
+    base = copy_run(mined_run, tmp_path, [])
+    pinned = copy_run(mined_run, tmp_path / "a", ["pretext.seed=0", "seed=5"])
+    assert pinned.cfg.pretext_seed == 0 and base.cfg.pretext_seed == 0
+    assert pinned.fingerprint("pretext") != base.fingerprint("pretext")   # the setting itself is part of it
+    reseeded = copy_run(mined_run, tmp_path / "b", ["pretext.seed=0", "seed=7"])
+    assert reseeded.fingerprint("pretext") == pinned.fingerprint("pretext")
+    for stage in ("mine", "cluster", "selflabel", "refine"):   # they read the run's seed themselves
+        assert reseeded.fingerprint(stage) != pinned.fingerprint(stage), stage
+    assert "seed" not in stage_basis(pinned, "pretext")["settings"]
+    assert stage_basis(pinned, "cluster")["settings"]["seed"] == 5
+    # without pretext.seed the run's seed trains the pretext
+    assert copy_run(mined_run, tmp_path / "c", ["seed=5"]).fingerprint("pretext") != base.fingerprint("pretext")
+    # SimCLR never sees the strong augmentation; a BYOL-queue pretext does
+    paper = copy_run(mined_run, tmp_path / "d", ["augment.strong_strength=paper"])
+    assert paper.fingerprint("pretext") == base.fingerprint("pretext")
+    assert paper.fingerprint("selflabel") != base.fingerprint("selflabel")
+    byol = ["pretext.method=byol_queue", "quiet=true"]
+    prints = {open_run(load_config("digits", byol + extra), tmp_path / f"byol{i}").fingerprint("pretext")
+              for i, extra in enumerate(([], ["augment.strong_strength=paper"]))}
+    assert len(prints) == 2
+
+
+def test_pretext_seed_seeds_the_pretext_training(tmp_path, tiny_overrides):
+    from scan.config import load_config
+    from scan.pipeline import open_run
+    from scan.stages.pretext import stage_pretext
+    features = []
+    for name, extra in (("a", ["seed=0"]), ("b", ["seed=3", "pretext.seed=0"]), ("c", ["seed=3"])):
+        run = open_run(load_config("digits", tiny_overrides + extra + ["pretext.epochs=1"]), tmp_path / name)
+        stage_pretext(run)
+        features.append(np.load(run.path("features", "train.npy")))
+    assert np.array_equal(features[0], features[1]) and not np.allclose(features[0], features[2])

@@ -100,6 +100,9 @@ class PretextConfig(TrainingConfig):
     # byol_queue only, its two views (scan.augment_views.PRETEXT_VIEWS): simclr = crop/jitter/grey + RandAugment
     # (+ Cutout on view b); randaugment = the many-class paper's RandAugment (+ Cutout on view b) alone
     views: str = "simclr"
+    # the pretext's own seed; None: the run's `seed`. Set it to keep one trained pretext while the
+    # later stages run under several seeds (how the SCAN paper reports the spread of its clustering step)
+    seed: int | None = _f(None, lo=0, hi=2**32 - 1)
 
 
 @dataclass(frozen=True)
@@ -197,6 +200,11 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def pretext_seed(self) -> int:
+        """The seed the pretext stage trains (or embeds augmented views) with."""
+        return self.seed if self.pretext.seed is None else self.pretext.seed
 
 
 # loading lives in its own module; these names are the public API of scan.config

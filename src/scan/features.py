@@ -40,7 +40,7 @@ def cache_keys(run) -> tuple[str, str | None]:
     eval_hash = run.info["data_hash"] if run.eval is run.train else bytes_hash(run.eval.images)
     base = stable_hash(CACHE_VERSION, weights_identity(cfg), run.info["data_hash"], eval_hash)
     views = cfg.pretext.cached_views
-    return base, (stable_hash(base, views, cfg.to_dict()["augment"], cfg.seed) if views else None)
+    return base, (stable_hash(base, views, cfg.to_dict()["augment"], cfg.pretext_seed) if views else None)
 
 
 def _views_path(run):
@@ -68,7 +68,7 @@ def _embed_splits(run, backbone) -> int:
 def _embed_views(run, backbone) -> None:
     """Write features/train_views.npy: pretext.cached_views SimCLR-augmented views of every training image."""
     cfg = run.cfg
-    seed_everything(cfg.seed)
+    seed_everything(cfg.pretext_seed)
     from scan.augment import SimCLRAugment   # kornia: imported only where views are augmented, not by predict
     augment = SimCLRAugment(cfg.augment, run.image_size, run.channels)
     views = cfg.pretext.cached_views

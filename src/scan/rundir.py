@@ -25,7 +25,7 @@ import numpy as np
 from scan.checkpoint import FORMAT_VERSION, TEMP_PATTERN, ArtifactError, atomic_write_json, read_json, write_error
 from scan.config import Config, ConfigError, config_from_dict, flatten, load_config, save_config
 from scan.hashing import stable_hash
-from scan.stage import get_stage, stage_enabled
+from scan.stage import get_stage, stage_enabled, stage_settings
 
 log = logging.getLogger("scan")
 
@@ -259,8 +259,8 @@ def stage_basis(run, stage: str) -> dict:
     """What a stage's fingerprint hashes, readable: its settings (flat keys), a hash of its other
     inputs and the fingerprints of the stages it needs. Kept in done.json so that a rerun can say
     what changed, not only that something did."""
-    spec, c = get_stage(stage), json.loads(json.dumps(run.cfg.to_dict()))
-    return {"settings": dict(flatten({s: c[s] for s in spec.sections})),
+    spec = get_stage(stage)
+    return {"settings": dict(flatten(json.loads(json.dumps(stage_settings(run.cfg, stage))))),
             "inputs": stable_hash(spec.inputs(run)),
             "upstream": {need: run.fingerprint(need) for need in spec.needs if stage_enabled(run.cfg, need)}}
 

@@ -24,6 +24,10 @@ def _no_inputs(run) -> tuple:
     return ()
 
 
+def _reads_all(cfg) -> tuple:
+    return ()
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -32,6 +36,9 @@ class Stage:
     sections: tuple[str, ...] = ()         # config sections (or top-level fields) it reads
     inputs: Callable = _no_inputs          # inputs(Run) -> tuple: what else it depends on (data hash, C)
     enabled: Callable = _always            # enabled(Config) -> bool; disabled stages are skipped in a chain
+    # ignores(Config) -> dotted fields of its sections it does not read under this config ("seed",
+    # "augment.strong_strength"): changing them must not recompute the stage
+    ignores: Callable = _reads_all
     writes_model: bool = False             # writes <name>/model.pt, a clustering model
     description: str = ""
 
@@ -64,8 +71,21 @@ def stage_enabled(cfg, name: str) -> bool:
     return get_stage(name).enabled(cfg)
 
 
+def stage_settings(cfg, name: str) -> dict:
+    """{section: value} of the config sections the stage reads, less the fields it ignores under `cfg`."""
+    stage, c = get_stage(name), cfg.to_dict()
+    settings = {s: c[s] for s in stage.sections}
+    for dotted in stage.ignores(cfg):
+        section, _, key = dotted.partition(".")
+        if key:
+            settings[section] = {k: v for k, v in settings[section].items() if k != key}
+        else:
+            settings.pop(section, None)
+    return settings
+
+
 def fingerprint(run, name: str) -> str:
-    """Hash of the stage's sections and inputs and of the fingerprints of the enabled stages it needs."""
-    stage, c = get_stage(name), run.cfg.to_dict()
+    """Hash of the settings the stage reads, its inputs and the fingerprints of the enabled stages it needs."""
+    stage = get_stage(name)
     upstream = [fingerprint(run, need) for need in stage.needs if stage_enabled(run.cfg, need)]
-    return stable_hash(name, [c[s] for s in stage.sections], stage.inputs(run), upstream)
+    return stable_hash(name, stage_settings(run.cfg, name), stage.inputs(run), upstream)

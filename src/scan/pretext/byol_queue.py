@@ -27,6 +27,8 @@ from scan.pretext.queue import NegativeQueue
 
 @register_pretext("byol_queue")
 class BYOLQueue(nn.Module):
+    strong_augment = True   # its views are built from StrongAugment (augment.strong_strength)
+
     def __init__(self, backbone, cfg, image_size: int, channels: int, num_samples: int):
         super().__init__()
         p, dim = cfg.pretext, cfg.model.projection_dim

@@ -168,6 +168,6 @@ def _warn_collapse(run: Run, pred: torch.Tensor, stage: str) -> None:
                     "(now %s) and rerun", stage, 100 * share, run.cfg.cluster.entropy_weight)
 
 
-register_stage(Stage("cluster", stage_cluster, needs=("mine",), sections=("cluster", "augment"),
+register_stage(Stage("cluster", stage_cluster, needs=("mine",), sections=("seed", "cluster", "augment"),
                      inputs=lambda run: (run.num_clusters,), writes_model=True,
                      description="SCAN heads: neighbours agree, entropy keeps every cluster"))

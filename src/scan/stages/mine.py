@@ -47,5 +47,5 @@ def _mine(run: Run) -> dict:
     return run.finish("mine", **extra)
 
 
-register_stage(Stage("mine", stage_mine, needs=("pretext",), sections=("mine",),
+register_stage(Stage("mine", stage_mine, needs=("pretext",), sections=("seed", "mine"),
                      inputs=lambda run: (run.num_clusters,), description="the K nearest neighbours of every image"))

@@ -15,7 +15,7 @@ from scan.engine import (build_optimizer, cosine_schedule, minibatches, optimize
                          set_lr)
 from scan.features import cache_features
 from scan.models import Backbone, ContrastiveModel, load_backbone_weights, trained_contrastive
-from scan.pretext import build_pretext
+from scan.pretext import build_pretext, reads_strong_augment
 from scan.run import Run
 from scan.stage import Stage, register_stage
 
@@ -30,7 +30,7 @@ def stage_pretext(run: Run) -> dict:
         return run.finish("pretext", **cache_features(run))
     cfg, rt = run.cfg, run.rt
     p = cfg.pretext
-    seed_everything(cfg.seed)
+    seed_everything(cfg.pretext_seed)
     backbone = run.backbone()
     if cfg.model.init_checkpoint:
         load_backbone_weights(backbone, cfg.model.init_checkpoint)
@@ -92,6 +92,14 @@ def _write_features(run: Run, backbone: Backbone, projection: ContrastiveModel |
         atomic_save_npy(run.path("features", f"{name}.npy"), feats.contiguous().numpy())
 
 
+def _ignored_by_pretext(cfg) -> tuple[str, ...]:
+    """The run's seed when pretext.seed replaces it, and the strong augmentation's strength unless the
+    method augments with it (only self-labelling does for SimCLR/MoCo/RotNet), so that changing them
+    does not retrain the pretext."""
+    ignored = () if cfg.pretext.seed is None else ("seed",)
+    return ignored + (() if reads_strong_augment(cfg.pretext.method) else ("augment.strong_strength",))
+
+
 register_stage(Stage("pretext", stage_pretext, sections=("seed", "model", "augment", "pretext"),
-                     inputs=lambda run: (run.pretext_data_hash,),
+                     inputs=lambda run: (run.pretext_data_hash,), ignores=_ignored_by_pretext,
                      description="self-supervised features (SimCLR, MoCo, BYOL-queue, RotNet) or a frozen network"))

@@ -32,6 +32,6 @@ def stage_refine(run: Run) -> dict:
     return run.finish("refine", seconds=time.time() - start, source=source, rounds=rounds, history=history)
 
 
-register_stage(Stage("refine", stage_refine, needs=("cluster", "selflabel"), sections=("refine", "augment"),
+register_stage(Stage("refine", stage_refine, needs=("cluster", "selflabel"), sections=("seed", "refine", "augment"),
                      enabled=lambda cfg: cfg.refine.method != "none", writes_model=True,
                      description="SPC refinement (--refine spc)"))

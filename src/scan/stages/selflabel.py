@@ -122,6 +122,6 @@ def stage_selflabel(run: Run) -> dict:
                       merged=merged, history=history, check=report("selflabel", selflabel_check(initial, merged, s.threshold)))
 
 
-register_stage(Stage("selflabel", stage_selflabel, needs=("cluster",), sections=("selflabel", "augment"),
+register_stage(Stage("selflabel", stage_selflabel, needs=("cluster",), sections=("seed", "selflabel", "augment"),
                      enabled=lambda cfg: cfg.selflabel.enabled, writes_model=True,
                      description="confident predictions, strong augmentation, class-balanced cross-entropy"))
