@@ -8,6 +8,10 @@ directory. Prints one JSON object; --out also writes it to a file (input of --ta
     python benchmarks/accuracy.py [--data-sets digits fashion-mnist] [--seeds 3] \
         [--pretrained efficientnet_lite0] [--set cluster.epochs=40 ...] [--out acc.json]
     python benchmarks/accuracy.py --table acc.json [more.json ...]   # the README's Markdown table
+    python benchmarks/accuracy.py --runs fashion-mnist runs/a runs/b   # summarise finished run directories
+
+--runs reads RUN/metrics.json of runs made elsewhere (another benchmark, `scan run`) instead of
+running: the same JSON, so a 40-minute run is not repeated to get its row.
 
 A data set is a built-in config name (digits, fashion-mnist, digits-spc, ...). The default is
 digits, plus fashion-mnist when its files are installed (/usr/share/datasets/fashion-mnist).
@@ -22,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from scan.checkpoint import read_json
 from scan.cli import build_parser
@@ -53,15 +58,31 @@ def one_run(config: str, seed: int, pretrained: str | None, overrides: list[str]
     start = time.time()
     run = open_run(cfg, run_dir, restart=True, data=data)
     metrics = run_pipeline(run)
-    out = {"seed": seed, "final_stage": metrics["final_stage"], "neighbor_purity": purity(run, metrics),
-           "seconds_total": time.time() - start, "seconds": metrics.get("seconds", {})}
+    out = row(seed, metrics, purity(run, metrics), time.time() - start)
     if pretrained:   # a cached embedding reports how long it took when it was computed
         out["seconds"]["embedding"] = (read_json(run.path("pretext", "done.json")) or {}).get("embed_seconds")
+    return out
+
+
+def row(seed: int, metrics: dict, neighbor_purity: float | None, seconds_total: float) -> dict:
+    """One run's entry: the scores of every stage, the final one, purity and seconds per stage."""
+    out = {"seed": seed, "final_stage": metrics["final_stage"], "neighbor_purity": neighbor_purity,
+           "seconds_total": seconds_total, "seconds": metrics.get("seconds", {})}
     for stage in SCORED:
         if stage in metrics:
             out[stage] = {k: metrics[stage][k] for k in SCORES}
     out["final"] = out.get(metrics["final_stage"])
     return out
+
+
+def finished_run(run_dir: Path) -> dict:
+    """The entry of a run directory finished elsewhere, from its metrics.json (seconds: its stages' sum)."""
+    metrics = read_json(run_dir / "metrics.json")
+    if metrics is None:
+        raise SystemExit(f"--runs {run_dir}: no metrics.json (is the run finished?)")
+    seed = yaml.safe_load((run_dir / "config.yaml").read_text()).get("seed")
+    seconds = sum(v for v in metrics.get("seconds", {}).values() if v is not None)
+    return row(seed, metrics, metrics.get("neighbor_purity"), seconds)
 
 
 
@@ -113,10 +134,18 @@ def main(argv=None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", metavar="FILE", help="also write the JSON here")
     parser.add_argument("--table", nargs="+", metavar="JSON", help="print the Markdown table of earlier --out files")
+    parser.add_argument("--runs", nargs="+", metavar=("NAME", "RUN_DIR"),
+                        help="summarise finished run directories of data set NAME instead of running")
     args = parser.parse_args(argv)
     if args.table:
         print(table([json.loads(Path(p).read_text()) for p in args.table]))
         return 0
+    if args.runs:
+        name, *dirs = args.runs
+        runs = [finished_run(Path(d)) for d in dirs]
+        result = {"pretrained": args.pretrained, "overrides": args.overrides,
+                  "data_sets": {name: {"summary": summarise(runs), "runs": runs}}}
+        return emit(result, args.out)
     result = {"pretrained": args.pretrained, "overrides": args.overrides, "data_sets": {}}
     with tempfile.TemporaryDirectory(prefix="scan-accuracy-") as root:
         for name in args.data_sets:
