@@ -85,8 +85,6 @@ def finished_run(run_dir: Path) -> dict:
     return row(seed, metrics, metrics.get("neighbor_purity"), seconds)
 
 
-
-
 def summarise(runs: list[dict]) -> dict:
     summary = {}
     for stage in SCORED + ("final",):

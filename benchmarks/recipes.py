@@ -110,7 +110,8 @@ def main(argv=None) -> int:
             print(json.dumps({"variant": variant, **row}), file=sys.stderr)
     result = {"config": args.config, "overrides": args.overrides, "seeds": args.seeds,
               "pretext_seed": args.pretext_seed,
-              "variants": {v: {"config": args.config + VARIANTS[v][0], "overrides": VARIANTS[v][1]} for v in variants}, "summary": summarise(runs), "runs": runs}
+              "variants": {v: {"config": args.config + VARIANTS[v][0], "overrides": VARIANTS[v][1]} for v in variants},
+              "summary": summarise(runs), "runs": runs}
     return emit(result, args.json)
 
 
