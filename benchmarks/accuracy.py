@@ -59,9 +59,14 @@ def one_run(config: str, seed: int, pretrained: str | None, overrides: list[str]
     run = open_run(cfg, run_dir, restart=True, data=data)
     metrics = run_pipeline(run)
     out = row(seed, metrics, purity(run, metrics), time.time() - start)
-    if pretrained:   # a cached embedding reports how long it took when it was computed
-        out["seconds"]["embedding"] = (read_json(run.path("pretext", "done.json")) or {}).get("embed_seconds")
+    if pretrained:
+        out["seconds"]["embedding"] = embedding_seconds(run_dir)
     return out
+
+
+def embedding_seconds(run_dir: Path) -> float | None:
+    """How long a pretrained run's embedding took when it was computed (a rerun reuses the cache)."""
+    return (read_json(run_dir / "pretext" / "done.json") or {}).get("embed_seconds")
 
 
 def row(seed: int, metrics: dict, neighbor_purity: float | None, seconds_total: float) -> dict:
@@ -76,13 +81,18 @@ def row(seed: int, metrics: dict, neighbor_purity: float | None, seconds_total: 
 
 
 def finished_run(run_dir: Path) -> dict:
-    """The entry of a run directory finished elsewhere, from its metrics.json (seconds: its stages' sum)."""
+    """The entry of a run directory finished elsewhere, from its metrics.json (seconds: its stages' sum,
+    a pretrained run's pretext counted as the embedding time its cache recorded)."""
     metrics = read_json(run_dir / "metrics.json")
     if metrics is None:
         raise SystemExit(f"--runs {run_dir}: no metrics.json (is the run finished?)")
     seed = yaml.safe_load((run_dir / "config.yaml").read_text()).get("seed")
-    seconds = sum(v for v in metrics.get("seconds", {}).values() if v is not None)
-    return row(seed, metrics, metrics.get("neighbor_purity"), seconds)
+    seconds = dict(metrics.get("seconds", {}))
+    embedding = embedding_seconds(run_dir)
+    if embedding is not None:   # a pretrained run's pretext stage may only have read the cached embedding
+        seconds["pretext"] = embedding
+    return row(seed, {**metrics, "seconds": seconds}, metrics.get("neighbor_purity"),
+               sum(v for v in seconds.values() if v is not None))
 
 
 def summarise(runs: list[dict]) -> dict:
