@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scan.losses import balanced_cross_entropy, entropy, info_nce, nt_xent, scan_loss, selflabel_loss
+from scan.losses import (balanced_cross_entropy, entropy, info_nce, nt_xent, per_cluster_pseudo_labels, scan_loss,
+                         selflabel_loss)
 
 
 def test_scan_loss_of_identical_one_hot_pairs_with_uniform_usage_is_minus_lambda_log_c():
@@ -75,6 +76,24 @@ def test_selflabel_loss_without_confident_samples_is_zero_and_differentiable():
     loss, count = selflabel_loss(torch.zeros(3, 4), strong, threshold=0.99)
     loss.backward()
     assert count == 0 and loss.item() == 0.0
+
+
+def test_per_cluster_pseudo_labels_keep_each_clusters_most_confident_members():
+    # clusters by argmax: 0 = {0: .9, 1: .8, 2: .6, 5: .95}, 1 = {3: .7, 4: .55}; quota ⌈0.5 · 6 / 2⌉ = 2
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.3, 0.7], [0.45, 0.55], [0.95, 0.05]])
+    mask, targets = per_cluster_pseudo_labels(probs, 0.5)
+    assert targets.tolist() == [0, 0, 0, 1, 1, 0]
+    assert mask.tolist() == [True, False, False, True, True, True]     # 5 and 0 of cluster 0; all of cluster 1
+    # a global threshold of 0.9 would leave cluster 1 without a single label
+    assert (probs.max(1).values > 0.9).tolist() == [False, False, False, False, False, True]
+    # quota ⌈1 · 6 / 2⌉ = 3: the third of cluster 0 (image 1, 0.8) joins; cluster 1 has only 2
+    assert per_cluster_pseudo_labels(probs, 1.0)[0].tolist() == [True, True, False, True, True, True]
+    # the chosen labels replace the weak view's in the loss
+    strong = torch.randn(6, 2)
+    loss, count = selflabel_loss(torch.zeros(6, 2), strong, labels=(mask, targets))
+    assert count == 4
+    expected = (F.cross_entropy(strong[[0, 5]], targets[[0, 5]]) + F.cross_entropy(strong[[3, 4]], targets[[3, 4]])) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_info_nce_of_aligned_positives_and_orthogonal_negatives_matches_analytic_value():

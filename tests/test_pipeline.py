@@ -112,6 +112,38 @@ def test_selflabel_that_merges_clusters_stops_and_keeps_the_cluster_model(tmp_pa
     assert metrics["selflabel"]["acc"] == metrics["cluster"]["acc"]
 
 
+def test_per_cluster_selection_trains_on_each_clusters_top_fraction(mined_run, tmp_path):
+    from scan.stages.cluster import stage_cluster
+    from scan.stages.selflabel import stage_selflabel
+    from conftest import copy_run
+    # 1,437 training images, 10 clusters: at most ⌈0.05 · 1437 / 10⌉ = 8 labels per cluster, 80 per epoch
+    # (the TINY threshold of 0.5 would label most of the images)
+    run = copy_run(mined_run, tmp_path, ["selflabel.selection=per_cluster", "selflabel.per_cluster_fraction=0.05",
+                                         "selflabel.min_cluster_keep=0"])
+    stage_cluster(run)
+    done = stage_selflabel(run)
+    used = [h["confident_in_batches"] for h in done["history"]]
+    assert len(used) == 2 and all(0 < u <= 80 for u in used), used
+    # the threshold selection at 0.1 labels every image of the 5 full batches of 256 (max p ≥ 1/10)
+    threshold = copy_run(mined_run, tmp_path / "t", ["selflabel.threshold=0.1", "selflabel.min_cluster_keep=0"])
+    stage_cluster(threshold)
+    assert [h["confident_in_batches"] for h in stage_selflabel(threshold)["history"]] == [1280, 1280]
+    # the fraction is part of self-labelling's fingerprint only when the selection reads it
+    other = copy_run(mined_run, tmp_path / "f", ["selflabel.selection=per_cluster", "selflabel.per_cluster_fraction=0.1",
+                                                 "selflabel.min_cluster_keep=0"])
+    assert other.fingerprint("selflabel") != run.fingerprint("selflabel")
+    assert copy_run(mined_run, tmp_path / "g", ["selflabel.threshold=0.1", "selflabel.per_cluster_fraction=0.1",
+                                                "selflabel.min_cluster_keep=0"]) \
+        .fingerprint("selflabel") == threshold.fingerprint("selflabel")
+
+
+def test_unknown_selection_is_a_config_error_naming_the_setting():
+    from scan.config import ConfigError
+    from scan.config_loading import check_choices
+    with pytest.raises(ConfigError, match="selflabel.selection"):
+        check_choices(load_config("digits", ["selflabel.selection=percluster"]))
+
+
 def test_summary_line_says_in_sample_for_data_without_a_split():
     from types import SimpleNamespace
     from scan.pipeline import summary_line

@@ -143,6 +143,11 @@ class SelfLabelConfig(TrainingConfig):
     epochs: int = _f(200, lo=0)
     batch_size: int = _f(1000, lo=2)
     threshold: float = _f(0.99, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    # which images it trains on (scan.stages.selflabel.SELECTIONS): threshold = the paper's, every batch's
+    # weak-view predictions above `threshold`; per_cluster = each cluster's ⌈per_cluster_fraction · N / C⌉
+    # most confident training images, chosen again at the start of every epoch
+    selection: str = "threshold"
+    per_cluster_fraction: float = _f(0.5, lo=0.0, hi=1.0, lo_open=True)
     class_balance: bool = True
     ema_decay: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True)   # 0 disables the EMA (0.999 in the paper)
     # separate: a separate averaged copy is evaluated and kept; write_back: the average is copied into the

@@ -127,6 +127,7 @@ def check_choices(cfg: Config) -> None:
     from scan.models import BACKBONES
     from scan.pretext import METHODS
     from scan.pretrained import LITE_MODELS
+    from scan.stages.selflabel import SELECTIONS
     if cfg.pretext.method != "pretrained":
         METHODS.check(cfg.pretext.method)
     if cfg.model.backbone not in LITE_MODELS or cfg.pretext.method != "pretrained":
@@ -135,6 +136,7 @@ def check_choices(cfg: Config) -> None:
         DATASETS.check(cfg.data.dataset.lower())
     MINERS.check(cfg.mine.method)
     MINING_SPACES.check(cfg.mine.features)
+    SELECTIONS.check(cfg.selflabel.selection)
     check_recipe_choices(cfg)
     STRENGTHS.check(cfg.augment.strong_strength)
 

@@ -113,6 +113,26 @@ def confidence_pseudo_labels(weak_logits: torch.Tensor, threshold: float):
     return conf > threshold, targets
 
 
+def per_cluster_pseudo_labels(probs: torch.Tensor, fraction: float):
+    """Each cluster's most confident members as pseudo-labels: (mask (N,) bool, targets (N,) long).
+
+    probs (N, C). Image i belongs to cluster c_i = argmax_c p_ic; within every cluster the members
+    are ranked by p_ic and the top m = ⌈fraction · N / C⌉ are kept (all of them if fewer). Unlike a
+    global confidence threshold, a cluster whose members are less sure of themselves (shirts beside
+    coats) still gets its m labels, so training on the labels cannot empty it (the selection of
+    SPICE, Niu et al. 2022, on the images' own predictions).
+    """
+    n, c = probs.shape
+    conf, targets = probs.float().max(1)
+    # sorted by cluster, and within a cluster by confidence, highest first (targets·2 − conf never overlap)
+    order = torch.argsort(targets.double() * 2 - conf.double(), stable=True)
+    ordered = targets[order]
+    rank = torch.arange(n, device=probs.device) - torch.searchsorted(ordered, ordered)   # place within its cluster
+    mask = torch.zeros(n, dtype=torch.bool, device=probs.device)
+    mask[order[rank < math.ceil(fraction * n / c)]] = True
+    return mask, targets
+
+
 def balanced_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, num_classes: int,
                            class_balance: bool = True) -> torch.Tensor:
     """Cross-entropy with per-class weights w_c = 1 / n_c (n_c = count of class c in `targets`).
@@ -134,12 +154,13 @@ def balanced_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, num_clas
 
 
 def selflabel_loss(weak_logits: torch.Tensor, strong_logits: torch.Tensor, threshold: float = 0.99,
-                   class_balance: bool = True):
+                   class_balance: bool = True, labels: tuple[torch.Tensor, torch.Tensor] | None = None):
     """SCAN self-labelling: CE on the strong view against confident argmax labels of the weak view.
 
-    Returns (loss, number of confident samples).
+    `labels`, (mask (B,), targets (B,)) chosen beforehand (selflabel.selection: per_cluster), replace
+    the weak view's. Returns (loss, number of samples trained on).
     """
-    mask, targets = confidence_pseudo_labels(weak_logits.detach(), threshold)
+    mask, targets = confidence_pseudo_labels(weak_logits.detach(), threshold) if labels is None else labels
     loss = balanced_cross_entropy(strong_logits[mask], targets[mask], strong_logits.shape[-1], class_balance)
     return loss, int(mask.sum())
 

@@ -3,6 +3,7 @@ on a strong view; stops when it starts merging clusters. Writes selflabel/model.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 
@@ -11,10 +12,24 @@ from scan.checks import report, selflabel_check
 from scan.distributed import parallel
 from scan.averaging import EMA
 from scan.engine import build_optimizer, minibatches, optimizer_step, run_epochs
-from scan.losses import selflabel_loss
+from scan.losses import per_cluster_pseudo_labels, selflabel_loss
 from scan.models import ClusteringModel
+from scan.registry import Registry
 from scan.run import Run, head_probs, load_stage_model, say
 from scan.stage import Stage, register_stage
+
+# selflabel.selection: (run, model, config) at the start of an epoch -> the labels of a batch of
+# training indices, (mask, targets), or None for the weak view's confident predictions
+SELECTIONS: Registry[Callable] = Registry("selflabel.selection")
+SELECTIONS.add("threshold", lambda run, model, s: lambda idx: None)   # the paper's: decided in every batch
+
+
+@SELECTIONS.register("per_cluster")
+def per_cluster_selection(run: Run, model: ClusteringModel, s) -> Callable:
+    """Labels fixed for the epoch: every cluster's most confident members on the unaugmented images."""
+    mask, targets = per_cluster_pseudo_labels(head_probs(run, model, "train")[0], s.per_cluster_fraction)
+    mask, targets = mask.to(run.rt.device), targets.to(run.rt.device)
+    return lambda idx: (mask[idx], targets[idx])
 
 
 def confidence_and_sizes(run: Run, model: ClusteringModel, threshold: float) -> tuple[int, torch.Tensor]:
@@ -81,11 +96,13 @@ def stage_selflabel(run: Run) -> dict:
     since_best = {"epochs": 0}
 
     def epoch_fn(epoch, tick):
+        labels_of = SELECTIONS.get(s.selection)(run, evaluated, s)
         model.train()
         total, used = 0.0, 0
         for idx in minibatches(n, batch_size):
             weak_logits, strong_logits = logits_of(idx)
-            loss, count = selflabel_loss(weak_logits, strong_logits, s.threshold, s.class_balance)
+            loss, count = selflabel_loss(weak_logits, strong_logits, s.threshold, s.class_balance,
+                                         labels_of(idx.to(rt.device)))
             total += optimizer_step(optimizer, loss, "selflabel", epoch)
             if ema:
                 ema.update(model)
@@ -123,5 +140,6 @@ def stage_selflabel(run: Run) -> dict:
 
 
 register_stage(Stage("selflabel", stage_selflabel, needs=("cluster",), sections=("seed", "selflabel", "augment"),
+                     ignores=lambda cfg: ("selflabel.per_cluster_fraction",) if cfg.selflabel.selection != "per_cluster" else (),
                      enabled=lambda cfg: cfg.selflabel.enabled, writes_model=True,
                      description="confident predictions, strong augmentation, class-balanced cross-entropy"))
