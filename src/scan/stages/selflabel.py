@@ -13,28 +13,27 @@ from scan.distributed import parallel
 from scan.averaging import EMA
 from scan.engine import build_optimizer, minibatches, optimizer_step, run_epochs
 from scan.losses import per_cluster_pseudo_labels, selflabel_loss
-from scan.models import ClusteringModel
 from scan.registry import Registry
 from scan.run import Run, head_probs, load_stage_model, say
 from scan.stage import Stage, register_stage
 
-# selflabel.selection: (run, model, config) at the start of an epoch -> the labels of a batch of
-# training indices, (mask, targets), or None for the weak view's confident predictions
+# selflabel.selection: (probabilities (N, C) of the unaugmented training images at the start of an
+# epoch, config, device) -> the labels of a batch of training indices, (mask, targets), or None for
+# the weak view's confident predictions
 SELECTIONS: Registry[Callable] = Registry("selflabel.selection")
-SELECTIONS.add("threshold", lambda run, model, s: lambda idx: None)   # the paper's: decided in every batch
+SELECTIONS.add("threshold", lambda probs, s, device: lambda idx: None)   # the paper's: decided in every batch
 
 
 @SELECTIONS.register("per_cluster")
-def per_cluster_selection(run: Run, model: ClusteringModel, s) -> Callable:
-    """Labels fixed for the epoch: every cluster's most confident members on the unaugmented images."""
-    mask, targets = per_cluster_pseudo_labels(head_probs(run, model, "train")[0], s.per_cluster_fraction)
-    mask, targets = mask.to(run.rt.device), targets.to(run.rt.device)
+def per_cluster_selection(probs: torch.Tensor, s, device: torch.device) -> Callable:
+    """Labels fixed for the epoch: every cluster's most confident members."""
+    mask, targets = per_cluster_pseudo_labels(probs, s.per_cluster_fraction)
+    mask, targets = mask.to(device), targets.to(device)
     return lambda idx: (mask[idx], targets[idx])
 
 
-def confidence_and_sizes(run: Run, model: ClusteringModel, threshold: float) -> tuple[int, torch.Tensor]:
-    """(training images with p_max > threshold, images per cluster by argmax)."""
-    probs = head_probs(run, model, "train")[0]
+def confidence_and_sizes(probs: torch.Tensor, threshold: float) -> tuple[int, torch.Tensor]:
+    """(training images with p_max > threshold, images per cluster by argmax) of probabilities (N, C)."""
     return int((probs.max(1).values > threshold).sum()), torch.bincount(probs.argmax(1), minlength=probs.shape[1])
 
 
@@ -76,7 +75,10 @@ def stage_selflabel(run: Run) -> dict:
     seed_everything(cfg.seed + 2)
     model = rt.prepare(load_stage_model(run, "cluster"))
     start = time.time()
-    initial, initial_sizes = confidence_and_sizes(run, model, s.threshold)
+    # the training images' probabilities after epoch `epoch` (0: the cluster model), computed once for the
+    # merge check and reused by the next epoch's selection (after a resume, that epoch recomputes them)
+    latest = {"epoch": 0, "probs": head_probs(run, model, "train")[0]}
+    initial, initial_sizes = confidence_and_sizes(latest["probs"], s.threshold)
     if initial == 0:
         atomic_torch_save(run.path("selflabel", "model.pt"), model.state_dict())
         return run.finish("selflabel", seconds=time.time() - start, skipped=True, confident=[0], history=[],
@@ -96,7 +98,8 @@ def stage_selflabel(run: Run) -> dict:
     since_best = {"epochs": 0}
 
     def epoch_fn(epoch, tick):
-        labels_of = SELECTIONS.get(s.selection)(run, evaluated, s)
+        probs = latest["probs"] if latest["epoch"] == epoch else head_probs(run, evaluated, "train")[0]
+        labels_of = SELECTIONS.get(s.selection)(probs, s, rt.device)
         model.train()
         total, used = 0.0, 0
         for idx in minibatches(n, batch_size):
@@ -113,7 +116,8 @@ def stage_selflabel(run: Run) -> dict:
         return {"loss": total / steps, "confident_in_batches": float(used)}
 
     def after_epoch(epoch, stats):
-        count, sizes = confidence_and_sizes(run, evaluated, s.threshold)
+        latest.update(epoch=epoch + 1, probs=head_probs(run, evaluated, "train")[0])
+        count, sizes = confidence_and_sizes(latest["probs"], s.threshold)
         stats["confident"] = count
         stats["smallest_cluster"] = int(sizes.min())
         if (k := shrunk_cluster(sizes, initial_sizes, s.min_cluster_keep)) is not None:
