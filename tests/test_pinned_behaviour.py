@@ -1,7 +1,8 @@
 """Behaviour the rest of the suite cannot see: each test fails if the named property is broken.
 
 1. accuracy maps clusters to classes one-to-one (Hungarian) when C == K, not by majority;
-2. the cluster stage keeps (and saves) the head with the lowest SCAN loss;
+2. the cluster stage keeps (and saves) the head with the lowest SCAN loss, and of several restarts
+   the one whose kept head has the lowest loss;
 3. the cluster stage feeds its model the strong augmentation when cluster.augment=strong, and
    self-labelling takes pseudo-labels from the weak view and its loss from the strong view;
 4. every contrastive pretext method uses pretext.temperature;
@@ -97,6 +98,34 @@ def test_cluster_stage_keeps_and_saves_the_head_with_the_lowest_loss(mined_run, 
     loss = scan_loss_over_pairs(probs, neighbors, run.cfg.cluster.entropy_weight)[0]
     assert loss.shape == (1,)
     assert loss.item() == pytest.approx(losses.min(), abs=1e-5)
+
+
+def test_cluster_restarts_train_independently_and_keep_the_lowest_loss(mined_run, tmp_path):
+    # with 4 tiny heads the restarts' lowest losses are about -9.61, -9.49, -9.65: of three the last
+    # wins, of two the first, so neither "keep the first" nor "keep the last" passes both
+    single = stage_cluster(copy_run(mined_run, tmp_path / "one", ["cluster.num_heads=4"]))
+    two = stage_cluster(copy_run(mined_run, tmp_path / "two", ["cluster.num_heads=4", "cluster.restarts=2"]))
+    run = copy_run(mined_run, tmp_path / "three", ["cluster.num_heads=4", "cluster.restarts=3"])
+    record = stage_cluster(run)
+    scores = [r["loss"] for r in record["restarts"]]
+    assert [r["restart"] for r in record["restarts"]] == [0, 1, 2]
+    assert np.diff(np.sort(scores)).min() > 1e-3, "restarts must start from different seeds"
+    # restart 0 is exactly the training the stage runs without restarts; restart r the same at any R
+    assert scores[0] == pytest.approx(min(single["head_losses"]), abs=1e-6)
+    assert [r["loss"] for r in two["restarts"]] == pytest.approx(scores[:2], abs=1e-6)
+    assert record["kept_restart"] == int(np.argmin(scores)) == 2
+    assert two["kept_restart"] == int(np.argmin(scores[:2])) == 0
+    assert min(record["head_losses"]) == pytest.approx(scores[2], abs=1e-6)
+    # the saved model is the kept restart's chosen head: its recomputed loss is the lowest score
+    model = load_stage_model(run, "cluster")
+    neighbors = torch.from_numpy(np.load(run.path("mine", "neighbors.npy")))
+    probs = head_probs(run, model, "train", dtype=torch.float16)
+    assert scan_loss_over_pairs(probs, neighbors, run.cfg.cluster.entropy_weight)[0].item() == pytest.approx(
+        min(scores), abs=1e-5)
+    assert not list(run.path("cluster").rglob("checkpoint.pt"))
+    # one restart is the setting earlier run directories were made with: not in the stage's fingerprint
+    assert record["basis"]["settings"]["cluster.restarts"] == 3
+    assert "cluster.restarts" not in single["basis"]["settings"]
 
 
 # ---------------------------------------------------------------- 3. what each stage feeds its model

@@ -13,7 +13,8 @@ from scan.checkpoint import atomic_write_json
 
 # Enough epochs per stage that a kill can land between checkpoints of every training stage.
 SETTINGS = ["model.width=8", "pretext.epochs=4", "pretext.batch_size=128", "cluster.epochs=4",
-            "cluster.num_heads=3", "selflabel.epochs=3", "selflabel.threshold=0.5", "mine.num_neighbors=5"]
+            "cluster.num_heads=3", "cluster.restarts=2", "selflabel.epochs=3", "selflabel.threshold=0.5",
+            "mine.num_neighbors=5"]
 
 
 def _command(out):
@@ -64,7 +65,7 @@ def test_sigkill_at_random_points_of_each_stage_then_resume_matches_uninterrupte
     log = tmp_path / "killed.log"
     kills = 0
     # mid-stage kills: once a stage has checkpointed at least one epoch, kill it a random moment later
-    for stage in ("pretext", "cluster", "selflabel"):
+    for stage in ("pretext", "cluster", "cluster/restart1", "selflabel"):
         kills += _kill_when(out, lambda: (out / stage / "checkpoint.pt").exists(), rng.uniform(0.0, 0.4), log)
     # kills at random instants, wherever the run happens to be (also inside mine / evaluate / file writes)
     for _ in range(2):

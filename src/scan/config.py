@@ -135,6 +135,9 @@ class ClusterConfig(TrainingConfig):
     # (the eval split's own nearest neighbours), keeping the weights of the lowest (epoch, head)
     head_choice: str = _f("final", choices=("final", "per_epoch"))
     heldout_neighbors: int = _f(5, lo=1)     # per_epoch: neighbours per held-out image (the authors' 5)
+    # independent trainings from different seeds; the one whose kept head has the lowest loss is kept.
+    # Heads sharing an updated backbone end in one partition, so only a restart can leave a poor one
+    restarts: int = _f(1, lo=1)
 
 
 @dataclass(frozen=True)

@@ -27,25 +27,60 @@ log = logging.getLogger("scan")
 # the learning rate, never above this bound (Adam on the backbone diverges past it)
 RESCUE_LR_FACTORS = (10.0, 100.0)
 RESCUE_MAX_LR = 1e-2
+# restart r seeds its training with seed + 1 + attempt + r * RESTART_SEED_STEP (restart 0: as without restarts)
+RESTART_SEED_STEP = 1000
 
 
 def stage_cluster(run: Run) -> dict:
     """Train `num_heads` clustering heads with the SCAN loss; keep the head with the lowest loss.
 
-    A training whose kept head stayed at the uniform prediction is retried with a higher
-    learning rate (`RESCUE_LR_FACTORS`, at most `RESCUE_MAX_LR`); the check and any rescue
-    are recorded in done.json.
+    With cluster.restarts = R > 1 the whole training runs R times from different seeds and the
+    restart whose kept head has the lowest loss is kept: heads that share an updated backbone
+    converge to one partition, so only an independent training can leave a poor one. A training
+    whose kept head stayed at the uniform prediction is retried with a higher learning rate
+    (`RESCUE_LR_FACTORS`, at most `RESCUE_MAX_LR`); the check and any rescue are recorded in done.json.
     """
     if (record := run.done("cluster")) is not None:
         return record
     c = run.cfg.cluster
     neighbors = torch.from_numpy(np.load(require(run.path("mine", "neighbors.npy"), "mine")))
     start = time.time()
-    lrs = sorted(lr for lr in {c.lr, *(min(c.lr * f, RESCUE_MAX_LR) for f in RESCUE_LR_FACTORS)} if lr >= c.lr)
     heldout = heldout_neighbors(run) if c.head_choice == "per_epoch" else None
+    kept, scores = None, []
+    for restart in range(c.restarts):
+        trial = _train_with_rescue(run, neighbors, heldout, restart)
+        scores.append({"restart": restart, "loss": trial["score"], "status": trial["check"]["status"],
+                       "consistency": trial["check"]["consistency"]})
+        if kept is None or trial["score"] < kept["score"]:
+            kept = trial
+    model, best, check = kept["model"], kept["best"], kept["check"]
+    model.keep_head(best)
+    atomic_torch_save(run.path("cluster", "model.pt"), model.state_dict())
+    extra = {"seconds": time.time() - start, "head_losses": kept["losses"].tolist(), "best_head": best,
+             "history": kept["history"], "head_choice": c.head_choice, "check": report("cluster", check)}
+    if c.restarts > 1:
+        extra["restarts"], extra["kept_restart"] = scores, kept["restart"]
+        say(run.rt, f"cluster: kept restart {kept['restart'] + 1} of {c.restarts} (loss {kept['score']:.4f}; "
+                    + ", ".join(f"{s['loss']:.4f}" for s in scores) + ")")
+    if kept["lowest"] is not None:
+        lowest = kept["lowest"]
+        extra["kept"] = {"epoch": lowest.epoch, "head": lowest.head, "heldout_loss": lowest.loss}
+    _warn_collapse(run, kept["probs"][best].argmax(1), "cluster")
+    for pattern in ("retry*/checkpoint.pt", "restart*/checkpoint.pt") if is_main() else ():
+        for leftover in run.path("cluster").glob(pattern):
+            leftover.unlink()
+    return run.finish("cluster", **extra)
+
+
+def _train_with_rescue(run: Run, neighbors: torch.Tensor, heldout: torch.Tensor | None, restart: int) -> dict:
+    """One training of the heads (restart `restart`), retried at higher learning rates while the kept
+    head stays uniform. Returns the model, its head losses, kept head, check, and the score that
+    ranks restarts: the kept head's training loss (final) or its held-out loss (per_epoch)."""
+    c = run.cfg.cluster
+    lrs = sorted(lr for lr in {c.lr, *(min(c.lr * f, RESCUE_MAX_LR) for f in RESCUE_LR_FACTORS)} if lr >= c.lr)
     tried = []
     for attempt, lr in enumerate(lrs):
-        model, history, lowest = _train_heads(run, neighbors, lr, attempt, heldout)
+        model, history, lowest = _train_heads(run, neighbors, lr, attempt, heldout, restart)
         if lowest is not None:   # per_epoch: back to the weights of the epoch whose head had the lowest loss
             model.load_state_dict(lowest.state)
         # (H, N, C) in float16: 10 heads x 260k ImageNet-200 images would take 2 GB in float32
@@ -65,16 +100,9 @@ def stage_cluster(run: Run) -> dict:
                  "message": f"the heads did not learn at cluster.lr={c.lr:g}; retrained at lr {lr:g}: "
                             + check["message"], "fix": f"set cluster.lr={lr:g} to skip the failed attempts"}
     check["attempts"] = tried
-    model.keep_head(best)
-    atomic_torch_save(run.path("cluster", "model.pt"), model.state_dict())
-    extra = {"seconds": time.time() - start, "head_losses": losses.tolist(), "best_head": best, "history": history,
-             "head_choice": c.head_choice, "check": report("cluster", check)}
-    if lowest is not None:
-        extra["kept"] = {"epoch": lowest.epoch, "head": lowest.head, "heldout_loss": lowest.loss}
-    _warn_collapse(run, probs[best].argmax(1), "cluster")
-    for retry in run.path("cluster").glob("retry*/checkpoint.pt") if is_main() else ():
-        retry.unlink()
-    return run.finish("cluster", **extra)
+    score = float(losses[best]) if lowest is None else lowest.loss
+    return {"model": model, "history": history, "lowest": lowest, "probs": probs, "losses": losses, "best": best,
+            "check": check, "score": score, "restart": restart}
 
 
 def heldout_neighbors(run: Run) -> torch.Tensor:
@@ -107,11 +135,12 @@ class LowestLoss:
         self.loss, self.epoch, self.head, self.state = d["loss"], d["epoch"], d["head"], d["state"]
 
 
-def _train_heads(run: Run, neighbors: torch.Tensor, lr: float, attempt: int, heldout: torch.Tensor | None):
+def _train_heads(run: Run, neighbors: torch.Tensor, lr: float, attempt: int, heldout: torch.Tensor | None,
+                 restart: int = 0):
     """One training of the clustering heads (and backbone, if updated) at learning rate `lr`; with held-out
     neighbours (cluster.head_choice=per_epoch) also the LowestLoss over epochs and heads, else None."""
     cfg, rt, c = run.cfg, run.rt, run.cfg.cluster
-    seed_everything(cfg.seed + 1 + attempt)
+    seed_everything(cfg.seed + 1 + attempt + RESTART_SEED_STEP * restart)
     source = run.source
     model = run.clustering_model(c.num_heads)
     source.start_from_pretext(model)
@@ -141,9 +170,11 @@ def _train_heads(run: Run, neighbors: torch.Tensor, lr: float, attempt: int, hel
         sums /= steps
         return {"loss": sums[0], "consistency": sums[1], "entropy": sums[2]}
 
-    # a retry keeps its own checkpoint, so a kill during it resumes the retry, not the failed attempt
-    where = run.path("cluster") if attempt == 0 else run.path("cluster", f"retry{attempt}")
-    fingerprint = run.fingerprint("cluster") + ("" if attempt == 0 else f"-lr{lr:g}")
+    # a retry or restart keeps its own checkpoint, so a kill during it resumes that training; a finished
+    # restart's checkpoint is reloaded without training while later ones run
+    name = (f"restart{restart}" if restart else "") + (f"retry{attempt}" if attempt else "")
+    where = run.path("cluster", name) if name else run.path("cluster")
+    fingerprint = run.fingerprint("cluster") + (f"-restart{restart}" if restart else "") + (f"-lr{lr:g}" if attempt else "")
     states = {"model": model, "opt": optimizer}
     after_epoch = None
     if heldout is not None:
@@ -170,4 +201,6 @@ def _warn_collapse(run: Run, pred: torch.Tensor, stage: str) -> None:
 
 register_stage(Stage("cluster", stage_cluster, needs=("mine",), sections=("seed", "cluster", "augment"),
                      inputs=lambda run: (run.num_clusters,), writes_model=True,
+                     # one restart is the single training the stage always ran: earlier run directories stay valid
+                     ignores=lambda cfg: ("cluster.restarts",) if cfg.cluster.restarts == 1 else (),
                      description="SCAN heads: neighbours agree, entropy keeps every cluster"))
