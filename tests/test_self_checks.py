@@ -93,6 +93,10 @@ def test_estimate_counts_images_through_the_backbone():
     assert est["pretext"] == pytest.approx(1.5 * (2 * 300 * 10 + 300 / 3) / 100)
     assert est["cluster"] == pytest.approx(1.5 * (2 * 300 * 5 / 3 + 300 / 3) / 100)
     assert est["selflabel"] == pytest.approx(1.5 * (300 * 2 * (1 + 2 / 3)) / 100)
+    cfg = load_config(None, {"pretext": {"epochs": 10}, "cluster": {"epochs": 5, "update_backbone": False,
+                                                                     "restarts": 3}, "selflabel": {"epochs": 2}})
+    restarted = estimate_seconds(cfg, 300, 0, rate=100.0)
+    assert restarted["cluster"] == pytest.approx(3 * est["cluster"]) and restarted["pretext"] == est["pretext"]
 
 
 def test_cli_prints_the_chosen_defaults_and_a_time_estimate(tmp_path, capsys):

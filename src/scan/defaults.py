@@ -174,7 +174,7 @@ def estimate_seconds(cfg, n_train: int, n_eval: int, rate: float) -> dict[str, f
     cluster_pass = fwd if not c.update_backbone else 1.0
     images = {
         "pretext": 2 * n_train * cfg.pretext.epochs + fwd * (n_train + n_eval),
-        "cluster": 2 * n_train * c.epochs * cluster_pass + fwd * n_train,
+        "cluster": (2 * n_train * c.epochs * cluster_pass + fwd * n_train) * c.restarts,
         "selflabel": (n_train * s.epochs * (1 + 2 * fwd)) if s.enabled else 0,
         "evaluate": fwd * (n_train + 3 * n_eval),
     }
