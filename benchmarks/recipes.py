@@ -23,12 +23,12 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from scan.config import load_config
 from scan.pipeline import open_run, run_pipeline
-from seeds import emit   # benchmarks/seeds.py (python puts the script's folder on the path)
+from accuracy import row  # benchmarks/accuracy.py (python puts the script's folder on the path)
+from seeds import emit
 
 # variant -> (suffix of the config name, the overrides) that turn our CPU default into the published setting
 VARIANTS = {
@@ -42,18 +42,16 @@ METRICS = ("acc", "nmi", "ari")
 
 
 def one_run(config: str, seed: int, overrides: list[str], run_dir: Path, start_from: Path | None) -> dict:
-    """Run the pipeline in `run_dir` (a copy of `start_from`, whose unchanged stages are then skipped)."""
-    if start_from is not None:
+    """Run the pipeline in `run_dir` (a copy of `start_from`, whose unchanged stages are then skipped).
+
+    A `run_dir` left by an earlier, interrupted call with the same --out is resumed instead: its
+    finished stages are reused. Seconds are the run's stage seconds (reused stages included)."""
+    if start_from is not None and not run_dir.exists():
         shutil.copytree(start_from, run_dir)
     cfg = load_config(config, overrides + [f"seed={seed}", "quiet=true"])
-    started = time.time()
-    metrics = run_pipeline(open_run(cfg, run_dir, restart=start_from is None))
-    out = {"seed": seed, "seconds": time.time() - started, "neighbor_purity": metrics.get("neighbor_purity")}
-    for stage in STAGES:
-        if stage in metrics:
-            out[stage] = {k: metrics[stage][k] for k in METRICS}
-    out["final"] = out.get(metrics["final_stage"], out.get("cluster"))
-    return out
+    metrics = run_pipeline(open_run(cfg, run_dir))
+    seconds = sum(v for v in metrics.get("seconds", {}).values() if v is not None)
+    return row(seed, metrics, metrics.get("neighbor_purity"), seconds)
 
 
 def spread(values: list[float]) -> dict:
@@ -77,7 +75,7 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
         if variant != "ours":
             diffs = [r["final"]["acc"] - o["final"]["acc"] for r, o in zip(rows, runs["ours"])]
             entry["final_acc_minus_ours"] = spread(diffs)
-        entry["seconds_median"] = statistics.median(r["seconds"] for r in rows)
+        entry["seconds_median"] = statistics.median(r["seconds_total"] for r in rows)
         summary[variant] = entry
     return summary
 
@@ -89,7 +87,8 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="applied to every variant")
     parser.add_argument("--pretext-seed", type=int, help="one pretext trained with this seed, shared by every seed")
-    parser.add_argument("--out", help="keep run directories here (default: a temporary folder)")
+    parser.add_argument("--out", help="keep run directories here (default: a temporary folder); a rerun with "
+                                      "the same --out resumes the runs an interrupted one left")
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args(argv)
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="scan-recipes-"))
