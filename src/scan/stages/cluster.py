@@ -60,12 +60,12 @@ def stage_cluster(run: Run) -> dict:
              "history": kept["history"], "head_choice": c.head_choice, "check": report("cluster", check)}
     if c.restarts > 1:
         extra["restarts"], extra["kept_restart"] = scores, kept["restart"]
-        say(run.rt, f"cluster: kept restart {kept['restart'] + 1} of {c.restarts} (loss {kept['score']:.4f}; "
-                    + ", ".join(f"{s['loss']:.4f}" for s in scores) + ")")
+        say(run.rt, f"cluster: restarts 0-{c.restarts - 1} ended at losses "
+                    + ", ".join(f"{s['loss']:.4f}" for s in scores) + f"; kept restart {kept['restart']}")
     if kept["lowest"] is not None:
         lowest = kept["lowest"]
         extra["kept"] = {"epoch": lowest.epoch, "head": lowest.head, "heldout_loss": lowest.loss}
-    _warn_collapse(run, kept["probs"][best].argmax(1), "cluster")
+    _warn_collapse(run, kept["kept_probs"].argmax(1), "cluster")
     for pattern in ("retry*/checkpoint.pt", "restart*/checkpoint.pt") if is_main() else ():
         for leftover in run.path("cluster").glob(pattern):
             leftover.unlink()
@@ -101,8 +101,9 @@ def _train_with_rescue(run: Run, neighbors: torch.Tensor, heldout: torch.Tensor 
                             + check["message"], "fix": f"set cluster.lr={lr:g} to skip the failed attempts"}
     check["attempts"] = tried
     score = float(losses[best]) if lowest is None else lowest.loss
-    return {"model": model, "history": history, "lowest": lowest, "probs": probs, "losses": losses, "best": best,
-            "check": check, "score": score, "restart": restart}
+    # only the kept head's probabilities travel on: all heads' of two restarts would double the memory
+    return {"model": model, "history": history, "lowest": lowest, "kept_probs": probs[best], "losses": losses,
+            "best": best, "check": check, "score": score, "restart": restart}
 
 
 def heldout_neighbors(run: Run) -> torch.Tensor:
@@ -174,7 +175,8 @@ def _train_heads(run: Run, neighbors: torch.Tensor, lr: float, attempt: int, hel
     # restart's checkpoint is reloaded without training while later ones run
     name = (f"restart{restart}" if restart else "") + (f"retry{attempt}" if attempt else "")
     where = run.path("cluster", name) if name else run.path("cluster")
-    fingerprint = run.fingerprint("cluster") + (f"-restart{restart}" if restart else "") + (f"-lr{lr:g}" if attempt else "")
+    fingerprint = (run.fingerprint("cluster") + (f"-restart{restart}" if restart else "")
+                   + (f"-lr{lr:g}" if attempt else ""))
     states = {"model": model, "opt": optimizer}
     after_epoch = None
     if heldout is not None:
