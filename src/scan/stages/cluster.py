@@ -137,7 +137,7 @@ class LowestLoss:
 
 
 def _train_heads(run: Run, neighbors: torch.Tensor, lr: float, attempt: int, heldout: torch.Tensor | None,
-                 restart: int = 0):
+                 restart: int):
     """One training of the clustering heads (and backbone, if updated) at learning rate `lr`; with held-out
     neighbours (cluster.head_choice=per_epoch) also the LowestLoss over epochs and heads, else None."""
     cfg, rt, c = run.cfg, run.rt, run.cfg.cluster

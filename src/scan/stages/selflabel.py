@@ -17,17 +17,18 @@ from scan.registry import Registry
 from scan.run import Run, head_probs, load_stage_model, say
 from scan.stage import Stage, register_stage
 
-# selflabel.selection: (probabilities (N, C) of the unaugmented training images at the start of an
-# epoch, config, device) -> the labels of a batch of training indices, (mask, targets), or None for
-# the weak view's confident predictions
+# selflabel.selection: (a function giving the probabilities (N, C) of the unaugmented training images at
+# the start of an epoch, config, device) -> the labels of a batch of training indices, (mask, targets), or
+# None for the weak view's confident predictions. A function, so a selection that needs no probabilities
+# costs no pass over the training images
 SELECTIONS: Registry[Callable] = Registry("selflabel.selection")
-SELECTIONS.add("threshold", lambda probs, s, device: lambda idx: None)   # the paper's: decided in every batch
+SELECTIONS.add("threshold", lambda probs_of, s, device: lambda idx: None)   # the paper's: decided in every batch
 
 
 @SELECTIONS.register("per_cluster")
-def per_cluster_selection(probs: torch.Tensor, s, device: torch.device) -> Callable:
+def per_cluster_selection(probs_of: Callable[[], torch.Tensor], s, device: torch.device) -> Callable:
     """Labels fixed for the epoch: every cluster's most confident members."""
-    mask, targets = per_cluster_pseudo_labels(probs, s.per_cluster_fraction)
+    mask, targets = per_cluster_pseudo_labels(probs_of(), s.per_cluster_fraction)
     mask, targets = mask.to(device), targets.to(device)
     return lambda idx: (mask[idx], targets[idx])
 
@@ -98,8 +99,9 @@ def stage_selflabel(run: Run) -> dict:
     since_best = {"epochs": 0}
 
     def epoch_fn(epoch, tick):
-        probs = latest["probs"] if latest["epoch"] == epoch else head_probs(run, evaluated, "train")[0]
-        labels_of = SELECTIONS.get(s.selection)(probs, s, rt.device)
+        def probs_of():
+            return latest["probs"] if latest["epoch"] == epoch else head_probs(run, evaluated, "train")[0]
+        labels_of = SELECTIONS.get(s.selection)(probs_of, s, rt.device)
         model.train()
         total, used = 0.0, 0
         for idx in minibatches(n, batch_size):
@@ -144,6 +146,7 @@ def stage_selflabel(run: Run) -> dict:
 
 
 register_stage(Stage("selflabel", stage_selflabel, needs=("cluster",), sections=("seed", "selflabel", "augment"),
-                     ignores=lambda cfg: ("selflabel.per_cluster_fraction",) if cfg.selflabel.selection != "per_cluster" else (),
+                     ignores=lambda cfg: (("selflabel.per_cluster_fraction",)
+                                          if cfg.selflabel.selection != "per_cluster" else ()),
                      enabled=lambda cfg: cfg.selflabel.enabled, writes_model=True,
                      description="confident predictions, strong augmentation, class-balanced cross-entropy"))
