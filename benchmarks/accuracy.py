@@ -27,13 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from seeds import emit, spread  # benchmarks/seeds.py (python puts the script's folder on the path)
 
-from scan.checkpoint import read_json
+from scan.algo.neighbors import neighbor_purity
 from scan.cli import build_parser
-from scan.cli_config import build_config
-from scan.neighbors import neighbor_purity
+from scan.core.checkpoint import read_json
 from scan.pipeline import open_run, run_pipeline
-from seeds import emit, spread   # benchmarks/seeds.py (python puts the script's folder on the path)
+from scan.pipeline.resolve import build_config
 
 FASHION_FILES = Path("/usr/share/datasets/fashion-mnist")
 SCORED = ("kmeans_pixels", "kmeans", "cluster", "selflabel", "refine")

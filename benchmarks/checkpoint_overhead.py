@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from digits import one_run  # noqa: E402
 
-from scan.checkpoint import read_json  # noqa: E402
+from scan.core.checkpoint import read_json  # noqa: E402
 
 TRAINING_STAGES = ("pretext", "cluster", "selflabel", "refine")
 

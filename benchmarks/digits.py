@@ -16,8 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from scan.config import load_config
-from scan.pipeline import open_run, run_pipeline
+from scan.pipeline import load_config, open_run, run_pipeline
 
 STAGES = ("kmeans", "cluster", "selflabel")
 

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from scan.data import FolderOptions, LazyImages, load_dataset
-from scan.imagefiles import list_files
+from scan.data.imagefiles import list_files
 
 ROOT = Path("/tmp/scan_lazy_folder_bench")
 

@@ -31,17 +31,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import scan.engine
-
-from scan.augment import StrongAugment, WeakAugment, build_augment
-from scan.checkpoint import read_json
-from scan.config import load_config
+import scan.train.engine
+from scan.algo.losses import nt_xent, scan_loss, selflabel_loss
+from scan.core.checkpoint import read_json
 from scan.data import ImageDataset
-from scan.engine import build_optimizer, channels_last_safe, cosine_schedule
-from scan.losses import nt_xent, scan_loss, selflabel_loss
-from scan.pipeline import open_run, run_pipeline
-from scan.models import ContrastiveModel
-from scan.run import load_backbone, load_stage_model
+from scan.nets.augment import StrongAugment, WeakAugment, build_augment
+from scan.nets.models import ContrastiveModel
+from scan.pipeline import load_config, open_run, run_pipeline
+from scan.pipeline.run import load_stage_model
+from scan.train.engine import build_optimizer, channels_last_safe, cosine_schedule
+from scan.train.sources import load_backbone
 
 STAGES = ("pretext", "cluster", "selflabel")
 
@@ -129,16 +128,16 @@ def interleaved(stage: str, run, clock) -> list[float]:
     per-epoch checkpoint), so both loops meet the same load from other jobs; returns the
     hand-written loop's epoch seconds."""
     hand, seconds = hand_written(stage, run, clock), []
-    real_save = scan.engine.atomic_torch_save
+    real_save = scan.train.engine.atomic_torch_save
 
     def save_after_a_hand_epoch(path, obj):
         seconds.extend(itertools.islice(hand, 1))
         real_save(path, obj)
-    scan.engine.atomic_torch_save = save_after_a_hand_epoch
+    scan.train.engine.atomic_torch_save = save_after_a_hand_epoch
     try:
         run_pipeline(run, (stage,))
     finally:
-        scan.engine.atomic_torch_save = real_save
+        scan.train.engine.atomic_torch_save = real_save
     return seconds
 
 
@@ -156,7 +155,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     # the epoch loop times its epochs with time.perf_counter: give it the same clock as the hand-written loop
-    scan.engine.time = types.SimpleNamespace(perf_counter=clock)
+    scan.train.engine.time = types.SimpleNamespace(perf_counter=clock)
     torch.manual_seed(0)
     train = synthetic_images(args.images, args.side)
     evaluation = synthetic_images(256, args.side, seed=1)

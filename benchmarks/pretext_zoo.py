@@ -20,9 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from scan.checkpoint import read_json
-from scan.config import load_config
-from scan.pipeline import open_run, run_pipeline
+from scan.core.checkpoint import read_json
+from scan.pipeline import load_config, open_run, run_pipeline
 from scan.pretext import list_pretext_methods
 
 

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from scan.checkpoint import read_json
-from scan.config import _merge, load_config, parse_override
-from scan.pipeline import open_run, run_pipeline
+from scan.config import merge, parse_override
+from scan.core.checkpoint import read_json
+from scan.pipeline import load_config, open_run, run_pipeline
 
 DATASETS = {
     "fashion-mnist": {"data": {"dataset": "fashion-mnist", "train_split": "test", "eval_split": "test"}},
@@ -48,9 +48,9 @@ def from_scratch(path: Path) -> dict:
 
 def dataset_config(name: str, backbone: str, overrides: list[str]):
     """configs/pretrained.yaml for data set `name`, then the backbone, then the user's --set overrides."""
-    data = _merge(DATASETS[name], {"model": {"backbone": backbone}, "quiet": True})
+    data = merge(DATASETS[name], {"model": {"backbone": backbone}, "quiet": True})
     for text in overrides:
-        data = _merge(data, parse_override(text))
+        data = merge(data, parse_override(text))
     return load_config("pretrained", data)
 
 

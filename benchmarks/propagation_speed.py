@@ -19,9 +19,9 @@ import time
 import faiss
 import numpy as np
 
+from scan.algo.neighbors import l2_normalize
+from scan.algo.propagation import initial_labels, knn_affinity, propagate_labels, top_per_class
 from scan.config import RefineConfig
-from scan.neighbors import l2_normalize
-from scan.propagation import initial_labels, knn_affinity, propagate_labels, top_per_class
 
 
 def clustered_features(n: int, dim: int, classes: int, rng: np.random.Generator):

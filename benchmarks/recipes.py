@@ -25,10 +25,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from scan.config import load_config
-from scan.pipeline import open_run, run_pipeline
 from accuracy import row  # benchmarks/accuracy.py (python puts the script's folder on the path)
 from seeds import emit
+
+from scan.pipeline import load_config, open_run, run_pipeline
 
 # variant -> (suffix of the config name, the overrides) that turn our CPU default into the published setting
 VARIANTS = {

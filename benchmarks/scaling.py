@@ -27,13 +27,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from scan import distributed
-from scan.augment import StrongAugment, WeakAugment, to_float
-from scan.config import load_config
-from scan.engine import minibatches, optimizer_step
-from scan.losses import scan_loss, selflabel_loss
-from scan.models import ClusteringModel, build_backbone
+from scan.algo.losses import scan_loss, selflabel_loss
+from scan.core import distributed
+from scan.nets.augment import StrongAugment, WeakAugment, to_float
+from scan.nets.models import ClusteringModel, build_backbone
+from scan.pipeline import load_config
 from scan.pretext import build_pretext
+from scan.train.engine import minibatches, optimizer_step
 
 SENT = {"bytes": 0}
 

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from scan.losses import scan_loss_over_pairs
+from scan.algo.losses import scan_loss_over_pairs
 
 
 def peak_gb() -> float:

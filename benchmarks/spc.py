@@ -19,12 +19,12 @@ import statistics
 import sys
 from pathlib import Path
 
-from scan.checkpoint import read_json
-from seeds import run_seeds   # benchmarks/seeds.py (python puts the script's folder on the path)
-from scan.config import load_config
-from scan.metrics import cluster_to_class
-from scan.pipeline import open_run, run_pipeline
-from scan.run import head_probs, load_stage_model, trained_stages
+from seeds import run_seeds  # benchmarks/seeds.py (python puts the script's folder on the path)
+
+from scan.algo.metrics import cluster_to_class
+from scan.core.checkpoint import read_json
+from scan.pipeline import load_config, open_run, run_pipeline
+from scan.pipeline.run import head_probs, load_stage_model, trained_stages
 
 BASE_STAGES = ("pretext", "mine", "cluster")
 VARIANTS = {   # name: (stages run on the copy, extra overrides, directory it copies)

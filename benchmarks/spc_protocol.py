@@ -23,10 +23,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from scan.checkpoint import read_json
-from seeds import run_seeds, spread   # benchmarks/seeds.py (python puts the script's folder on the path)
-from scan.config import load_config
-from scan.pipeline import open_run, run_pipeline
+from seeds import run_seeds, spread  # benchmarks/seeds.py (python puts the script's folder on the path)
+
+from scan.core.checkpoint import read_json
+from scan.pipeline import load_config, open_run, run_pipeline
 
 BASE_STAGES = ("pretext", "mine", "cluster")
 REFINE = ("refine", "evaluate")

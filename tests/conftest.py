@@ -16,10 +16,9 @@ def tiny_overrides():
 @pytest.fixture(scope="session")
 def mined_run(tmp_path_factory):
     """A run directory whose pretext and mine stages are done with the TINY settings (shared: copy it)."""
-    from scan.config import load_config
-    from scan.pipeline import open_run
-    from scan.stages.mine import stage_mine
-    from scan.stages.pretext import stage_pretext
+    from scan.pipeline import load_config, open_run
+    from scan.pipeline.stages.mine import stage_mine
+    from scan.pipeline.stages.pretext import stage_pretext
     path = tmp_path_factory.mktemp("shared") / "mined"
     run = open_run(load_config("digits", list(TINY)), path)
     stage_pretext(run)
@@ -29,8 +28,7 @@ def mined_run(tmp_path_factory):
 
 def copy_run(mined_run, tmp_path, overrides):
     """An open Run in a copy of `mined_run`, with the TINY settings plus `overrides`."""
-    from scan.config import load_config
-    from scan.pipeline import open_run
+    from scan.pipeline import load_config, open_run
     target = tmp_path / "run"
     shutil.copytree(mined_run, target)
     return open_run(load_config("digits", list(TINY) + overrides), target)

@@ -12,20 +12,18 @@ import pytest
 import torch
 from torch import nn
 
-import scan.run
-import scan.stages.cluster
-import scan.stages.pretext
-import scan.stages.selflabel
-from scan.checkpoint import load_torch
+import scan.pipeline.run
+import scan.pipeline.stages.cluster
+import scan.pipeline.stages.pretext
+import scan.pipeline.stages.selflabel
 from scan.cli import main
-from scan.config import load_config
-from scan.engine import Runtime, StageError, build_optimizer, compile_backbones, optimizer_step
-from scan.inference import open_trained_run
-from scan.models import Backbone, ClusteringModel, resnet_small
-from scan.pipeline import open_run, run_pipeline
-from scan.run import load_stage_model
+from scan.core.checkpoint import load_torch
+from scan.nets.models import Backbone, ClusteringModel, resnet_small
+from scan.pipeline import load_config, open_run, run_pipeline
+from scan.train.engine import Runtime, StageError, build_optimizer, compile_backbones, optimizer_step
+from scan.use.inference import open_trained_run
 
-TRAINING_STAGES = (scan.stages.pretext, scan.stages.cluster, scan.stages.selflabel)
+TRAINING_STAGES = (scan.pipeline.stages.pretext, scan.pipeline.stages.cluster, scan.pipeline.stages.selflabel)
 
 
 def tiny_model(width: int = 8) -> ClusteringModel:
@@ -65,7 +63,7 @@ def fused_optimizers(monkeypatch):
 
 def test_the_cuda_path_trains_every_stage_on_the_cpu(tmp_path, tiny_overrides, monkeypatch, conv_calls,
                                                       fused_optimizers):
-    monkeypatch.setattr(scan.run, "Runtime",
+    monkeypatch.setattr(scan.pipeline.run, "Runtime",
                         functools.partial(Runtime, autocast_dtype=torch.bfloat16, force_channels_last=True))
     cfg = load_config("digits", tiny_overrides + ["selflabel.optimizer=sgd"])
     run = open_run(cfg, tmp_path / "run")
@@ -180,7 +178,8 @@ def test_compile_flag_compiles_every_training_backbone_and_its_models_load_uncom
     assert counting.graphs > 0   # dynamo traced them: the compiled forward is what trained
     backbone = load_torch(tmp_path / "run" / "pretext" / "backbone.pt")
     assert backbone and not any("_orig_mod" in k for k in backbone)
-    plain = load_stage_model(run, "cluster")   # an uncompiled model loads the compiled run's weights
+    assert run.final_stage == "cluster"
+    plain = run.model   # an uncompiled model loads the compiled run's weights
     assert not plain.backbone._compiled_call_impl
 
 

@@ -53,7 +53,7 @@ def test_help_and_version_import_no_torch(args):
 
 
 def test_static_stage_list_matches_the_stage_registry():
-    from scan.stage import stage_names
+    from scan.pipeline.stage import stage_names
     assert STAGE_NAMES == stage_names()
     assert set(STAGE_OPTIONS) == set(STAGE_NAMES)
     assert set(ALL_OPTIONS) == {option for options in STAGE_OPTIONS.values() for option in options}
@@ -174,12 +174,12 @@ def test_failed_start_leaves_no_run_directory(tmp_path, args, message, capsys):
 
 
 def test_failure_after_the_folder_was_made_removes_it_but_not_a_folder_we_did_not_make(tmp_path, monkeypatch, capsys):
-    import scan.run
+    import scan.pipeline.run
     from scan.config import ConfigError
 
     def broken(*args):
         raise ConfigError("disk trouble")
-    monkeypatch.setattr(scan.run, "record_config", broken)
+    monkeypatch.setattr(scan.pipeline.run, "record_config", broken)
     assert main(["run", "--run-dir", str(tmp_path / "new"), "--quiet"]) == 2
     assert not (tmp_path / "new").exists()
     (tmp_path / "mine").mkdir()
@@ -232,12 +232,12 @@ def test_grey_or_small_images_keep_training_from_scratch(tmp_path, capsys, side,
 
 
 def test_photos_without_the_weights_train_from_scratch_and_say_why(tmp_path, capsys, monkeypatch):
-    import scan.pretrained
+    import scan.nets.pretrained
     from scan.config import ConfigError
 
     def missing(name):
         raise ConfigError("not installed")
-    monkeypatch.setattr(scan.pretrained, "lite_weights_path", missing)
+    monkeypatch.setattr(scan.nets.pretrained, "lite_weights_path", missing)
     shown, err = shown_config(photo_folder(tmp_path / "photos", 80, colour=True), capsys)
     assert shown["pretext"]["method"] == "simclr"
     assert "weights are not installed" in err and "scan-clustering[pretrained]" in err

@@ -1,6 +1,7 @@
 import pytest
 
-from scan.config import ConfigError, builtin_config_names, load_config
+from scan.config import ConfigError, builtin_config_names
+from scan.pipeline import load_config
 
 
 def test_defaults_and_dotted_overrides():

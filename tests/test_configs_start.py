@@ -4,11 +4,9 @@ import json
 
 import numpy as np
 import pytest
-
-from scan.config import load_config
-from scan.pipeline import open_run, run_pipeline
-
 from fakes import write_cifar10, write_cifar100, write_fashion_mnist, write_stl10
+
+from scan.pipeline import load_config, open_run, run_pipeline
 
 ONE_EPOCH = ["pretext.epochs=1", "cluster.epochs=1", "selflabel.epochs=1", "cluster.num_heads=2",
              "mine.num_neighbors=5", "quiet=true"]

@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fakes import cifar_rows, write_idx, write_pickle
 from PIL import Image
 
-from scan import data, data_formats, imagefiles
-from scan.data import DataError, ImageDataset, list_datasets, load_dataset
-
-from fakes import cifar_rows, write_idx, write_pickle
+from scan import data
+from scan.data import DataError, ImageDataset, imagefiles, list_datasets, load_dataset
+from scan.data import formats as data_formats
 
 FASHION = Path(data.FASHION_MNIST_PATH)
 
@@ -431,7 +431,7 @@ def test_splitless_formats_are_known(tmp_path):
 def test_channel_stats_in_chunks_match_one_pass():
     """The normalisation statistics of a sample too big for one float tensor (ImageNet at 224 px)
     come from exact integer sums in chunks and equal the one-pass float32 values."""
-    from scan.run import channel_stats
+    from scan.data import channel_stats
     images = torch.zeros(4, 2, 1, 2, dtype=torch.uint8)
     images[:, 0] = torch.tensor([[0, 255]], dtype=torch.uint8)      # channel 0: half 0, half 1
     images[:, 1] = 51                                                 # channel 1: constant 0.2

@@ -25,12 +25,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from scan import distributed
-from scan.config import ConfigError, load_config
-from scan.engine import minibatches, optimizer_step
-from scan.losses import scan_loss, selflabel_loss
-from scan.models import ClusteringModel, build_backbone
+from scan.algo.losses import scan_loss, selflabel_loss
+from scan.config import ConfigError
+from scan.core import distributed
+from scan.nets.models import ClusteringModel, build_backbone
+from scan.pipeline import load_config
 from scan.pretext import build_pretext
+from scan.train.engine import minibatches, optimizer_step
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 N, BATCH, STEPS = 48, 16, 3
@@ -121,8 +122,8 @@ def train_case(name: str, sync_batchnorm: bool = True) -> tuple[list[float], dic
 
 def augment_case() -> dict:
     """The same images augmented on every rank, and the shared stream's next permutation, from each rank."""
-    from scan.augment import SimCLRAugment, StrongAugment, WeakAugment
     from scan.config import AugmentConfig
+    from scan.nets.augment import SimCLRAugment, StrongAugment, WeakAugment
     torch.manual_seed(0)
     x = torch.rand(4, 3, 16, 16)
     views = [aug(x) for aug in (SimCLRAugment(AugmentConfig(), 16, 3), WeakAugment(AugmentConfig(), 16),
@@ -176,8 +177,8 @@ def test_each_rank_augments_with_its_own_random_numbers_and_the_shared_stream_st
         assert not torch.allclose(a, b)
     assert torch.equal(rank0["order"], rank1["order"])   # the batches every rank slices stay the same
     torch.manual_seed(0)                                   # one process: the augmentation draws as before
-    from scan.augment import WeakAugment
     from scan.config import AugmentConfig
+    from scan.nets.augment import WeakAugment
     x = torch.rand(4, 3, 16, 16)
     state = torch.get_rng_state()
     out = WeakAugment(AugmentConfig(), 16)(x)
@@ -199,7 +200,7 @@ def test_without_torchrun_every_helper_is_the_identity():
 
 
 def test_a_batch_size_the_processes_cannot_split_names_the_option():
-    from scan.run import check_batch_sizes
+    from scan.pipeline.run import check_batch_sizes
     cfg = load_config(None, ["cluster.batch_size=250"])
     check_batch_sizes(cfg, 1)
     with pytest.raises(ConfigError, match=r"cluster.batch_size=250 .*divisible by the number of processes \(4\)"):

@@ -19,8 +19,8 @@ from sklearn.utils.validation import check_is_fitted
 from scan import SCANClustering
 from scan.config import ConfigError
 from scan.data import DataError
-from scan.inference import RunError
 from scan.report import write_report
+from scan.use.inference import RunError
 
 NUM_CLUSTERS = 5
 
@@ -295,7 +295,7 @@ def test_fit_on_a_folder_lists_its_files_in_label_order(digits, tmp_path):
 
 def test_pretrained_means_what_the_command_line_option_means(digits, tmp_path):
     from scan.cli import _add_run_options, build_config
-    from scan.models import build_backbone
+    from scan.nets.models import build_backbone
     backbone = build_backbone("resnet_small", 1, [0.3], [0.2], width=8)
     torch.save(backbone.state_dict(), tmp_path / "w.pt")
     np.savez(tmp_path / "pile.npz", images=digits[:120])

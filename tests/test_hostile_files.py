@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scan import imagefiles
-from scan.data import DataError, load_dataset
-from scan.imagefiles import decode_images
+from scan.data import DataError, imagefiles, load_dataset
+from scan.data.imagefiles import decode_images
 
 
 def _png_bytes(img: Image.Image, **kw) -> bytes:

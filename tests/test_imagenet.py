@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from scan.config import ConfigError, load_config
+from scan.config import ConfigError
 from scan.data import DataError, LazyImages, content_hash, imagenet_subsets, load_dataset, read_class_list
-from scan.models import build_backbone, load_backbone_weights, torchvision_resnet_keys
-from scan.pipeline import open_run, run_pipeline
+from scan.nets.models import build_backbone, load_backbone_weights, torchvision_resnet_keys
+from scan.pipeline import load_config, open_run, run_pipeline
 
 UNLISTED = ("n00000001", "n09999999")        # class folders that belong to no shipped subset
 

@@ -7,15 +7,23 @@ import pytest
 import torch
 from PIL import Image
 
-from scan import imagefiles, lazy_images
-from scan.baselines import pixel_kmeans
-from scan.config import DataConfig, load_config
-from scan.data import DataError, FolderOptions, LazyImages, content_hash, load_dataset
-from scan.data_folders import FOLDER_STORAGE, budget_images
-from scan.neighbors import pixel_features
-from scan.pipeline import open_run, run_pipeline
+from scan.algo.baselines import pixel_kmeans
+from scan.algo.neighbors import pixel_features
+from scan.config import DataConfig
+from scan.data import (
+    DataError,
+    FolderOptions,
+    LazyImages,
+    content_hash,
+    imagefiles,
+    lazy_images,
+    load_data,
+    load_dataset,
+)
+from scan.data.folders import FOLDER_STORAGE, budget_images
+from scan.pipeline import load_config, open_run, run_pipeline
 from scan.report import write_run_report
-from scan.run import load_data
+from scan.use.inference import finished_run
 
 SIDE = 48                      # 3 * 48 * 48 = 6912 bytes a decoded image
 BUDGET = 1                     # MB: 1048576 // 6912 = 151 decoded images, fewer than the folder's 300
@@ -203,7 +211,7 @@ def test_heic_photos_are_read_with_the_plugin(tmp_path):
 
 
 def test_unreadable_heic_without_the_plugin_says_how_to_get_it(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr("scan.data_folders.heif_available", lambda: False)
+    monkeypatch.setattr("scan.data.folders.heif_available", lambda: False)
     (tmp_path / "phone.heic").write_bytes(b"not decodable")
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "ok.png")
     with caplog.at_level(logging.WARNING, logger="scan.data"):
@@ -224,7 +232,7 @@ def test_every_stage_runs_on_a_decode_once_folder_exactly_as_in_memory(tmp_path,
         assert isinstance(run.train.images, LazyImages) == (storage == "disk")
         metrics[storage] = {k: v for k, v in run_pipeline(run).items() if k != "seconds"}
     assert metrics["disk"] == metrics["memory"] and "kmeans_pixels" in metrics["disk"]
-    assert write_run_report(run).read_text().count("data:image/") >= 3     # thumbnails of the lazy images
+    assert write_run_report(finished_run(run)).read_text().count("data:image/") >= 3     # thumbnails of the lazy images
 
 
 def test_damaged_decode_once_files_are_rebuilt(folder, eager, tmp_path):

@@ -4,8 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scan.losses import (balanced_cross_entropy, entropy, info_nce, nt_xent, per_cluster_pseudo_labels, scan_loss,
-                         selflabel_loss)
+from scan.algo.losses import (
+    balanced_cross_entropy,
+    entropy,
+    info_nce,
+    nt_xent,
+    per_cluster_pseudo_labels,
+    scan_loss,
+    selflabel_loss,
+)
 
 
 def test_scan_loss_of_identical_one_hot_pairs_with_uniform_usage_is_minus_lambda_log_c():

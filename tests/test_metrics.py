@@ -1,8 +1,14 @@
 import numpy as np
 import pytest
 
-from scan.metrics import (cluster_accuracy, cluster_to_class, contingency, evaluate_clustering, top_k_accuracy,
-                          weighted_precision_recall_f1)
+from scan.algo.metrics import (
+    cluster_accuracy,
+    cluster_to_class,
+    contingency,
+    evaluate_clustering,
+    top_k_accuracy,
+    weighted_precision_recall_f1,
+)
 
 
 def test_accuracy_of_permuted_labelling_is_one():

@@ -4,12 +4,12 @@ import json
 import numpy as np
 import pytest
 
-from scan.config import ConfigError, load_config
-from scan.mining import list_miners
-from scan.neighbors import gathered_dot, mine_neighbors, select_multiview
-from scan.pipeline import open_run
-from scan.stages.mine import stage_mine
-from scan.stages.pretext import stage_pretext
+from scan.algo.neighbors import gathered_dot, mine_neighbors, select_multiview
+from scan.config import ConfigError
+from scan.pipeline import load_config, open_run
+from scan.pipeline.stages.mine import stage_mine
+from scan.pipeline.stages.pretext import stage_pretext
+from scan.train.mining import list_miners
 
 
 def test_config_choices_come_from_the_registries():

@@ -16,25 +16,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY, copy_run
 from torch import nn
 
-import scan.augment
-import scan.propagation
-from scan.config import load_config
-from scan.engine import minibatches
-from scan.losses import info_nce, nt_xent, scan_loss_over_pairs
-from scan.metrics import cluster_accuracy, cluster_to_class, evaluate_clustering
-from scan.models import Backbone, ClusteringModel, build_backbone
-from scan.pipeline import open_run, run_pipeline
-from scan.run import head_probs, load_stage_model
-from scan.stages.cluster import stage_cluster
-from scan.stages.selflabel import stage_selflabel
+import scan.algo.propagation
+import scan.nets.augment
+from scan.algo.losses import info_nce, nt_xent, scan_loss_over_pairs
+from scan.algo.metrics import cluster_accuracy, cluster_to_class, evaluate_clustering
+from scan.algo.propagation import hierarchical_pseudo_labels
+from scan.nets.models import Backbone, ClusteringModel, build_backbone
+from scan.pipeline import load_config, open_run, run_pipeline
+from scan.pipeline.run import head_probs, load_stage_model
+from scan.pipeline.stages.cluster import stage_cluster
+from scan.pipeline.stages.selflabel import stage_selflabel
 from scan.pretext import build_pretext
-from scan.propagation import hierarchical_pseudo_labels
-from scan.refine import RoundLabels, pseudo_label_stats
-
-from conftest import TINY, copy_run
-
+from scan.train.engine import minibatches
+from scan.train.refine import RoundLabels, pseudo_label_stats
 
 # ---------------------------------------------------------------- 1. Hungarian accuracy when C == K
 
@@ -137,8 +134,8 @@ def _tag_views(monkeypatch) -> list:
     """Strong and weak augmentation outputs become constant images (0.25 / 0.75) and every backbone
     input is recorded as (view, gradient enabled, training mode); view is 'strong', 'weak' or 'other'."""
     calls = []
-    monkeypatch.setattr(scan.augment.StrongAugment, "forward", lambda self, x: torch.full_like(x, STRONG))
-    monkeypatch.setattr(scan.augment.WeakAugment, "forward", lambda self, x: torch.full_like(x, WEAK))
+    monkeypatch.setattr(scan.nets.augment.StrongAugment, "forward", lambda self, x: torch.full_like(x, STRONG))
+    monkeypatch.setattr(scan.nets.augment.WeakAugment, "forward", lambda self, x: torch.full_like(x, WEAK))
     forward = Backbone.forward
 
     def spy(self, x):
@@ -268,7 +265,7 @@ def test_spc_strong_set_is_the_confident_part_of_the_top_ceil_r_n_per_class(monk
     def fixed_propagation(affinity, y, mu, max_iter):
         seen["y"] = y
         return p
-    monkeypatch.setattr(scan.propagation, "propagate_labels", fixed_propagation)
+    monkeypatch.setattr(scan.algo.propagation, "propagate_labels", fixed_propagation)
     features = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
     pl = hierarchical_pseudo_labels(features, SPC_PROBS, threshold=0.9, top_fraction=0.25, k=3)
 

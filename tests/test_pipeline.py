@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from scan.cli import main
-from scan.config import load_config
-from scan.pipeline import open_run, run_pipeline
-from scan.stages.selflabel import shrunk_cluster
+from scan.pipeline import load_config, open_run, run_pipeline
+from scan.pipeline.stages.selflabel import shrunk_cluster
 
 
 def test_tiny_pipeline_writes_every_artifact_and_skips_finished_stages(tmp_path, tiny_overrides):
@@ -113,9 +112,10 @@ def test_selflabel_that_merges_clusters_stops_and_keeps_the_cluster_model(tmp_pa
 
 
 def test_per_cluster_selection_trains_on_each_clusters_top_fraction(mined_run, tmp_path):
-    from scan.stages.cluster import stage_cluster
-    from scan.stages.selflabel import stage_selflabel
     from conftest import copy_run
+
+    from scan.pipeline.stages.cluster import stage_cluster
+    from scan.pipeline.stages.selflabel import stage_selflabel
     # 1,437 training images, 10 clusters: at most ⌈0.05 · 1437 / 10⌉ = 8 labels per cluster, 80 per epoch
     # (the TINY threshold of 0.5 would label most of the images)
     run = copy_run(mined_run, tmp_path, ["selflabel.selection=per_cluster", "selflabel.per_cluster_fraction=0.05",
@@ -139,13 +139,14 @@ def test_per_cluster_selection_trains_on_each_clusters_top_fraction(mined_run, t
 
 def test_unknown_selection_is_a_config_error_naming_the_setting():
     from scan.config import ConfigError
-    from scan.config_loading import check_choices
+    from scan.pipeline import check_choices
     with pytest.raises(ConfigError, match="selflabel.selection"):
         check_choices(load_config("digits", ["selflabel.selection=percluster"]))
 
 
 def test_summary_line_says_in_sample_for_data_without_a_split():
     from types import SimpleNamespace
+
     from scan.pipeline import summary_line
     metrics = {"num_eval": 40, "split": "val", "cluster": {"acc": 0.5, "nmi": 0.25, "ari": 0.125}, "checks": {}}
     train = object()
@@ -160,9 +161,9 @@ def test_pretext_seed_keeps_one_pretext_while_later_stages_follow_the_run_seed(m
     """pretext.seed lets downstream stages vary their seed on one trained pretext; settings the
     pretext method does not read (the strong augmentation, for SimCLR) do not retrain it."""
     from conftest import copy_run
-    from scan.config import load_config
-    from scan.pipeline import open_run
-    from scan.rundir import stage_basis
+
+    from scan.pipeline import load_config, open_run
+    from scan.pipeline.stage import stage_basis
     base = copy_run(mined_run, tmp_path, [])
     pinned = copy_run(mined_run, tmp_path / "a", ["pretext.seed=0", "seed=5"])
     assert pinned.cfg.pretext_seed == 0 and base.cfg.pretext_seed == 0
@@ -186,9 +187,8 @@ def test_pretext_seed_keeps_one_pretext_while_later_stages_follow_the_run_seed(m
 
 
 def test_pretext_seed_seeds_the_pretext_training(tmp_path, tiny_overrides):
-    from scan.config import load_config
-    from scan.pipeline import open_run
-    from scan.stages.pretext import stage_pretext
+    from scan.pipeline import load_config, open_run
+    from scan.pipeline.stages.pretext import stage_pretext
     features = []
     for name, extra in (("a", ["seed=0"]), ("b", ["seed=3", "pretext.seed=0"]), ("c", ["seed=3"])):
         run = open_run(load_config("digits", tiny_overrides + extra + ["pretext.epochs=1"]), tmp_path / name)

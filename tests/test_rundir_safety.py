@@ -1,8 +1,8 @@
 """A run directory survives what users and machines do to it: commands on an existing run,
 interrupted reruns, retrains after naming, two processes, foreign folders, tampered or damaged
 files, full disks and hostile names. Every user mistake is one `scan: error:` line."""
-import dataclasses
 import csv
+import dataclasses
 import errno
 import io
 import os
@@ -20,10 +20,11 @@ from sklearn.datasets import load_digits
 
 import scan
 from scan import SCANClustering
-from scan.stage import STAGES, get_stage
 from scan.cli import main
-from scan.inference import RunError, load_names
-from scan.rundir import LOCK_FILE, release_run_dir
+from scan.pipeline.stage import STAGES, get_stage
+from scan.rundir.directory import LOCK_FILE, release_run_dir
+from scan.rundir.trained import TrainedRun
+from scan.use.inference import RunError, load_names
 
 NUM_IMAGES, NUM_CLUSTERS = 300, 5
 
@@ -120,25 +121,25 @@ def test_interrupted_rerun_with_another_width_keeps_the_old_model_usable(run, tr
 
 def test_names_are_not_applied_to_a_retrained_model(run, trained, caplog):
     assert scan_cli("name", run, "0=cats", "1=dogs")[0] == 0
-    assert load_names(run) == {0: "cats", 1: "dogs"}
+    assert load_names(TrainedRun.open(run)) == {0: "cats", 1: "dogs"}
     # a retrain: other weights in the final model file (cluster ids mean something else now)
     state = torch.load(run / "selflabel" / "model.pt", weights_only=True)
     state = {k: v.flip(0) if k.startswith("heads.") and v.is_floating_point() else v for k, v in state.items()}
     torch.save(state, run / "selflabel" / "model.pt")
     caplog.clear()
-    assert load_names(run) == {} and load_names(run) == {}
+    assert load_names(TrainedRun.open(run)) == {} and load_names(TrainedRun.open(run)) == {}
     warnings = [r for r in caplog.records if "names.json" in r.getMessage()]
     assert len(warnings) == 1 and "earlier model" in warnings[0].getMessage()
     assert all(row["cluster_name"] == "" for row in predicted(run, trained["png"]))
     assert scan_cli("name", run, "2=birds")[0] == 0                      # a fresh start, not cats + dogs + birds
-    assert load_names(run) == {2: "birds"}
+    assert load_names(TrainedRun.open(run)) == {2: "birds"}
 
 
 # ------------------------------------------------------------------------ 4. one writer per run directory
 
 def test_a_second_process_on_the_same_run_is_refused(run, capsys):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from pathlib import Path; from scan.rundir import lock_run_dir; "
+        [sys.executable, "-c", "import sys; from pathlib import Path; from scan.rundir.directory import lock_run_dir; "
                                "lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); sys.stdin.read()",
          str(run)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -202,7 +203,7 @@ def test_a_tampered_checkpoint_is_refused_without_running_its_code(run, tmp_path
 def test_rng_states_survive_a_weights_only_checkpoint(tmp_path):
     import random
 
-    from scan.checkpoint import atomic_torch_save, load_checkpoint, rng_state, seed_everything, set_rng_state
+    from scan.core.checkpoint import atomic_torch_save, load_checkpoint, rng_state, seed_everything, set_rng_state
     seed_everything(5)
     np.random.normal()   # a cached Gaussian is part of numpy's state
     atomic_torch_save(tmp_path / "c.pt", {"rng": rng_state(), "history": [{"loss": np.float64(0.5)}]})
@@ -242,7 +243,7 @@ def test_a_relative_data_path_is_stored_absolute(run, trained, tmp_path, monkeyp
 
 
 def test_artifacts_respect_the_umask(tmp_path):
-    from scan.checkpoint import atomic_write_text
+    from scan.core.checkpoint import atomic_write_text
     previous = os.umask(0o027)
     try:
         atomic_write_text(tmp_path / "a.txt", "x")

@@ -8,17 +8,16 @@ import pytest
 import torch
 
 import scan.pipeline as pipeline
-from scan.stages import cluster as cluster_stage
-from scan.checks import baseline_check, cluster_check, pretext_check, selflabel_check, size_balance
+from scan.algo.checks import baseline_check, cluster_check, pretext_check, selflabel_check, size_balance
+from scan.algo.losses import scan_loss, scan_loss_over_pairs
+from scan.algo.neighbors import combine_features, mine_neighbors, neighbor_agreement, pixel_features
 from scan.cli import main
-from scan.config import load_config
 from scan.data import ImageDataset
-from scan.defaults import auto_defaults, estimate_seconds, stem_stride
-from scan.losses import scan_loss, scan_loss_over_pairs
-from scan.neighbors import combine_features, mine_neighbors, neighbor_agreement, pixel_features
-from scan.pipeline import open_run, run_pipeline
+from scan.pipeline import load_config, open_run, run_pipeline
+from scan.pipeline.defaults import auto_defaults, estimate_seconds, stem_stride
+from scan.pipeline.stages import cluster as cluster_stage
 from scan.report import write_run_report
-
+from scan.use.inference import finished_run
 
 # ---------------------------------------------------------------- pure checks, values by hand
 
@@ -136,7 +135,7 @@ def test_a_cluster_stage_that_cannot_learn_says_so(tmp_path, tiny_overrides, cap
     assert on_disk["checks"]["cluster"]["status"] == "failed"
     run = open_run(load_config("digits", overrides), tmp_path / "run")
     assert "cluster failed" in pipeline.summary_line(run, metrics)
-    html = write_run_report(run).read_text()     # the report leads with the checks and the baselines
+    html = write_run_report(finished_run(run)).read_text()     # the report leads with the checks and the baselines
     assert html.index("Can these clusters be trusted?") < html.index("<h2>Summary</h2>")
     assert "cluster: failed" in html and "k-means on raw pixels" in html and "raise cluster.lr" in html
 
@@ -190,8 +189,8 @@ def test_using_a_trained_run_imports_no_training_code(tmp_path, tiny_overrides):
             f"{str(tmp_path / 'p.csv')!r}]) == 0; "
             f"assert main(['report', {str(tmp_path / 'run')!r}]) == 0; "
             f"assert main(['export', {str(tmp_path / 'run')!r}]) == 0; "
-            "training = sorted(m for m in sys.modules if m.startswith(('scan.stages', 'scan.losses', 'scan.pretext', "
-            "'scan.mining', 'scan.refine'))); print(training); assert not training, training")
+            "training = sorted(m for m in sys.modules if m.startswith(('scan.pipeline.stages', 'scan.algo.losses', 'scan.pretext', "
+            "'scan.train.mining', 'scan.train.refine'))); print(training); assert not training, training")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 4

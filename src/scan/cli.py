@@ -11,25 +11,24 @@ import sys
 from pathlib import Path
 
 from scan import __version__
-from scan.cli_config import build_config
-from scan.config import Config, ConfigError, builtin_config_names
+from scan.config import Config, builtin_config_names
+from scan.core.errors import ConfigError
+from scan.pipeline.resolve import build_config
 
-# the pipeline's stages in order: a static copy of the stage registry (scan.stage), which imports
+# the pipeline's stages in order: a static copy of the stage registry (scan.pipeline.stage), which imports
 # the training code; tests/test_cli.py checks that the two agree
 STAGE_NAMES = ("pretext", "mine", "cluster", "selflabel", "refine", "evaluate")
 # options that only some stage subcommands use (`scan run` takes them all)
 STAGE_OPTIONS = {"pretext": ("pretrained", "log"), "mine": (), "cluster": ("log",), "selflabel": ("log",),
                  "refine": ("refine", "log"), "evaluate": ()}
 ALL_OPTIONS = ("log", "pretrained", "refine")   # what `scan run` takes
-LOG_CHOICES = Config.__dataclass_fields__["log"].metadata["choices"]   # the config field `log` (scan.logs)
+LOG_CHOICES = Config.__dataclass_fields__["log"].metadata["choices"]   # the config field `log` (scan.train.logs)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that are user mistakes (one line, exit 2); imported only once a command runs."""
-    from scan.checkpoint import ArtifactError
+    from scan.core.errors import ArtifactError, RunError, StageError
     from scan.data import DataError
-    from scan.engine import StageError
-    from scan.rundir import RunError
     return ConfigError, DataError, StageError, RunError, ArtifactError, FileNotFoundError
 
 
@@ -90,10 +89,11 @@ def cmd_stages(args, stages) -> int:
     metrics = run_pipeline(run, stages)
     if "evaluate" in stages:
         print(summary_line(run, metrics))
-        from scan.inference import write_train_assignments
         from scan.report import write_run_report
-        write_train_assignments(run)
-        print(f"report: {write_run_report(run)}")
+        from scan.use.inference import finished_run, write_train_assignments
+        trained = finished_run(run, metrics)
+        write_train_assignments(trained)
+        print(f"report: {write_run_report(trained)}")
     return 0
 
 
@@ -114,8 +114,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_name(args) -> int:
-    from scan.inference import cluster_title, load_names, set_names
-    names = set_names(args.run_dir, args.names) if args.names else load_names(args.run_dir)
+    from scan.use.inference import cluster_title, load_names, open_trained_run, set_names
+    run = open_trained_run(args.run_dir, "cpu")
+    names = set_names(run, args.names) if args.names else load_names(run)
     for cluster, name in sorted(names.items()):
         print(f"{cluster}\t{cluster_title(cluster, names)}")
     if args.names:
@@ -128,19 +129,19 @@ def cmd_name(args) -> int:
 def _check_out_file(out, example: str) -> None:
     """--out of predict/export names a file to write: refuse a folder before any work is done."""
     if out and Path(out).is_dir():
-        from scan.rundir import RunError
+        from scan.core.errors import RunError
         raise RunError(f"--out {out} is a folder; give a file name, e.g. --out {Path(out) / example}")
 
 
 def cmd_predict(args) -> int:
-    from scan.checkpoint import atomic_write_text
-    from scan.images_in import load_image_paths
-    from scan.inference import assignments_csv, load_names, open_trained_run, predict_images
+    from scan.core.checkpoint import atomic_write_text
+    from scan.use.images_in import load_image_paths
+    from scan.use.inference import assignments_csv, load_names, open_trained_run, predict_images
     _check_out_file(args.out, "predictions.csv")
     run = open_trained_run(args.run_dir, args.device)
     images = load_image_paths(args.images, run.info["image_shape"])
     found = predict_images(run, images.images, images.paths)
-    table = assignments_csv(found.ids, found.probs, load_names(args.run_dir), found.trust, name_unknown=True)
+    table = assignments_csv(found.ids, found.probs, load_names(run), found.trust, name_unknown=True)
     if args.out:
         atomic_write_text(Path(args.out), table)
         unknown = int(found.trust.unknown.sum())
@@ -152,7 +153,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from scan.export import default_name, export_run
+    from scan.use.export import default_name, export_run
     _check_out_file(args.out, default_name(args.format))
     print(export_run(args.run_dir, args.out, args.format))
     return 0
@@ -162,11 +163,11 @@ TRAINED_RUN_COMMANDS = ("report", "name", "predict", "export")
 
 
 def _export_formats(chosen: str | None) -> tuple[str, ...]:
-    """scan.export imports torch: its formats are read only when `scan export` is the command
+    """scan.use.export imports torch: its formats are read only when `scan export` is the command
     (the other commands never parse the export options; its help line needs none)."""
     if chosen != "export":
         return ("",)
-    from scan.export import FORMATS
+    from scan.use.export import FORMATS
     return tuple(FORMATS.names())
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from scan.registry import Registry
+from scan.core.registry import Registry
 
 METHODS: Registry[Callable] = Registry("pretext.method")
 register_pretext = METHODS.register

@@ -7,7 +7,7 @@ other view and a queue of past target projections, which suits data with many cl
 
     L = ½ InfoNCE(l_a, h_b, {h⁻}) + ½ InfoNCE(l_b, h_a, {h⁻}).
 
-The two views come from different mixes (`pretext.views`, scan.augment_views): by default both
+The two views come from different mixes (`pretext.views`, scan.nets.augment_views): by default both
 are a SimCLR crop with colour jitter followed by RandAugment ops and only view b adds Cutout;
 `randaugment` drops the SimCLR part, as the many-class paper's views.
 """
@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scan.augment_views import build_views
-from scan.averaging import ema_update, frozen_copy, momentum_schedule
-from scan.losses import info_nce
-from scan.models import ContrastiveModel, mlp
+from scan.algo.losses import info_nce
+from scan.nets.augment_views import build_views
+from scan.nets.averaging import ema_update, frozen_copy, momentum_schedule
+from scan.nets.models import ContrastiveModel, mlp
 from scan.pretext import method_default, register_pretext
 from scan.pretext.queue import NegativeQueue
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from scan.augment import SimCLRAugment
-from scan.averaging import ema_update, frozen_copy
-from scan.losses import info_nce
-from scan.models import ContrastiveModel
+from scan.algo.losses import info_nce
+from scan.nets.augment import SimCLRAugment
+from scan.nets.averaging import ema_update, frozen_copy
+from scan.nets.models import ContrastiveModel
 from scan.pretext import method_default, register_pretext
 from scan.pretext.queue import NegativeQueue
 

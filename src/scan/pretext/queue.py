@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from scan import distributed
+from scan.core import distributed
 
 
 class NegativeQueue(nn.Module):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scan.augment import WeakAugment
+from scan.nets.augment import WeakAugment
 from scan.pretext import register_pretext
 
 ROTATIONS = 4

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from scan.augment import SimCLRAugment
-from scan.losses import nt_xent
-from scan.models import ContrastiveModel
+from scan.algo.losses import nt_xent
+from scan.nets.augment import SimCLRAugment
+from scan.nets.models import ContrastiveModel
 from scan.pretext import method_default, register_pretext
 
 

@@ -1,0 +1,44 @@
+"""Loading a configuration for work: read and range-checked (scan.config), then every name chosen
+from a registry (backbones, pretext methods, miners, data sets, ...) checked against the registry
+that holds it, with a did-you-mean, before any data is loaded.
+
+The registries live in the layers below this one, so this is the lowest place that sees them all.
+"""
+from __future__ import annotations
+
+from scan.algo.propagation import RANK_COLUMNS, WEAK_LABELS
+from scan.config import Config, read_config
+from scan.data import DATASETS
+from scan.nets.augment import STRENGTHS
+from scan.nets.augment_views import PRETEXT_VIEWS
+from scan.nets.models import BACKBONES
+from scan.nets.pretrained import LITE_MODELS
+from scan.pipeline.stages.selflabel import SELECTIONS
+from scan.pretext import METHODS
+from scan.train.mining import MINERS, MINING_HEADS, MINING_SPACES
+
+
+def check_choices(cfg: Config) -> None:
+    """Names chosen from registries exist (a ConfigError with a did-you-mean, naming the setting)."""
+    if cfg.pretext.method != "pretrained":
+        METHODS.check(cfg.pretext.method)
+    if cfg.model.backbone not in LITE_MODELS or cfg.pretext.method != "pretrained":
+        BACKBONES.check(cfg.model.backbone)
+    if cfg.data.dataset.lower() != "auto":
+        DATASETS.check(cfg.data.dataset.lower())
+    MINERS.check(cfg.mine.method)
+    MINING_SPACES.check(cfg.mine.features)
+    SELECTIONS.check(cfg.selflabel.selection)
+    WEAK_LABELS.check(cfg.refine.weak_labels)
+    RANK_COLUMNS.check(cfg.refine.rank_by)
+    PRETEXT_VIEWS.check(cfg.pretext.views)
+    MINING_HEADS.check(cfg.mine.head)
+    STRENGTHS.check(cfg.augment.strong_strength)
+
+
+def load_config(source: str | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """A YAML file or built-in config name with dotted overrides, as a checked Config (scan.config.read_config
+    plus `check_choices`)."""
+    cfg = read_config(source, overrides)
+    check_choices(cfg)
+    return cfg

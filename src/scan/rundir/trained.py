@@ -1,0 +1,163 @@
+"""A trained run as one object, read from its directory once: the configuration and data summary
+that built its final model, which stage that is, the model's fingerprint and metrics, and (read
+on first use, then kept) the model weights, their digest and the cluster names.
+
+It holds no device and no data: `on(device, data)` binds a copy to a device (predict, export) and,
+where a command needs them (the report, assignments.csv), to the training images.
+
+    run = TrainedRun.open("runs/photos").on("cpu")
+    model = run.image_model()      # images -> logits of the final stage's kept head
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from scan.config import Config
+from scan.core.checkpoint import load_torch, read_json
+from scan.core.errors import RunError
+from scan.core.hashing import file_hash
+from scan.data import ImageDataset, describe_data, load_data
+from scan.nets.models import Backbone, ClusteringModel, build_backbone
+from scan.rundir.directory import MARKER, model_config, read_run_config
+from scan.train.engine import Runtime, resolve_device
+from scan.train.sources import SOURCES, source_name
+
+METRICS_FILE = "metrics.json"
+
+
+def final_stage(run_dir: Path, metrics: dict) -> str:
+    """The stage whose model is the run's result: the one its last evaluation used (metrics.json);
+    before any evaluation, the last model stage the run enables (run.json) whose model exists."""
+    evaluated = metrics.get("final_stage")
+    if isinstance(evaluated, str) and (run_dir / evaluated / "model.pt").is_file():
+        return evaluated
+    stages = (read_json(run_dir / MARKER) or {}).get("model_stages") or []
+    trained = [stage for stage in stages if (run_dir / stage / "model.pt").is_file()]
+    if not trained and not stages:
+        raise RunError(f"{run_dir} has no trained model: run `scan run --out {run_dir}` first")
+    return (trained or stages[:1])[-1]
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    run_dir: Path
+    cfg: Config                    # the configuration that built the final model (its snapshot)
+    info: dict                     # the data summary it was trained on
+    final_stage: str               # the stage whose model.pt is the result
+    records: dict                  # {stage: its done.json}, oldest first
+    metrics: dict                  # metrics.json; empty before the evaluate stage
+    rt: Runtime | None = None      # set by `on`
+    train: ImageDataset | None = None   # the training images, when `on` was given them
+    eval: ImageDataset | None = None
+    # what a command computes from this run and reuses (training outputs, trust): shared by its bound copies
+    computed: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def open(cls, run_dir, records: dict | None = None, metrics: dict | None = None) -> TrainedRun:
+        """Read config.yaml, data.json, metrics.json, every stage's done.json and the final model's
+        configuration snapshot, once each; `records` and `metrics` that the caller holds (a run that
+        just trained) are not read again."""
+        run_dir = Path(run_dir)
+        latest, latest_info = read_run_config(run_dir)
+        if metrics is None:
+            try:
+                metrics = read_json(run_dir / METRICS_FILE, {})
+            except ValueError:   # a damaged metrics.json only loses which model was evaluated last
+                metrics = {}
+        metrics = metrics if isinstance(metrics, dict) else {}
+        if records is None:
+            records = {}
+            for file in sorted(run_dir.glob("*/done.json"), key=lambda p: p.stat().st_mtime):
+                try:
+                    records[file.parent.name] = read_json(file) or {}
+                except ValueError:   # a damaged record: that stage counts as not done
+                    pass
+        stage = final_stage(run_dir, metrics)
+        cfg, info = model_config(run_dir, stage, latest, latest_info, records.get(stage, {}).get("fingerprint"))
+        return cls(run_dir, cfg, info, stage, records, metrics)
+
+    def on(self, device="auto", data: tuple[ImageDataset, ImageDataset] | None = None,
+           with_data: bool = False) -> TrainedRun:
+        """A copy bound to a device (a name or a Runtime) and, given `data` or with_data=True (reloaded
+        from the configuration and checked to be the very images the run was trained on), to the data."""
+        rt = device if isinstance(device, Runtime) else Runtime(resolve_device(device), quiet=True)
+        if data is None and with_data:
+            data = load_data(self.cfg)
+            if describe_data(self.cfg, *data)["data_hash"] != self.info["data_hash"]:
+                raise RunError(f"{self.cfg.data.path or self.cfg.data.dataset}: the images differ from those "
+                               f"{self.run_dir} was trained on; rerun `scan run` on them first")
+        train, evaluation = data if data is not None else (None, None)
+        bound = dataclasses.replace(self, rt=rt, train=train, eval=evaluation, computed=self.computed)
+        bound.__dict__.update({k: v for k, v in self.__dict__.items() if k in ("weights", "digest", "model")})
+        return bound
+
+    def path(self, *parts: str) -> Path:
+        return self.run_dir.joinpath(*parts)
+
+    @property
+    def num_clusters(self) -> int:
+        return self.info["num_clusters"]
+
+    @property
+    def channels(self) -> int:
+        return int(self.info["image_shape"][0])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.info["image_shape"][-1])
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The final stage's fingerprint (its done.json)."""
+        return self.records.get(self.final_stage, {}).get("fingerprint")
+
+    @property
+    def model_key(self) -> str:
+        """Identifies the final model: its stage and that stage's fingerprint (the caches' key)."""
+        return f"{self.final_stage}:{self.fingerprint}"
+
+    @property
+    def model_file(self) -> Path:
+        return self.path(self.final_stage, "model.pt")
+
+    @cached_property
+    def weights(self) -> dict:
+        """The final model's state dict, read once."""
+        if not self.model_file.is_file():
+            raise RunError(f"{self.model_file} is missing: run the {self.final_stage} stage first "
+                           f"(scan {self.final_stage} --run-dir {self.run_dir})")
+        return load_torch(self.model_file)
+
+    @cached_property
+    def digest(self) -> str | None:
+        """sha256 of the final model file (names.json names the clusters of one model); None without one."""
+        return file_hash(self.model_file, length=None) if self.model_file.is_file() else None
+
+    def backbone(self) -> Backbone:
+        m = self.cfg.model
+        return build_backbone(m.backbone, self.channels, self.info["mean"], self.info["std"],
+                              width=m.width, blocks=m.blocks, stem_stride=m.stem_stride)
+
+    @property
+    def source(self):
+        """Where the model's features come from (scan.train.sources): images or cached features."""
+        return SOURCES.get(source_name(self.cfg))(self)
+
+    @cached_property
+    def model(self) -> ClusteringModel:
+        """The final stage's model as it trained (over cached features for a pretrained run), built once."""
+        model, weights = self.source.new_model(1), self.weights
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as e:
+            # the weights do not fit the network its configuration describes (e.g. a model.pt copied in)
+            raise RunError(f"{self.model_file} does not match the configuration it was trained with "
+                           f"({str(e).splitlines()[0]}); rerun `scan run --out {self.run_dir} --restart`") from None
+        return model
+
+    def image_model(self) -> ClusteringModel:
+        """The final model mapping images to logits (cached features get their pretrained network attached)."""
+        return self.source.image_model(self.model)
