@@ -30,15 +30,28 @@ def module_names(src: Path) -> dict[str, Path]:
     return names
 
 
+def _type_checking_only(tree: ast.Module) -> set[int]:
+    """ids of the import statements under `if TYPE_CHECKING:` (never run: no import at all)."""
+    skipped = set()
+    for node in tree.body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped |= {id(inner) for inner in ast.walk(node)}
+    return skipped
+
+
 def imports(src: Path) -> list[tuple[str, str, int, bool]]:
-    """(importing module, imported scan module, line, at module level) for every `import` of scan."""
+    """(importing module, imported scan module, line, at module level) for every `import` of scan that
+    runs, one per statement and imported module."""
     names = module_names(src)
-    found = []
+    found = set()
     for module, path in names.items():
         tree = ast.parse(path.read_text())
         top = {id(node) for node in tree.body}
+        skipped = _type_checking_only(tree)
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
         for node in ast.walk(tree):
+            if id(node) in skipped:
+                continue
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -53,8 +66,8 @@ def imports(src: Path) -> list[tuple[str, str, int, bool]]:
                     continue
                 while target not in names and "." in target:
                     target = target.rpartition(".")[0]
-                found.append((module, target, node.lineno, id(node) in top))
-    return found
+                found.add((module, target, node.lineno, id(node) in top))
+    return sorted(found)
 
 
 def entry(module: str) -> str:

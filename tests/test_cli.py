@@ -18,7 +18,8 @@ import yaml
 from PIL import Image
 
 import scan
-from scan.cli import ALL_OPTIONS, STAGE_NAMES, STAGE_OPTIONS, build_config, build_parser, main
+from scan.cli import ALL_OPTIONS, STAGE_NAMES, STAGE_OPTIONS, build_parser, main
+from scan.pipeline.resolve import build_config
 
 SRC = str(Path(scan.__file__).resolve().parents[1])
 # the TINY settings of conftest with hand-countable epochs: 2 pretext, 3 cluster, 1 self-label

@@ -294,8 +294,9 @@ def test_fit_on_a_folder_lists_its_files_in_label_order(digits, tmp_path):
 
 
 def test_pretrained_means_what_the_command_line_option_means(digits, tmp_path):
-    from scan.cli import _add_run_options, build_config
+    from scan.cli import _add_run_options
     from scan.nets.models import build_backbone
+    from scan.pipeline.resolve import build_config
     backbone = build_backbone("resnet_small", 1, [0.3], [0.2], width=8)
     torch.save(backbone.state_dict(), tmp_path / "w.pt")
     np.savez(tmp_path / "pile.npz", images=digits[:120])

@@ -13,7 +13,7 @@ from scan.nets.heads import FrozenFeatures
 from scan.nets.models import ClusteringModel, build_backbone
 from scan.nets.pretrained import LITE_MODELS, LiteBackbone, SameConv2d, build_pretrained, lite_weights_path, load_lite
 from scan.pipeline import load_config, open_run
-from scan.pipeline.resolve import _pretrained_overrides
+from scan.pipeline.resolve import pretrained_overrides
 
 HAVE_WEIGHTS = all(importlib.util.find_spec(spec.package) is not None for spec in LITE_MODELS.values())
 # CI installs the `pretrained` extra (install.sh), so there a missing package is a failure, not a skip
@@ -159,10 +159,10 @@ def test_linear_heads_in_one_product_equal_each_head_alone():
 
 
 def test_pretrained_option_takes_a_network_name_or_a_state_dict_file(tmp_path):
-    named = _pretrained_overrides("efficientnet_lite1")
+    named = pretrained_overrides("efficientnet_lite1")
     assert named["pretext"]["method"] == "pretrained" and named["model"] == {"backbone": "efficientnet_lite1"}
     assert named["data"]["image_size"] == 240
     (tmp_path / "w.pt").write_bytes(b"")
-    assert _pretrained_overrides(str(tmp_path / "w.pt"))["model"] == {"init_checkpoint": str(tmp_path / "w.pt")}
+    assert pretrained_overrides(str(tmp_path / "w.pt"))["model"] == {"init_checkpoint": str(tmp_path / "w.pt")}
     with pytest.raises(ConfigError, match="neither a pretrained network"):
-        _pretrained_overrides("efficientnet_b7")
+        pretrained_overrides("efficientnet_b7")

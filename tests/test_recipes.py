@@ -25,10 +25,11 @@ from scan.nets.augment import STRENGTHS, build_augment, cutout, rand_ops
 from scan.nets.averaging import EMA
 from scan.pipeline import load_config, open_run
 from scan.pipeline.run import head_probs, load_stage_model
-from scan.pipeline.stages.cluster import LowestLoss, heldout_neighbors, stage_cluster
+from scan.pipeline.stages.cluster import heldout_neighbors, stage_cluster
 from scan.pipeline.stages.mine import stage_mine
 from scan.pipeline.stages.pretext import stage_pretext
 from scan.pipeline.stages.selflabel import stage_selflabel
+from scan.train.best_weights import BestWeights
 from scan.train.engine import minibatches
 
 # ---------------------------------------------------------------- the published table
@@ -156,19 +157,20 @@ def test_projection_mining_uses_the_normalised_projection_output(mined_run, tmp_
 
 def test_lowest_loss_keeps_the_epoch_and_head_with_the_lowest_held_out_loss():
     model = nn.Linear(2, 2)
-    lowest = LowestLoss()
+    lowest = BestWeights()
     weights = {}
     for epoch, losses in enumerate(([3.0, 2.0], [1.5, 2.5], [1.8, 1.7]), start=1):
         with torch.no_grad():
             model.weight.fill_(epoch)            # each epoch's weights are recognisable
         weights[epoch] = model.weight.detach().clone()
-        lowest.offer(model, torch.tensor(losses), epoch)
+        losses = torch.tensor(losses)   # as the cluster stage offers an epoch: its lowest head's loss
+        lowest.offer(model, float(losses.min()), epoch, detail=int(losses.argmin()))
     # the last epoch's best head (1.7) is not the lowest; epoch 2's head 0 (1.5) is
-    assert (lowest.epoch, lowest.head, lowest.loss) == (2, 0, 1.5)
+    assert (lowest.epoch, lowest.detail, lowest.score) == (2, 0, 1.5)
     assert torch.equal(lowest.state["weight"], weights[2])
-    restored = LowestLoss()
+    restored = BestWeights()
     restored.load_state_dict(lowest.state_dict())
-    assert (restored.epoch, restored.head, restored.loss) == (2, 0, 1.5)
+    assert (restored.epoch, restored.detail, restored.score) == (2, 0, 1.5)
 
 
 def test_per_epoch_head_choice_saves_the_lowest_held_out_loss_of_all_epochs(mined_run, tmp_path):
@@ -236,14 +238,14 @@ def test_per_epoch_head_choice_resumes_with_its_lowest_loss(mined_run, tmp_path,
     whole = stage_cluster(copy_run(mined_run, tmp_path / "whole", overrides))
     assert whole["kept"]["epoch"] == 1
 
-    offer, calls = LowestLoss.offer, []
+    offer, calls = BestWeights.offer, []
 
-    def interrupted(self, model, losses, epoch):
+    def interrupted(self, model, score, epoch, detail=None):
         calls.append(epoch)
         if epoch == 3 and calls.count(3) == 1:
             raise KeyboardInterrupt   # as SIGTERM: epochs 1-2 are checkpointed, epoch 3 is not
-        return offer(self, model, losses, epoch)
-    monkeypatch.setattr(LowestLoss, "offer", interrupted)
+        return offer(self, model, score, epoch, detail)
+    monkeypatch.setattr(BestWeights, "offer", interrupted)
     script[:] = [[1.0, 5.0, 5.0], [2.0, 5.0, 5.0], [3.0, 5.0, 5.0], [3.0, 5.0, 5.0]]
     run = copy_run(mined_run, tmp_path / "cut", overrides)
     with pytest.raises(KeyboardInterrupt):

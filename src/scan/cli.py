@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 
 from scan import __version__
-from scan.config import Config, builtin_config_names
-from scan.core.errors import ConfigError
-from scan.pipeline.resolve import build_config
+from scan.config import Config, builtin_config_names, config_yaml
+from scan.core.errors import ArtifactError, ConfigError, RunError, StageError
 
 # the pipeline's stages in order: a static copy of the stage registry (scan.pipeline.stage), which imports
 # the training code; tests/test_cli.py checks that the two agree
@@ -27,8 +26,7 @@ LOG_CHOICES = Config.__dataclass_fields__["log"].metadata["choices"]   # the con
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that are user mistakes (one line, exit 2); imported only once a command runs."""
-    from scan.core.errors import ArtifactError, RunError, StageError
-    from scan.data import DataError
+    from scan.data import DataError  # imports torch: `scan --help` does not
     return ConfigError, DataError, StageError, RunError, ArtifactError, FileNotFoundError
 
 
@@ -76,7 +74,8 @@ def default_run_dir(cfg, args) -> Path:
     if args.run_dir:
         return Path(args.run_dir)
     name = Path(cfg.data.path).stem if cfg.data.path else cfg.data.dataset
-    if cfg.pretext.method == "pretrained":   # next to, not over, a from-scratch run on the same data
+    from scan.train.sources import source_class
+    if source_class(cfg).frozen:   # next to, not over, a from-scratch run on the same data
         name += f"-{cfg.model.backbone}"
     return Path("runs") / f"{name}-seed{cfg.seed}"
 
@@ -84,6 +83,7 @@ def default_run_dir(cfg, args) -> Path:
 def cmd_stages(args, stages) -> int:
     """Status goes to stderr; the result (summary line, report path) to stdout."""
     from scan.pipeline import open_run, run_pipeline, summary_line
+    from scan.pipeline.resolve import build_config
     cfg, data = build_config(args)
     run = open_run(cfg, default_run_dir(cfg, args), restart=args.restart, data=data)
     metrics = run_pipeline(run, stages)
@@ -99,7 +99,7 @@ def cmd_stages(args, stages) -> int:
 
 def cmd_config_show(args) -> int:
     """The resolved configuration as YAML, without running anything (and without creating a folder)."""
-    from scan.config import config_yaml
+    from scan.pipeline.resolve import build_config
     cfg, _ = build_config(args)
     sys.stdout.write(config_yaml(cfg))
     return 0
@@ -129,7 +129,6 @@ def cmd_name(args) -> int:
 def _check_out_file(out, example: str) -> None:
     """--out of predict/export names a file to write: refuse a folder before any work is done."""
     if out and Path(out).is_dir():
-        from scan.core.errors import RunError
         raise RunError(f"--out {out} is a folder; give a file name, e.g. --out {Path(out) / example}")
 
 

@@ -176,8 +176,3 @@ def spc_loss(strong_logits: torch.Tensor, strong_targets: torch.Tensor, mixed_lo
     ce_mixed = (F.cross_entropy(mixed_logits.float(), mixed_targets.float()) if len(mixed_targets)
                 else mixed_logits.sum() * 0.0)
     return ce_strong + mix_weight * ce_mixed, ce_strong, ce_mixed
-
-
-def uniform_entropy(num_clusters: int) -> float:
-    """log C: the largest possible entropy of a C-way distribution."""
-    return math.log(num_clusters)

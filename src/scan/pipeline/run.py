@@ -50,6 +50,7 @@ from scan.rundir.directory import (
 )
 from scan.train.engine import Runtime, resolve_device
 from scan.train.logs import TrainingLog, check_log_writer
+from scan.train.sources import source_class
 
 log = logging.getLogger("scan")
 
@@ -154,8 +155,7 @@ class Run:
     @property
     def source(self):
         """Where the clustering model's features come from (scan.train.sources): images or cached features."""
-        from scan.train.sources import SOURCES, source_name
-        return SOURCES.get(source_name(self.cfg))(self)
+        return source_class(self.cfg)(self)
 
     def clustering_model(self, num_heads: int) -> ClusteringModel:
         """Untrained heads over the run's feature source."""
@@ -167,7 +167,7 @@ def open_run(cfg: Config, run_dir: Path, restart: bool = False, data=None) -> Ru
     run directory (scan.rundir.directory), record the configuration (config.yaml, data.json, per-model
     snapshots) and return the Run. A start that fails leaves no folder it created behind."""
     run_dir = Path(run_dir)
-    if cfg.pretext.method == "pretrained":
+    if source_class(cfg).frozen:
         check_pretrained_config(cfg)
     check_log_writer(cfg.log)
     check_run_format(run_dir, restart)

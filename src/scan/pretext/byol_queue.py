@@ -21,7 +21,7 @@ from scan.algo.losses import info_nce
 from scan.nets.augment_views import build_views
 from scan.nets.averaging import ema_update, frozen_copy, momentum_schedule
 from scan.nets.models import ContrastiveModel, mlp
-from scan.pretext import method_default, register_pretext
+from scan.pretext.methods import method_default, register_pretext
 from scan.pretext.queue import NegativeQueue
 
 

@@ -13,7 +13,7 @@ from scan.algo.losses import info_nce
 from scan.nets.augment import SimCLRAugment
 from scan.nets.averaging import ema_update, frozen_copy
 from scan.nets.models import ContrastiveModel
-from scan.pretext import method_default, register_pretext
+from scan.pretext.methods import method_default, register_pretext
 from scan.pretext.queue import NegativeQueue
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scan.nets.augment import WeakAugment
-from scan.pretext import register_pretext
+from scan.pretext.methods import register_pretext
 
 ROTATIONS = 4
 

@@ -6,7 +6,7 @@ from torch import nn
 from scan.algo.losses import nt_xent
 from scan.nets.augment import SimCLRAugment
 from scan.nets.models import ContrastiveModel
-from scan.pretext import method_default, register_pretext
+from scan.pretext.methods import method_default, register_pretext
 
 
 @register_pretext("simclr")

@@ -32,8 +32,9 @@ MARKER = "run.json"
 LOCK_FILE = "run.lock"
 CONFIG_FILE = "config.yaml"
 DATA_FILE = "data.json"
-# Folders a run writes into; stale temporary files are looked for here only, never in other sub-trees.
-RUN_FOLDERS = ("", "pretext", "features", "mine", "cluster", "selflabel", "refine", "evaluate")
+# Folders a run writes into besides one per stage (the run's root, the feature cache); stale temporary
+# files are looked for in these and the stages' folders only, never in other sub-trees.
+SHARED_FOLDERS = ("", "features")
 
 
 _held_locks: dict[str, int] = {}   # resolved run directory -> descriptor of its lock file (this process)
@@ -114,14 +115,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temp_files(run_dir: Path) -> None:
+def remove_stale_temp_files(run_dir: Path, stages: tuple[str, ...]) -> None:
     """A process killed mid-write leaves its temp file behind (the target itself is intact).
 
     Only our own temporary files (`checkpoint.TEMP_PATTERN`) in the run's own folders are
     removed, and only those of processes that are gone. Called with the run locked, so a file
     bearing our own pid was left by an earlier process that had it (pids repeat in containers).
     """
-    for name in RUN_FOLDERS:
+    for name in SHARED_FOLDERS + tuple(stages):
         folder = run_dir / name
         if folder.is_symlink() or not folder.is_dir():
             continue
@@ -142,7 +143,7 @@ def prepare_run_dir(run_dir: Path, restart: bool, stages: tuple[str, ...]) -> No
         raise ConfigError(f"cannot create --out {run_dir}: {e.strerror}") from None
     lock_run_dir(run_dir)
     atomic_write_json(run_dir / MARKER, {"format_version": FORMAT_VERSION})
-    remove_stale_temp_files(run_dir)
+    remove_stale_temp_files(run_dir, stages)
     if restart:
         for stage in stages:
             for name in ("done.json", "checkpoint.pt"):

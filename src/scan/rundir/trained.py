@@ -23,7 +23,7 @@ from scan.data import ImageDataset, describe_data, load_data
 from scan.nets.models import Backbone, ClusteringModel, build_backbone
 from scan.rundir.directory import MARKER, model_config, read_run_config
 from scan.train.engine import Runtime, resolve_device
-from scan.train.sources import SOURCES, source_name
+from scan.train.sources import source_class
 
 METRICS_FILE = "metrics.json"
 
@@ -144,7 +144,7 @@ class TrainedRun:
     @property
     def source(self):
         """Where the model's features come from (scan.train.sources): images or cached features."""
-        return SOURCES.get(source_name(self.cfg))(self)
+        return source_class(self.cfg)(self)
 
     @cached_property
     def model(self) -> ClusteringModel:

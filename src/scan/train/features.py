@@ -115,7 +115,7 @@ def cache_features(run) -> dict:
         record.update(views_key=views_key, cached_views=cfg.pretext.cached_views)
         atomic_write_json(run.path("features", "cache.json"), record)
     embed_seconds = record["base_seconds"] + (record.get("views_seconds", 0.0) if views_key else 0.0)
-    return {"seconds": time.time() - start, "method": "pretrained", "reused": have_base and have_views,
+    return {"seconds": time.time() - start, "method": cfg.pretext.method, "reused": have_base and have_views,
             "embed_seconds": embed_seconds, "feature_dim": record["feature_dim"]}
 
 

@@ -36,13 +36,15 @@ def load_backbone(run) -> Backbone:
     return backbone
 
 
-def source_name(cfg) -> str:
-    return "cached" if cfg.pretext.method == "pretrained" else "images"
+def source_class(cfg) -> type:
+    """The feature source of a configuration: the one registered under its pretext.method (pretrained:
+    a frozen network's cached features), else images through the backbone the pretext stage trains."""
+    return SOURCES.get(cfg.pretext.method) if cfg.pretext.method in SOURCES else ImageSource
 
 
-@SOURCES.register("images")
 class ImageSource:
     """Images through the backbone trained by the pretext stage."""
+    frozen = False   # the backbone trains (pretext stage, and the cluster stage with cluster.update_backbone)
 
     def __init__(self, run):
         self.run = run
@@ -120,9 +122,10 @@ class ImageSource:
         return both[:, :self.run.num_clusters], both[:, self.run.num_clusters:]
 
 
-@SOURCES.register("cached")
+@SOURCES.register("pretrained")
 class CachedFeatureSource(ImageSource):
     """Cached features of a frozen pretrained network: only the heads train."""
+    frozen = True    # the pretext stage embeds the images once (scan.train.features); no network trains
 
     def new_model(self, num_heads: int) -> ClusteringModel:
         run = self.run

@@ -14,26 +14,28 @@ never changed by `fit`, learned attributes ending in `_`), with images instead o
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import get_type_hints
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClusterMixin
 from sklearn.exceptions import NotFittedError
 
-from scan.config import Config, config_from_dict, flatten, merge
+from scan.config import Config, flatten, merge
 from scan.core.checkpoint import TEMP_PATTERN
 from scan.core.errors import ConfigError, RunError
-from scan.data import ImageDataset, load_data
-from scan.pipeline import load_config, run_pipeline
-from scan.pipeline.defaults import auto_defaults
+from scan.data import ImageDataset
+from scan.pipeline import run_pipeline
+from scan.pipeline.resolve import pretrained_overrides, resolve_config
 from scan.pipeline.run import open_run
 from scan.rundir.directory import LOCK_FILE, is_run_dir, release_run_dir, rewrite_data_path
 from scan.rundir.trained import TrainedRun
-from scan.use.estimator_params import _ABSENT, _OWNED, SECTIONS, _check_key, _key_path, _lookup, _nested
 from scan.use.images_in import as_image_tensor, load_image_paths, match_shape
 from scan.use.inference import (
     cached_train_outputs,
@@ -44,6 +46,71 @@ from scan.use.inference import (
     predict_proba,
     train_outputs,
 )
+
+# ------------------------------------------------------------------------ config overrides as parameters
+# `cluster__epochs=5` <-> {"cluster": {"epochs": 5}}, checked against the config's fields (with a did-you-mean)
+# as scikit-learn refuses unknown parameters
+
+SECTIONS = tuple(name for name, tp in get_type_hints(Config).items() if dataclasses.is_dataclass(tp))
+# Config fields that constructor parameters or `fit(X)` set: an override of them would be ignored.
+_OWNED = {("seed",): "seed=", ("device",): "device=", ("quiet",): "quiet=", ("data", "num_clusters"): "n_clusters=",
+          ("data", "path"): "the images given to fit(X)"}
+
+
+def _key_path(key) -> tuple[str, ...]:
+    """'cluster__epochs', 'cluster.epochs' -> ('cluster', 'epochs')."""
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"config override keys must be non-empty strings, got {key!r}")
+    return tuple(part for chunk in key.split("__") for part in chunk.split("."))
+
+
+def _nested(overrides) -> dict:
+    """Overrides as a new nested dict: {'cluster__epochs': 5, 'model': {'width': 8}} ->
+    {'cluster': {'epochs': 5}, 'model': {'width': 8}}. Flat keys may use '__' or '.'."""
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"overrides must be a dict such as {{'cluster': {{'epochs': 5}}}} or "
+                          f"{{'cluster__epochs': 5}}, got {overrides!r}")
+    out: dict = {}
+    for key, value in overrides.items():
+        node = _nested(value) if isinstance(value, dict) else value   # fresh dicts: the caller's are never shared
+        for part in reversed(_key_path(key)):
+            node = {part: node}
+        out = merge(out, node)
+    return out
+
+
+_ABSENT = object()
+
+
+def _lookup(nested: dict, path: tuple[str, ...]):
+    """The value at `path` in nested overrides, or _ABSENT."""
+    node = nested
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+def _check_key(path: tuple[str, ...]) -> None:
+    """A config field must exist (with a did-you-mean), as scikit-learn refuses an unknown parameter."""
+    cls = Config
+    for depth, part in enumerate(path):
+        where = "__".join(path[:depth])
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"unknown config key '{'__'.join(path)}': {where} is a value, not a section")
+        names = [f.name for f in dataclasses.fields(cls)]
+        if part not in names:
+            hint = difflib.get_close_matches(part, names, n=1)
+            did = f" (did you mean '{where + '__' if where else ''}{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"unknown config key '{'__'.join(path)}'{did}; known keys"
+                              f"{' of ' + where if where else ''}: {', '.join(names)}")
+        cls = get_type_hints(cls)[part]
+
+
+# ------------------------------------------------------------------------ the estimator
 
 ARRAY_FILE = "images.npz"   # an in-memory training array is kept here so the run can be reopened
 
@@ -182,20 +249,12 @@ class SCANClustering(ClusterMixin, BaseEstimator):
             raise ConfigError(f"overrides sets data__dataset={dataset!r}, but fit(X) was given images, not a path")
         if data is None and dataset is _ABSENT:
             fit_data = merge(fit_data, {"data": {"dataset": "auto"}})   # the format is recognised from the files
-        if self.pretrained is not None:
-            from scan.pipeline.resolve import _pretrained_overrides  # exactly what `scan run --pretrained` applies
-            overrides = merge(_pretrained_overrides(str(self.pretrained)), overrides)
+        if self.pretrained is not None:   # exactly what `scan run --pretrained` applies
+            overrides = merge(pretrained_overrides(str(self.pretrained)), overrides)
         params = {"seed": self.seed, "device": self.device, "quiet": self.quiet}
         if self.n_clusters is not None:
             params["data"] = {"num_clusters": self.n_clusters}
-        user = merge(merge(overrides, params), fit_data)
-        if isinstance(self.config, Config):
-            return config_from_dict(merge(self.config.to_dict(), user))
-        if self.config is not None:
-            return load_config(str(self.config), user)
-        base = load_config(None, user)
-        train = (data or load_data(base))[0]
-        return load_config(None, merge(auto_defaults(base, train), user))
+        return resolve_config(self.config, merge(merge(overrides, params), fit_data), data)[0]
 
     def _learn(self, run: TrainedRun) -> SCANClustering:
         """Set the learned attributes from a finished run."""

@@ -18,6 +18,7 @@ from scan.core.distributed import is_main, parallel
 from scan.pipeline.run import Run, head_probs, require, say
 from scan.pipeline.stage import Stage, register_stage
 from scan.pipeline.stages.mine import mining_inputs
+from scan.train.best_weights import BestWeights
 from scan.train.engine import build_optimizer, minibatches, optimizer_step, run_epochs
 from scan.train.mining import mining_space
 
@@ -64,7 +65,7 @@ def stage_cluster(run: Run) -> dict:
                     + ", ".join(f"{s['loss']:.4f}" for s in scores) + f"; kept restart {kept['restart']}")
     if kept["lowest"] is not None:
         lowest = kept["lowest"]
-        extra["kept"] = {"epoch": lowest.epoch, "head": lowest.head, "heldout_loss": lowest.loss}
+        extra["kept"] = {"epoch": lowest.epoch, "head": lowest.detail, "heldout_loss": lowest.score}
     _warn_collapse(run, kept["kept_probs"].argmax(1), "cluster")
     for pattern in ("retry*/checkpoint.pt", "restart*/checkpoint.pt") if is_main() else ():
         for leftover in run.path("cluster").glob(pattern):
@@ -86,7 +87,7 @@ def _train_with_rescue(run: Run, neighbors: torch.Tensor, heldout: torch.Tensor 
         # (H, N, C) in float16: 10 heads x 260k ImageNet-200 images would take 2 GB in float32
         probs = head_probs(run, model, "train", dtype=torch.float16)
         losses, consistency, _ = scan_loss_over_pairs(probs, neighbors, c.entropy_weight)
-        best = int(losses.argmin()) if lowest is None else lowest.head
+        best = int(losses.argmin()) if lowest is None else lowest.detail
         confidence = float(probs[best].max(1).values.float().mean())
         check = cluster_check(float(consistency[best]), confidence, run.num_clusters)
         tried.append({"lr": lr, "status": check["status"], "consistency": float(consistency[best])})
@@ -100,7 +101,7 @@ def _train_with_rescue(run: Run, neighbors: torch.Tensor, heldout: torch.Tensor 
                  "message": f"the heads did not learn at cluster.lr={c.lr:g}; retrained at lr {lr:g}: "
                             + check["message"], "fix": f"set cluster.lr={lr:g} to skip the failed attempts"}
     check["attempts"] = tried
-    score = float(losses[best]) if lowest is None else lowest.loss
+    score = float(losses[best]) if lowest is None else lowest.score
     # only the kept head's probabilities travel on: all heads' of two restarts would double the memory
     return {"model": model, "history": history, "lowest": lowest, "kept_probs": probs[best], "losses": losses,
             "best": best, "check": check, "score": score, "restart": restart}
@@ -114,32 +115,10 @@ def heldout_neighbors(run: Run) -> torch.Tensor:
     return torch.from_numpy(mine_neighbors(mining_space(inputs), k))
 
 
-class LowestLoss:
-    """The (epoch, head) with the lowest held-out SCAN loss so far and the weights of that epoch."""
-
-    def __init__(self):
-        self.loss, self.epoch, self.head, self.state = float("inf"), 0, 0, None
-
-    def offer(self, model, losses: torch.Tensor, epoch: int) -> bool:
-        """losses: (H,) total SCAN loss of every head after `epoch`; keeps the weights if one is the lowest yet."""
-        head = int(losses.argmin())
-        if float(losses[head]) < self.loss:
-            self.loss, self.epoch, self.head = float(losses[head]), epoch, head
-            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            return True
-        return False
-
-    def state_dict(self):
-        return {"loss": self.loss, "epoch": self.epoch, "head": self.head, "state": self.state}
-
-    def load_state_dict(self, d):
-        self.loss, self.epoch, self.head, self.state = d["loss"], d["epoch"], d["head"], d["state"]
-
-
 def _train_heads(run: Run, neighbors: torch.Tensor, lr: float, attempt: int, heldout: torch.Tensor | None,
                  restart: int):
     """One training of the clustering heads (and backbone, if updated) at learning rate `lr`; with held-out
-    neighbours (cluster.head_choice=per_epoch) also the LowestLoss over epochs and heads, else None."""
+    neighbours (cluster.head_choice=per_epoch) also the BestWeights over epochs and heads, else None."""
     cfg, rt, c = run.cfg, run.rt, run.cfg.cluster
     seed_everything(cfg.seed + 1 + attempt + RESTART_SEED_STEP * restart)
     source = run.source
@@ -180,13 +159,13 @@ def _train_heads(run: Run, neighbors: torch.Tensor, lr: float, attempt: int, hel
     states = {"model": model, "opt": optimizer}
     after_epoch = None
     if heldout is not None:
-        states["lowest"] = lowest = LowestLoss()
+        states["lowest"] = lowest = BestWeights()   # the (epoch, head) with the lowest held-out SCAN loss
 
         def after_epoch(epoch, stats):
             probs = head_probs(run, model, "eval", dtype=torch.float16)
             losses = scan_loss_over_pairs(probs, heldout, c.entropy_weight)[0]
             stats["heldout_losses"] = losses.tolist()
-            lowest.offer(model, losses, epoch + 1)
+            lowest.offer(model, float(losses.min()), epoch + 1, detail=int(losses.argmin()))
             return False
     history = run_epochs("cluster", where, c.epochs, steps, states, epoch_fn, fingerprint, rt, after_epoch)
     if heldout is None or lowest.state is None:   # no epoch ran (cluster.epochs=0): the final choice

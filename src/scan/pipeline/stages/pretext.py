@@ -33,7 +33,7 @@ def stage_pretext(run: Run) -> dict:
     """Self-supervised training of the backbone; writes pretext/backbone.pt and features/*.npy."""
     if (record := run.done("pretext")) is not None:
         return record
-    if run.cfg.pretext.method == "pretrained":   # a frozen network: embed the images once, nothing to train
+    if run.source.frozen:   # a frozen network: embed the images once, nothing to train
         return run.finish("pretext", **cache_features(run))
     cfg, rt = run.cfg, run.rt
     p = cfg.pretext

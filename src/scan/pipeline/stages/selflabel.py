@@ -15,6 +15,7 @@ from scan.core.registry import Registry
 from scan.nets.averaging import EMA
 from scan.pipeline.run import Run, head_probs, load_stage_model, say
 from scan.pipeline.stage import Stage, register_stage
+from scan.train.best_weights import BestWeights
 from scan.train.engine import build_optimizer, minibatches, optimizer_step, run_epochs
 
 # selflabel.selection: (a function giving the probabilities (N, C) of the unaugmented training images at
@@ -48,26 +49,6 @@ def shrunk_cluster(sizes: torch.Tensor, reference: torch.Tensor, keep: float) ->
     return worst if keep > 0 and ratio[worst] < keep else None
 
 
-class _Best:
-    """Weights, confident count and epoch (0: the starting model) of the epoch with the most confident samples."""
-
-    def __init__(self, model, count: int):
-        self.count, self.epoch, self.state = count, 0, {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    def offer(self, model, count: int, epoch: int) -> bool:
-        if count > self.count:
-            self.count, self.epoch = count, epoch
-            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            return True
-        return False
-
-    def state_dict(self):
-        return {"count": self.count, "epoch": self.epoch, "state": self.state}
-
-    def load_state_dict(self, d):
-        self.count, self.epoch, self.state = d["count"], d.get("epoch", 0), d["state"]
-
-
 def stage_selflabel(run: Run) -> dict:
     """Fine-tune on confident pseudo-labels (weak view) with cross-entropy on a strong view."""
     if (record := run.done("selflabel")) is not None:
@@ -92,7 +73,7 @@ def stage_selflabel(run: Run) -> dict:
     evaluated = ema.model if ema and not write_back else model
     # The confident count usually dips when training on strong views starts, so the
     # initial model does not compete: the best trained epoch is kept.
-    best = _Best(evaluated, -1)
+    best = BestWeights(higher=True, model=evaluated, score=-1)   # scores: confident training images
     n = len(run.train)
     batch_size = min(s.batch_size, n)
     steps = len(minibatches(n, batch_size))
@@ -141,7 +122,7 @@ def stage_selflabel(run: Run) -> dict:
     atomic_torch_save(run.path("selflabel", "model.pt"), best.state)
     merged = next((h["merged"] for h in history if "merged" in h), None)
     return run.finish("selflabel", seconds=time.time() - start, confident=[initial] + [h["confident"] for h in history],
-                      best_confident=best.count, best_epoch=best.epoch,
+                      best_confident=best.score, best_epoch=best.epoch,
                       merged=merged, history=history, check=report("selflabel", selflabel_check(initial, merged, s.threshold)))
 
 
