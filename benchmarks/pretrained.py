@@ -1,4 +1,4 @@
-"""Benchmark head-only SCAN on a frozen pretrained network (configs/pretrained.yaml).
+"""Benchmark head-only SCAN on a frozen pretrained network (config/builtin/pretrained.yaml).
 
 For each data set prints, as JSON: ACC/NMI/ARI of k-means on the pretrained features, of the
 SCAN heads trained on the cached features and of the self-labelled heads; the purity of the
@@ -47,7 +47,7 @@ def from_scratch(path: Path) -> dict:
 
 
 def dataset_config(name: str, backbone: str, overrides: list[str]):
-    """configs/pretrained.yaml for data set `name`, then the backbone, then the user's --set overrides."""
+    """config/builtin/pretrained.yaml for data set `name`, then the backbone, then the user's --set overrides."""
     data = merge(DATASETS[name], {"model": {"backbone": backbone}, "quiet": True})
     for text in overrides:
         data = merge(data, parse_override(text))

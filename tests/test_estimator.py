@@ -233,7 +233,7 @@ def test_config_then_pretrained_then_overrides_then_parameters(digits):
     cfg = estimator._resolve_config(fit_data, (images, images))
     assert (cfg.data.num_clusters, cfg.seed, cfg.device, cfg.quiet) == (None, 3, "cpu", True)
     assert (cfg.cluster.epochs, cfg.selflabel.enabled, cfg.data.path) == (4, False, "/nowhere/images.npz")
-    # configs/pretrained.yaml over the digits config, under the overrides
+    # config/builtin/pretrained.yaml over the digits config, under the overrides
     assert (cfg.pretext.method, cfg.model.backbone, cfg.cluster.lr) == ("pretrained", "efficientnet_lite0", 1e-3)
     assert estimator.n_clusters is None and estimator.overrides == {"cluster": {"epochs": 4},
                                                                       "selflabel__enabled": False}

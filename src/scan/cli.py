@@ -50,7 +50,7 @@ def _add_config_options(p: argparse.ArgumentParser, extra: tuple[str, ...]) -> N
         p.add_argument("--pretrained", metavar="NAME|FILE|none",
                        help="skip pretext training: cluster cached features of a frozen network, "
                             "efficientnet_lite0|1|2 (ImageNet) or a backbone state-dict FILE for model.backbone "
-                            "(applies configs/pretrained.yaml); a folder of colour photos gets efficientnet_lite0 "
+                            "(applies config/builtin/pretrained.yaml); a folder of colour photos gets efficientnet_lite0 "
                             "unless --config is given; none (or --from-scratch) trains the network from scratch")
         p.add_argument("--from-scratch", action="store_true",
                        help="train the network from scratch even on a folder of photos (same as --pretrained none)")

@@ -54,7 +54,7 @@ def stem_stride(side: int) -> int:
 def auto_defaults(cfg, train) -> dict:
     """Overrides chosen from the training images when no data-set config is given."""
     if source_class(cfg).frozen:
-        return {}   # nothing to scale: --pretrained brings the head-only settings (configs/pretrained.yaml)
+        return {}   # nothing to scale: --pretrained brings the head-only settings (config/builtin/pretrained.yaml)
     n, side = len(train), int(train.images.shape[-1])
     augment = {"crop_min_scale": 0.5, "color_jitter": 0.8, "jitter_prob": 1.0}
     mine = {"features": "backbone+pixels"}

@@ -36,7 +36,7 @@ from scan.core import distributed
 from scan.core.checkpoint import as_json, atomic_write_json, load_torch, read_json
 from scan.core.errors import ConfigError, StageError
 from scan.data import ImageDataset, content_hash, describe_data, has_splits, load_data, load_split
-from scan.nets.models import Backbone, ClusteringModel, build_backbone
+from scan.nets.models import ClusteringModel
 from scan.nets.pretrained import check_pretrained_config
 from scan.pipeline.stage import fingerprint, model_stages, stage_basis, stage_enabled, stage_names, what_changed
 from scan.rundir.directory import (
@@ -50,7 +50,7 @@ from scan.rundir.directory import (
 )
 from scan.train.engine import Runtime, resolve_device
 from scan.train.logs import TrainingLog, check_log_writer
-from scan.train.sources import source_class
+from scan.train.sources import RunContext, source_class
 
 log = logging.getLogger("scan")
 
@@ -68,7 +68,7 @@ def require(path: Path, stage: str) -> Path:
 
 
 @dataclass
-class Run:
+class Run(RunContext):
     """Everything a stage needs: configuration, run directory, device and the loaded data."""
     cfg: Config
     run_dir: Path
@@ -77,21 +77,6 @@ class Run:
     eval: ImageDataset
     info: dict = field(default_factory=dict)
     records: dict = field(default_factory=dict)   # {stage: its done.json} as read or written by this process
-
-    @property
-    def num_clusters(self) -> int:
-        return self.info["num_clusters"]
-
-    @property
-    def image_size(self) -> int:
-        return int(self.train.images.shape[-1])
-
-    @property
-    def channels(self) -> int:
-        return int(self.train.images.shape[1])
-
-    def path(self, *parts: str) -> Path:
-        return self.run_dir.joinpath(*parts)
 
     @cached_property
     def pretext_data(self) -> ImageDataset:
@@ -146,16 +131,6 @@ class Run:
             ckpt.unlink()
         distributed.barrier()   # under torchrun: the next stage reads what rank 0 just wrote
         return record
-
-    def backbone(self) -> Backbone:
-        m = self.cfg.model
-        return build_backbone(m.backbone, self.channels, self.info["mean"], self.info["std"],
-                              width=m.width, blocks=m.blocks, stem_stride=m.stem_stride)
-
-    @property
-    def source(self):
-        """Where the clustering model's features come from (scan.train.sources): images or cached features."""
-        return source_class(self.cfg)(self)
 
     def clustering_model(self, num_heads: int) -> ClusteringModel:
         """Untrained heads over the run's feature source."""

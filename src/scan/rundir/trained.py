@@ -20,10 +20,10 @@ from scan.core.checkpoint import load_torch, read_json
 from scan.core.errors import RunError
 from scan.core.hashing import file_hash
 from scan.data import ImageDataset, describe_data, load_data
-from scan.nets.models import Backbone, ClusteringModel, build_backbone
+from scan.nets.models import ClusteringModel
 from scan.rundir.directory import MARKER, model_config, read_run_config
 from scan.train.engine import Runtime, resolve_device
-from scan.train.sources import source_class
+from scan.train.sources import RunContext
 
 METRICS_FILE = "metrics.json"
 
@@ -42,7 +42,7 @@ def final_stage(run_dir: Path, metrics: dict) -> str:
 
 
 @dataclass(frozen=True)
-class TrainedRun:
+class TrainedRun(RunContext):
     run_dir: Path
     cfg: Config                    # the configuration that built the final model (its snapshot)
     info: dict                     # the data summary it was trained on
@@ -94,21 +94,6 @@ class TrainedRun:
         bound.__dict__.update({k: v for k, v in self.__dict__.items() if k in ("weights", "digest", "model")})
         return bound
 
-    def path(self, *parts: str) -> Path:
-        return self.run_dir.joinpath(*parts)
-
-    @property
-    def num_clusters(self) -> int:
-        return self.info["num_clusters"]
-
-    @property
-    def channels(self) -> int:
-        return int(self.info["image_shape"][0])
-
-    @property
-    def image_size(self) -> int:
-        return int(self.info["image_shape"][-1])
-
     @property
     def fingerprint(self) -> str | None:
         """The final stage's fingerprint (its done.json)."""
@@ -135,16 +120,6 @@ class TrainedRun:
     def digest(self) -> str | None:
         """sha256 of the final model file (names.json names the clusters of one model); None without one."""
         return file_hash(self.model_file, length=None) if self.model_file.is_file() else None
-
-    def backbone(self) -> Backbone:
-        m = self.cfg.model
-        return build_backbone(m.backbone, self.channels, self.info["mean"], self.info["std"],
-                              width=m.width, blocks=m.blocks, stem_stride=m.stem_stride)
-
-    @property
-    def source(self):
-        """Where the model's features come from (scan.train.sources): images or cached features."""
-        return source_class(self.cfg)(self)
 
     @cached_property
     def model(self) -> ClusteringModel:

@@ -10,6 +10,7 @@ backbone family, features from disk) is one class registered here.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -18,7 +19,7 @@ from scan.core.checkpoint import load_torch
 from scan.core.errors import StageError
 from scan.core.registry import Registry
 from scan.nets.heads import FrozenFeatures, attach_network, feature_probs, pair_logits, weak_strong_logits
-from scan.nets.models import Backbone, Classifier, ClusteringModel
+from scan.nets.models import Backbone, Classifier, ClusteringModel, build_backbone
 from scan.nets.pretrained import build_pretrained
 from scan.train.engine import predict_in_batches
 from scan.train.features import load_features, load_views
@@ -34,6 +35,39 @@ def load_backbone(run) -> Backbone:
     backbone = run.backbone()
     backbone.load_state_dict(load_torch(path))
     return backbone
+
+
+class RunContext:
+    """What feature sources and models are built from: a run's folder, configuration and data summary.
+
+    Mixed into the pipeline's Run (a run opened for work) and TrainedRun (a finished one), which hold
+    `run_dir`, `cfg` and `info` (data.json)."""
+
+    def path(self, *parts: str) -> Path:
+        return self.run_dir.joinpath(*parts)
+
+    @property
+    def num_clusters(self) -> int:
+        return self.info["num_clusters"]
+
+    @property
+    def channels(self) -> int:
+        return int(self.info["image_shape"][0])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.info["image_shape"][-1])
+
+    def backbone(self) -> Backbone:
+        """An untrained backbone of the configured architecture over the data's normalisation."""
+        m = self.cfg.model
+        return build_backbone(m.backbone, self.channels, self.info["mean"], self.info["std"],
+                              width=m.width, blocks=m.blocks, stem_stride=m.stem_stride)
+
+    @property
+    def source(self):
+        """Where the clustering model's features come from: images or a frozen network's cached features."""
+        return source_class(self.cfg)(self)
 
 
 def source_class(cfg) -> type:

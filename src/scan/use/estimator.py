@@ -143,7 +143,7 @@ class SCANClustering(ClusterMixin, BaseEstimator):
     config: None (defaults chosen from the data, as `scan run --data`), a built-in config name,
         a YAML path or a `scan.config.Config`.
     pretrained: None, or what `scan run --pretrained NAME|FILE` takes: a frozen pretrained
-        network (efficientnet_lite0|1|2) or a backbone state-dict file, with configs/pretrained.yaml.
+        network (efficientnet_lite0|1|2) or a backbone state-dict file, with config/builtin/pretrained.yaml.
     overrides: dict of config overrides, nested ({"cluster": {"epochs": 5}}) or flat with '__'
         or '.' ({"cluster__epochs": 5}); they win over `config` and `pretrained`. The fields set by
         the parameters below and by `fit(X)` (seed, device, quiet, data.num_clusters, data.path)
