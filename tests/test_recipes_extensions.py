@@ -30,6 +30,7 @@ MANY_CLASS = {"pretext.method": "byol_queue", "pretext.views": "randaugment", "m
               "pretext.batch_size": 256, "pretext.epochs": 300, "pretext.temperature": 0.2,
               "pretext.ema_momentum": 0.996, "mine.method": "multiview", "mine.num_neighbors": 50,
               "mine.head": "mlp", "mine.features": "backbone", "selflabel.enabled": False,
+              "cluster.batch_size": 512, "cluster.epochs": 100,
               "data.train_split": "all", "data.eval_split": "all", "data.image_size": 224}
 PUBLISHED = {
     "stl10-spc": {**SPC_PROTOCOL, "data.dataset": "stl10", "refine.epochs": 50, "refine.rounds": 5,
@@ -201,3 +202,17 @@ def test_many_class_config_runs_on_a_fake_tree_with_the_mlp_head_from_the_projec
     assert len(heads) == 1 and torch.equal(heads[0]["0.weight"], projection["0.weight"])
     mine_done = json.loads((tmp_path / "run" / "mine" / "done.json").read_text())
     assert mine_done["method"] == "multiview" and mine_done["head"].startswith("mlp")
+
+
+def test_the_multiview_miner_fingerprint_covers_the_augmentations_it_applies(mined_run, tmp_path):
+    """The multi-view miner embeds strong and weak views: changing augment.strong_strength must mine again;
+    plain kNN reads no augmentation, so the same change keeps its neighbours."""
+    from conftest import copy_run
+    prints = {}
+    for method in ("knn", "multiview"):
+        for strength in ("scan-cpu", "paper"):
+            run = copy_run(mined_run, tmp_path / f"{method}-{strength}",
+                           [f"mine.method={method}", f"augment.strong_strength={strength}"])
+            prints[method, strength] = run.fingerprint("mine")
+    assert prints["knn", "scan-cpu"] == prints["knn", "paper"]
+    assert prints["multiview", "scan-cpu"] != prints["multiview", "paper"]

@@ -49,5 +49,8 @@ def _mine(run: Run) -> dict:
     return run.finish("mine", **extra)
 
 
-register_stage(Stage("mine", stage_mine, needs=("pretext",), sections=("seed", "mine"),
-                     inputs=lambda run: (run.num_clusters,), description="the K nearest neighbours of every image"))
+register_stage(Stage("mine", stage_mine, needs=("pretext",), sections=("seed", "mine", "augment"),
+                     inputs=lambda run: (run.num_clusters,),
+                     # only the multi-view miner augments (its strong and weak views); kNN runs keep their fingerprint
+                     ignores=lambda cfg: ("augment",) if cfg.mine.method != "multiview" else (),
+                     description="the K nearest neighbours of every image"))
