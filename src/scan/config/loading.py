@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 from importlib import resources
 from pathlib import Path
@@ -77,6 +78,8 @@ def _build(cls, values: dict, prefix: str = ""):
 
 
 def _check_range(key: str, value, meta: dict) -> None:
+    if isinstance(value, float) and not math.isfinite(value):   # NaN passes every comparison below
+        raise ConfigError(f"{key} must be a finite number, got {value}")
     if value is None or not meta:
         return
     if isinstance(value, tuple):
@@ -144,13 +147,20 @@ def builtin_config_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("scan.config.builtin").iterdir() if p.name.endswith(".yaml"))
 
 
+MAX_BASE_DEPTH = 32   # configs built on configs: deeper than this is a loop or a mistake
+
+
 def read_yaml(source: str, seen: tuple[str, ...] = ()) -> dict:
     path = Path(source)
     if not path.exists() and source in builtin_config_names():
         text = resources.files("scan.config.builtin").joinpath(source + ".yaml").read_text()
         name = f"built-in config '{source}'"
     elif path.is_file():
-        text, name = path.read_text(), str(path)
+        name = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:   # a picture, or YAML saved as UTF-16 by an editor
+            raise ConfigError(f"{name} is not UTF-8 text; a config is a YAML file saved as UTF-8") from None
     else:
         raise ConfigError(
             f"config '{source}' is neither a YAML file nor a built-in config ({', '.join(builtin_config_names())})")
@@ -164,6 +174,8 @@ def read_yaml(source: str, seen: tuple[str, ...] = ()) -> dict:
     if base is None:
         return data
     # `base: other` starts from another config, so a variant states only what differs
+    if len(seen) >= MAX_BASE_DEPTH:
+        raise ConfigError(f"{name}: the chain of 'base:' configs is deeper than {MAX_BASE_DEPTH}")
     if base in seen + (source,):
         raise ConfigError(f"{name}: 'base: {base}' refers back to itself")
     return merge(read_yaml(base, seen + (source,)), data)

@@ -82,7 +82,7 @@ def _read_names_file(path: Path) -> tuple[str | None, dict[int, str]]:
         raise RunError(f"{path}: expected a JSON object of cluster names, found a {type(content).__name__}; "
                        f"fix or delete it and name the clusters again")
     digest, names = (content.get("model"), content.get("names")) if "names" in content else (None, content)
-    if not isinstance(names, dict) or not all(str(k).isdigit() and isinstance(v, str) for k, v in names.items()):
+    if not isinstance(names, dict) or not all(str(k).isdecimal() and isinstance(v, str) for k, v in names.items()):
         raise RunError(f"{path}: cluster names must map cluster ids to strings, e.g. {{\"3\": \"red cars\"}}; "
                        f"fix or delete it and name the clusters again")
     return digest, {int(k): v for k, v in names.items()}
@@ -123,7 +123,7 @@ def set_names(run: TrainedRun, assignments: list[str]) -> dict[int, str]:
     names = load_names(run)
     for text in assignments:
         key, sep, name = text.partition("=")
-        if not sep or not key.strip().isdigit():
+        if not sep or not key.strip().isdecimal():   # isdigit() accepts '²', which int() refuses
             raise RunError(f"'{text}' must look like CLUSTER=NAME, e.g. 3=\"red cars\"")
         cluster = int(key)
         if cluster >= count:

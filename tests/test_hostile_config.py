@@ -1,0 +1,59 @@
+"""Hostile configuration and names (issue 28, T3/T4/T8/T9): each is one `scan: error:` line naming the
+setting or file, before any work, with no traceback."""
+from types import SimpleNamespace
+
+import pytest
+
+from scan.cli import main
+from scan.config import ConfigError, read_config
+from scan.config.loading import MAX_BASE_DEPTH
+from scan.core.errors import RunError
+from scan.use.inference import set_names
+
+
+def one_error_line(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("scan: error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("override, key", [("cluster.lr=.nan", "cluster.lr"),
+                                           ("augment.crop_min_scale=.inf", "augment.crop_min_scale"),
+                                           ("selflabel.threshold=-.inf", "selflabel.threshold"),
+                                           ("refine.alpha=.NaN", "refine.alpha")])
+def test_nan_and_infinite_settings_are_refused_by_name(override, key, capsys):
+    # NaN compares false with every bound, so a range check alone lets it through
+    assert main(["config", "show", "--set", override]) == 2
+    one_error_line(capsys, key, "finite")
+    with pytest.raises(ConfigError, match=f"{key} must be a finite number"):
+        read_config("digits", [override])
+
+
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "cluster:\n  epochs: 3\n".encode("utf-16")])
+def test_a_config_file_that_is_not_utf8_text_is_one_error_naming_it(tmp_path, capsys, content):
+    path = tmp_path / "photo.png"
+    path.write_bytes(content)
+    assert main(["config", "show", "--config", str(path)]) == 2
+    one_error_line(capsys, str(path), "UTF-8")
+
+
+def test_a_loop_free_but_absurdly_deep_base_chain_is_refused(tmp_path, capsys):
+    for i in range(MAX_BASE_DEPTH + 5):
+        (tmp_path / f"c{i}.yaml").write_text(f"base: {tmp_path / f'c{i + 1}.yaml'}\n")
+    (tmp_path / f"c{MAX_BASE_DEPTH + 5}.yaml").write_text("cluster:\n  epochs: 3\n")
+    assert main(["config", "show", "--config", str(tmp_path / "c0.yaml")]) == 2
+    one_error_line(capsys, "base:", str(MAX_BASE_DEPTH))
+    # a chain within the limit still works
+    assert read_config(str(tmp_path / "c10.yaml")).cluster.epochs == 3
+
+
+@pytest.mark.parametrize("text", ["²=x", "٣x=y", "1.5=z", "-1=w"])
+def test_a_cluster_id_that_is_not_a_plain_number_is_a_run_error(tmp_path, text):
+    run = SimpleNamespace(num_clusters=5, path=lambda *parts: tmp_path.joinpath(*parts), digest=None,
+                          run_dir=tmp_path)
+    with pytest.raises(RunError, match="must look like CLUSTER=NAME"):
+        set_names(run, [text])
+    assert not (tmp_path / "names.json").exists()
