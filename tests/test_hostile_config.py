@@ -57,3 +57,15 @@ def test_a_cluster_id_that_is_not_a_plain_number_is_a_run_error(tmp_path, text):
     with pytest.raises(RunError, match="must look like CLUSTER=NAME"):
         set_names(run, [text])
     assert not (tmp_path / "names.json").exists()
+
+
+@pytest.mark.parametrize("env, name", [({"WORLD_SIZE": "two"}, "WORLD_SIZE"),
+                                       ({"WORLD_SIZE": "2", "RANK": "-1"}, "RANK"),
+                                       ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK"),
+                                       ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "x"}, "LOCAL_RANK")])
+def test_a_malformed_torchrun_environment_is_one_error_line(tmp_path, capsys, monkeypatch, env, name):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main(["run", "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    one_error_line(capsys, f"environment variable {name}=")
+    assert not (tmp_path / "run").exists()   # refused before the run directory is made

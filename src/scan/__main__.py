@@ -9,6 +9,6 @@ import sys
 from scan.cli import main
 
 if __name__ == "__main__":
-    if int(os.environ.get("RANK", "0")) != 0:
+    if os.environ.get("RANK", "0").strip() not in ("", "0"):   # a malformed RANK is reported by the command
         sys.stdout = open(os.devnull, "w")
     sys.exit(main())

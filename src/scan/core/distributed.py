@@ -31,12 +31,27 @@ import torch.distributed.nn.functional as dist_nn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from scan.core.errors import ConfigError
+
 _local_only = [False]   # True inside `on_main`'s rank-0 work: helpers act as one process
+
+
+def _environment_number(name: str, default: str) -> int:
+    """A count torchrun puts in the environment; a ConfigError naming it when it is not one."""
+    value = os.environ.get(name, default)
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise ConfigError(f"environment variable {name}={value!r} must be a whole number >= 0 (torchrun sets it; "
+                          f"unset WORLD_SIZE, RANK and LOCAL_RANK to run in one process)")
+    return number
 
 
 def launched() -> bool:
     """Whether torchrun started this process as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return _environment_number("WORLD_SIZE", "1") > 1
 
 
 def active() -> bool:
@@ -83,8 +98,12 @@ def init(device: torch.device) -> torch.device:
     """
     if not launched():
         return device
+    rank_, world, local = (_environment_number(name, default) for name, default in
+                           (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")))
+    if rank_ >= world:
+        raise ConfigError(f"environment variable RANK={rank_} must be below WORLD_SIZE={world} (torchrun sets both)")
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
