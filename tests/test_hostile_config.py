@@ -69,3 +69,18 @@ def test_a_malformed_torchrun_environment_is_one_error_line(tmp_path, capsys, mo
     assert main(["run", "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
     one_error_line(capsys, f"environment variable {name}=")
     assert not (tmp_path / "run").exists()   # refused before the run directory is made
+
+
+def test_fit_on_a_list_of_files_or_an_object_array_says_what_to_pass(tmp_path):
+    import numpy as np
+
+    from scan import SCANClustering
+    from scan.use.images_in import as_image_tensor
+    with pytest.raises(RunError, match=r"folder that holds the images \(fit\('photos/'\)\), not a list of files"):
+        SCANClustering(run_dir=tmp_path / "run").fit([tmp_path / "a.png", tmp_path / "b.png"])
+    assert not (tmp_path / "run").exists()
+    ragged = np.empty(2, dtype=object)
+    ragged[0], ragged[1] = np.zeros((8, 8), np.uint8), np.zeros((9, 9), np.uint8)
+    for images in (ragged, np.array([["a.png"]])):
+        with pytest.raises(RunError, match=r"must be uint8 \(0..255\) or float in \[0, 1\], got a (object|<U5) array"):
+            as_image_tensor(images)

@@ -217,6 +217,9 @@ class SCANClustering(ClusterMixin, BaseEstimator):
         data = None
         if isinstance(X, (str, Path)):
             user = {"data": {"path": str(X)}}
+        elif _is_path(X):   # the training images are one folder (or data file): its files are decoded alike
+            raise RunError("fit(X) takes the folder that holds the images (fit('photos/')), not a list of files; "
+                           "predict(X) takes a list of files")
         else:
             images = _image_tensor(X)
             if len(images) == 0:

@@ -23,7 +23,14 @@ def as_image_tensor(x) -> torch.Tensor:
     floats must be in [0, 1].
     """
     channels_last = not isinstance(x, torch.Tensor)
-    t = torch.as_tensor(np.asarray(x)) if channels_last else x.detach().cpu()
+    if channels_last:
+        array = np.asarray(x)
+        if array.dtype.kind not in "buif":   # objects, strings: torch's own error would not say what to pass
+            raise RunError(f"images must be uint8 (0..255) or float in [0, 1], got a {array.dtype} array; "
+                           f"image files are given as their folder or file paths")
+        t = torch.as_tensor(array)
+    else:
+        t = x.detach().cpu()
     if t.ndim == 3:
         t = t.unsqueeze(1)
     elif t.ndim == 4 and channels_last:
