@@ -68,7 +68,7 @@ def test_a_folder_run_then_report_and_predict_read_each_artifact_once(photos, co
     snapshot = next(run.glob("selflabel/config-*.json")).relative_to(run).as_posix()
     # what `scan run` wrote it keeps in memory: no done.json or metrics.json is read back; the report reads
     # the configuration once; a model file is read by each stage that starts from it and by evaluate
-    assert dict(reads) == {"data.json": 1, "config.yaml": 1, snapshot: 1, "pretext/backbone.pt": 2,
+    assert dict(reads) == {"run.json": 1, "data.json": 1, "config.yaml": 1, snapshot: 1, "pretext/backbone.pt": 2,
                            "cluster/model.pt": 2, "selflabel/model.pt": 2}
     # passes over the training images (a folder has no held-out split): the pretext features once (no second
     # pass for an eval split), the cluster stage's probabilities once per attempt (the tiny training fails its
@@ -81,7 +81,7 @@ def test_a_folder_run_then_report_and_predict_read_each_artifact_once(photos, co
 
     reads.clear(), images.clear()
     assert scan("report", run) == 0
-    once = {"data.json", "config.yaml", "metrics.json", snapshot, "pretext/done.json", "mine/done.json",
+    once = {"run.json", "data.json", "config.yaml", "metrics.json", snapshot, "pretext/done.json", "mine/done.json",
             "cluster/done.json", "selflabel/done.json"}
     assert dict(reads) == {name: 1 for name in once | {"train_outputs.pt", "trust.pt"}}
     assert images == []   # the training outputs are cached: no network runs

@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import errno
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -329,3 +330,24 @@ def test_a_full_disk_is_one_error_line_and_a_rerun_resumes(run, monkeypatch, cap
     monkeypatch.undo()
     assert main(["run", "--out", str(run), "--set", "cluster.entropy_weight=4"]) == 0
     assert (run / "pretext" / "backbone.pt").stat().st_mtime_ns == backbone   # nothing computed was lost
+
+
+# ------------------------------------------------------------------------ a trained run read back (issue 28)
+
+def test_predict_and_export_refuse_a_run_of_another_format(run, trained, capsys):
+    marker = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**marker, "format_version": marker["format_version"] + 1}))
+    for args in (("predict", run, trained["png"]), ("export", run), ("report", run)):
+        assert scan_cli(*args)[0] == 2
+        one_error_line(capsys, str(run), "run-directory format")
+    assert not (run / "model.torchscript.pt").exists()
+
+
+def test_predict_says_when_the_evaluated_model_is_missing_and_uses_the_one_before(run, trained, caplog):
+    assert json.loads((run / "metrics.json").read_text())["final_stage"] == "selflabel"
+    (run / "selflabel" / "model.pt").unlink()
+    caplog.clear()
+    rows = predicted(run, trained["png"])
+    assert len(rows) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("selflabel/model.pt is missing: using the cluster model" in w for w in warnings), warnings

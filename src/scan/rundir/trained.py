@@ -11,12 +11,13 @@ where a command needs them (the report, assignments.csv), to the training images
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 from scan.config import Config
-from scan.core.checkpoint import load_torch, read_json
+from scan.core.checkpoint import FORMAT_VERSION, load_torch, read_json
 from scan.core.errors import RunError
 from scan.core.hashing import file_hash
 from scan.data import ImageDataset, describe_data, load_data
@@ -25,20 +26,42 @@ from scan.rundir.directory import MARKER, model_config, read_run_config
 from scan.train.engine import Runtime, resolve_device
 from scan.train.sources import RunContext
 
+log = logging.getLogger("scan")
+
 METRICS_FILE = "metrics.json"
 
 
-def final_stage(run_dir: Path, metrics: dict) -> str:
+def read_marker(run_dir: Path) -> dict:
+    """run.json: the run-directory format (a run of another format is refused) and the model stages."""
+    try:
+        marker = read_json(run_dir / MARKER) or {}
+    except ValueError:
+        marker = None
+    if not isinstance(marker, dict):
+        raise RunError(f"{run_dir / MARKER} is damaged; rerun `scan run --out {run_dir}` to rewrite it")
+    version = marker.get("format_version")
+    if version != FORMAT_VERSION:
+        raise RunError(f"{run_dir} was written by a scan with run-directory format {version}, this one reads "
+                       f"{FORMAT_VERSION}: use the scan that wrote it, or retrain with `scan run --out {run_dir} "
+                       f"--restart`")
+    return marker
+
+
+def final_stage(run_dir: Path, metrics: dict, model_stages: list[str]) -> str:
     """The stage whose model is the run's result: the one its last evaluation used (metrics.json);
-    before any evaluation, the last model stage the run enables (run.json) whose model exists."""
+    before any evaluation (or when that model is gone), the last of the run's model stages (run.json)
+    whose model exists."""
     evaluated = metrics.get("final_stage")
     if isinstance(evaluated, str) and (run_dir / evaluated / "model.pt").is_file():
         return evaluated
-    stages = (read_json(run_dir / MARKER) or {}).get("model_stages") or []
-    trained = [stage for stage in stages if (run_dir / stage / "model.pt").is_file()]
-    if not trained and not stages:
+    trained = [stage for stage in model_stages if (run_dir / stage / "model.pt").is_file()]
+    if not trained and not model_stages:
         raise RunError(f"{run_dir} has no trained model: run `scan run --out {run_dir}` first")
-    return (trained or stages[:1])[-1]
+    stage = (trained or model_stages[:1])[-1]
+    if isinstance(evaluated, str) and trained:
+        log.warning("%s is missing: using the %s model instead (rerun `scan run --out %s` to restore it)",
+                    run_dir / evaluated / "model.pt", stage, run_dir)
+    return stage
 
 
 @dataclass(frozen=True)
@@ -75,7 +98,7 @@ class TrainedRun(RunContext):
                     records[file.parent.name] = read_json(file) or {}
                 except ValueError:   # a damaged record: that stage counts as not done
                     pass
-        stage = final_stage(run_dir, metrics)
+        stage = final_stage(run_dir, metrics, list(read_marker(run_dir).get("model_stages") or []))
         cfg, info = model_config(run_dir, stage, latest, latest_info, records.get(stage, {}).get("fingerprint"))
         return cls(run_dir, cfg, info, stage, records, metrics)
 
