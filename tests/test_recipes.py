@@ -47,6 +47,7 @@ SCAN_SMALL = {   # CIFAR-10, CIFAR-100-20, STL-10: SimCLR ResNet-18, SCAN, self-
     "selflabel.threshold": 0.99, "selflabel.class_balance": True, "selflabel.ema_decay": 0.0,
     "selflabel.ema_mode": "separate",                                                           # item 5
     "data.pretext_split": None,                                                                 # item 3
+    "selflabel.keep": "last", "selflabel.min_cluster_keep": 0.0,                                # item 6
 }
 IMAGENET = {     # ImageNet-50/100/200: frozen MoCo ResNet-50, heads only, then self-labelling with an EMA
     "model.backbone": "resnet50", "pretext.method": "moco", "pretext.epochs": 0, "data.image_size": 224,
@@ -59,6 +60,7 @@ IMAGENET = {     # ImageNet-50/100/200: frozen MoCo ResNet-50, heads only, then 
     "selflabel.threshold": 0.99, "selflabel.class_balance": False, "selflabel.ema_decay": 0.999,
     "selflabel.ema_mode": "write_back",                                                         # item 5
     "data.pretext_split": None,
+    "selflabel.keep": "last", "selflabel.min_cluster_keep": 0.0,                                # item 6
 }
 PUBLISHED = {
     "cifar10": {**SCAN_SMALL, "model.backbone": "resnet18_cifar", "augment.cutout_fraction": 0.5},      # 16 of 32 px
@@ -69,9 +71,10 @@ PUBLISHED = {
     # the paper's cluster batch is 512 / 1024 / 1024 for ImageNet-50 / 100 / 200
     "imagenet100": {**IMAGENET, "cluster.batch_size": 1024}, "imagenet200": {**IMAGENET, "cluster.batch_size": 1024},
 }
-OURS = {         # the CPU configs keep our settings for items 1-5
+OURS = {         # the CPU configs keep our settings for items 1-6
     "mine.features": "backbone", "augment.strong_strength": "scan-cpu", "data.pretext_split": None,
     "cluster.head_choice": "final", "selflabel.ema_mode": "separate",
+    "selflabel.keep": "most_confident", "selflabel.min_cluster_keep": 0.5,
 }
 
 
@@ -325,3 +328,19 @@ def test_stl10_reads_any_plus_joined_split_set_in_order(tmp_path):
     assert len(load_dataset("stl10", str(root), split="all+train+unlabeled")) == 3 + 2 + 4   # each part once
     with pytest.raises(DataError, match="STL-10 has no split 'extra'"):
         load_dataset("stl10", str(root), split="train+extra")
+
+
+# ---------------------------------------------------------------- 6. which self-labelling epoch is kept
+
+@pytest.mark.parametrize("keep", ["last", "most_confident"])
+def test_selflabel_keeps_the_last_epoch_or_the_most_confident_one(mined_run, tmp_path, keep):
+    run = copy_run(mined_run, tmp_path, ["selflabel.epochs=3", "selflabel.threshold=0.2", f"selflabel.keep={keep}",
+                                          "selflabel.min_cluster_keep=0"])
+    stage_cluster(run)
+    record = stage_selflabel(run)
+    counts = record["confident"][1:]   # after each epoch
+    assert int(np.argmax(counts)) != 2, "the last epoch must not be the most confident for the test to discriminate"
+    assert len(counts) == 3
+    expected = 3 if keep == "last" else 1 + int(np.argmax(counts))
+    assert record["best_epoch"] == expected
+    assert ("best_confident" in record) == (keep == "most_confident")

@@ -156,6 +156,9 @@ class SelfLabelConfig(TrainingConfig):
     # an epoch that shrinks any cluster below this fraction of its cluster-stage size is merging
     # clusters (confident errors feed on themselves): stop and keep the last epoch that did not; 0 = off
     min_cluster_keep: float = _f(0.5, lo=0.0, hi=1.0)
+    # which epoch's weights are the result: most_confident = the epoch with the most confident training images
+    # (ours); last = the last epoch trained (the authors' code; the paper configs)
+    keep: str = _f("most_confident", choices=("most_confident", "last"))
 
 
 @dataclass(frozen=True)

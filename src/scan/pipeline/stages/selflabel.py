@@ -49,6 +49,14 @@ def shrunk_cluster(sizes: torch.Tensor, reference: torch.Tensor, keep: float) ->
     return worst if keep > 0 and ratio[worst] < keep else None
 
 
+def _ignored_by_selflabel(cfg) -> tuple[str, ...]:
+    """Fields that do not change this training: the per-cluster share under the threshold selection, and
+    `keep` at its default (runs made before it existed stay valid)."""
+    s = cfg.selflabel
+    return ((("selflabel.per_cluster_fraction",) if s.selection != "per_cluster" else ())
+            + (("selflabel.keep",) if s.keep == "most_confident" else ()))
+
+
 def stage_selflabel(run: Run) -> dict:
     """Fine-tune on confident pseudo-labels (weak view) with cross-entropy on a strong view."""
     if (record := run.done("selflabel")) is not None:
@@ -110,7 +118,8 @@ def stage_selflabel(run: Run) -> dict:
                     f"training images (below selflabel.min_cluster_keep={s.min_cluster_keep} of its size): "
                     f"self-labelling is merging clusters, so it stops and keeps {kept}")
             return True
-        improved = best.offer(evaluated, count, epoch + 1)
+        # most_confident: the count is the score; last: every later epoch wins
+        improved = best.offer(evaluated, count if s.keep == "most_confident" else epoch + 1, epoch + 1)
         since_best["epochs"] = 0 if improved else since_best["epochs"] + 1
         return bool(s.patience) and since_best["epochs"] >= s.patience
 
@@ -122,12 +131,11 @@ def stage_selflabel(run: Run) -> dict:
     atomic_torch_save(run.path("selflabel", "model.pt"), best.state)
     merged = next((h["merged"] for h in history if "merged" in h), None)
     return run.finish("selflabel", seconds=time.time() - start, confident=[initial] + [h["confident"] for h in history],
-                      best_confident=best.score, best_epoch=best.epoch,
+                      best_epoch=best.epoch, **({"best_confident": best.score} if s.keep == "most_confident" else {}),
                       merged=merged, history=history, check=report("selflabel", selflabel_check(initial, merged, s.threshold)))
 
 
 register_stage(Stage("selflabel", stage_selflabel, needs=("cluster",), sections=("seed", "selflabel", "augment"),
-                     ignores=lambda cfg: (("selflabel.per_cluster_fraction",)
-                                          if cfg.selflabel.selection != "per_cluster" else ()),
+                     ignores=_ignored_by_selflabel,
                      enabled=lambda cfg: cfg.selflabel.enabled, writes_model=True,
                      description="confident predictions, strong augmentation, class-balanced cross-entropy"))
