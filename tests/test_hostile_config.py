@@ -84,3 +84,23 @@ def test_fit_on_a_list_of_files_or_an_object_array_says_what_to_pass(tmp_path):
     for images in (ragged, np.array([["a.png"]])):
         with pytest.raises(RunError, match=r"must be uint8 \(0..255\) or float in \[0, 1\], got a (object|<U5) array"):
             as_image_tensor(images)
+
+
+def test_a_stage_folder_that_is_a_symlink_out_of_the_run_is_never_written_through(tmp_path, capsys):
+    import json
+
+    from conftest import TINY
+
+    from scan.core.checkpoint import FORMAT_VERSION
+    run, outside = tmp_path / "run", tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "done.json").write_text("{}")
+    (outside / "model.pt").write_bytes(b"someone else's")
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"format_version": FORMAT_VERSION}))
+    (run / "cluster").symlink_to(outside, target_is_directory=True)
+    args = ["run", "--out", str(run), "--restart"] + [a for o in TINY for a in ("--set", o)]
+    assert main(args) == 2
+    one_error_line(capsys, str(run / "cluster"), "symbolic link")
+    assert sorted(p.name for p in outside.iterdir()) == ["done.json", "model.pt"]
+    assert (outside / "model.pt").read_bytes() == b"someone else's"

@@ -142,6 +142,10 @@ def prepare_run_dir(run_dir: Path, restart: bool, stages: tuple[str, ...]) -> No
     except OSError as e:
         raise ConfigError(f"cannot create --out {run_dir}: {e.strerror}") from None
     lock_run_dir(run_dir)
+    for name in SHARED_FOLDERS[1:] + tuple(stages):   # every write of a run goes into one of these
+        if (run_dir / name).is_symlink():
+            raise ConfigError(f"{run_dir / name} is a symbolic link: scan writes only inside its run directory, so "
+                              f"it is left alone; move it away (or choose another --out)")
     atomic_write_json(run_dir / MARKER, {"format_version": FORMAT_VERSION})
     remove_stale_temp_files(run_dir, stages)
     if restart:
