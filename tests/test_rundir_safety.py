@@ -351,3 +351,23 @@ def test_predict_says_when_the_evaluated_model_is_missing_and_uses_the_one_befor
     assert len(rows) == 1
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("selflabel/model.pt is missing: using the cluster model" in w for w in warnings), warnings
+
+
+def test_predict_and_export_never_overwrite_a_file_they_were_not_told_to(run, trained, tmp_path, capsys):
+    photo_bytes = trained["png"].read_bytes()
+    config = (run / "config.yaml").read_bytes()
+    mine = tmp_path / "mine.csv"
+    mine.write_text("my own notes\n")
+    refusals = [(["predict", run, trained["png"], "--out", trained["png"]], "is one of the images"),
+                (["predict", run, trained["png"], "--out", trained["png"], "--overwrite"], "is one of the images"),
+                (["predict", run, trained["png"], "--out", run / "config.yaml", "--overwrite"], "inside the run directory"),
+                (["export", run, "--out", run / "selflabel" / "model.pt"], "inside the run directory"),
+                (["predict", run, trained["png"], "--out", mine], "exists: pass --overwrite"),
+                (["export", run, "--out", mine], "exists: pass --overwrite")]
+    for args, message in refusals:
+        assert scan_cli(*args)[0] == 2
+        one_error_line(capsys, "--out", message)
+    assert trained["png"].read_bytes() == photo_bytes and (run / "config.yaml").read_bytes() == config
+    assert mine.read_text() == "my own notes\n"
+    assert scan_cli("predict", run, trained["png"], "--out", mine, "--overwrite")[0] == 0
+    assert mine.read_text().startswith("path,cluster")

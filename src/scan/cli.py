@@ -126,17 +126,29 @@ def cmd_name(args) -> int:
     return 0
 
 
-def _check_out_file(out, example: str) -> None:
-    """--out of predict/export names a file to write: refuse a folder before any work is done."""
-    if out and Path(out).is_dir():
-        raise RunError(f"--out {out} is a folder; give a file name, e.g. --out {Path(out) / example}")
+def _check_out_file(args, example: str, inputs=()) -> None:
+    """--out of predict/export names a new file to write, checked before any work is done: not a folder,
+    not a file of the run directory or an input, and an existing file only with --overwrite."""
+    if not args.out:
+        return
+    out = Path(args.out)
+    if out.is_dir():
+        raise RunError(f"--out {out} is a folder; give a file name, e.g. --out {out / example}")
+    target, run_dir = out.resolve(), Path(args.run_dir).resolve()
+    if run_dir in target.parents:
+        raise RunError(f"--out {out} is inside the run directory {args.run_dir}, whose files scan manages; "
+                       f"write it elsewhere")
+    if any(Path(p).resolve() == target for p in inputs):
+        raise RunError(f"--out {out} is one of the images to predict; give another file name")
+    if out.exists() and not args.overwrite:
+        raise RunError(f"--out {out} exists: pass --overwrite to replace it, or give another file name")
 
 
 def cmd_predict(args) -> int:
     from scan.core.checkpoint import atomic_write_text
     from scan.use.images_in import load_image_paths
     from scan.use.inference import assignments_csv, load_names, open_trained_run, predict_images
-    _check_out_file(args.out, "predictions.csv")
+    _check_out_file(args, "predictions.csv", args.images)
     run = open_trained_run(args.run_dir, args.device)
     images = load_image_paths(args.images, run.info["image_shape"])
     found = predict_images(run, images.images, images.paths)
@@ -153,7 +165,7 @@ def cmd_predict(args) -> int:
 
 def cmd_export(args) -> int:
     from scan.use.export import default_name, export_run
-    _check_out_file(args.out, default_name(args.format))
+    _check_out_file(args, default_name(args.format))
     print(export_run(args.run_dir, args.out, args.format))
     return 0
 
@@ -185,6 +197,7 @@ def _add_trained_run_commands(sub, chosen: str | None = None) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("images", nargs="+", metavar="IMAGES", help="image files and/or folders (searched recursively)")
     p.add_argument("--out", "-o", help="CSV file to write (default: print the CSV)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, mps")
     p.set_defaults(handler=cmd_predict)
     p = sub.add_parser("export", help="save the trained model as one file: images -> cluster probabilities, "
@@ -193,6 +206,7 @@ def _add_trained_run_commands(sub, chosen: str | None = None) -> None:
     p.add_argument("--format", default="torchscript", choices=formats,
                    help="torchscript (default), onnx (needs the `export` extra) or torch-export (.pt2)")
     p.add_argument("--out", "-o", help="output file (default RUN_DIR/model.torchscript.pt, model.onnx, model.pt2)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(handler=cmd_export)
 
 
