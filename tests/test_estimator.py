@@ -375,6 +375,22 @@ def test_save_and_load_give_the_same_predictions(fitted, digits, tmp_path):
     with pytest.raises(RunError, match="something other than a saved model"):
         fitted.save(tmp_path / "other", overwrite=True)
     assert (tmp_path / "other" / "keep.txt").read_text() == "mine"
+    # a live `scan run` holds the saved run's lock: overwriting is refused, and nothing there changes
+    import subprocess
+    import sys
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from scan.rundir.directory import lock_run_dir; lock_run_dir(Path(sys.argv[1])); "
+                               "print('locked', flush=True); time.sleep(60)", str(path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = sorted(p.relative_to(path) for p in path.rglob("*"))
+        with pytest.raises(ConfigError, match="in use by another scan"):
+            fitted.save(path, overwrite=True)
+        assert sorted(p.relative_to(path) for p in path.rglob("*")) == before
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_given_run_dir_holds_the_run_and_stays(digits, tmp_path):

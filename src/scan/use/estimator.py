@@ -34,7 +34,7 @@ from scan.data import ImageDataset
 from scan.pipeline import run_pipeline
 from scan.pipeline.resolve import pretrained_overrides, resolve_config
 from scan.pipeline.run import open_run
-from scan.rundir.directory import LOCK_FILE, is_run_dir, release_run_dir, rewrite_data_path
+from scan.rundir.directory import LOCK_FILE, is_run_dir, lock_run_dir, release_run_dir, rewrite_data_path
 from scan.rundir.trained import TrainedRun
 from scan.use.images_in import as_image_tensor, load_image_paths, match_shape
 from scan.use.inference import (
@@ -322,16 +322,21 @@ class SCANClustering(ClusterMixin, BaseEstimator):
                                f"or save elsewhere")
             if not is_run_dir(path):
                 raise RunError(f"{path} holds something other than a saved model: not overwriting it")
-        # Copied next to the target and swapped in, so a failed copy leaves the old content intact.
-        staging = path.with_name(f".{path.name}.saving")
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(self.run_dir_, staging, ignore=_not_copied)
-        array = str((Path(self.run_dir_) / ARRAY_FILE).resolve())
-        # the copy must read its own copy of the training array (the original may be a temp dir)
-        rewrite_data_path(staging, array, str((path / ARRAY_FILE).resolve()))
-        if path.exists():
-            shutil.rmtree(path)
-        staging.rename(path)
+        if is_run_dir(path):
+            lock_run_dir(path)   # a live `scan run` there holds it: refused (naming it), never swapped under it
+        try:
+            # Copied next to the target and swapped in, so a failed copy leaves the old content intact.
+            staging = path.with_name(f".{path.name}.saving")
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(self.run_dir_, staging, ignore=_not_copied)
+            array = str((Path(self.run_dir_) / ARRAY_FILE).resolve())
+            # the copy must read its own copy of the training array (the original may be a temp dir)
+            rewrite_data_path(staging, array, str((path / ARRAY_FILE).resolve()))
+            if path.exists():
+                shutil.rmtree(path)
+            staging.rename(path)
+        finally:
+            release_run_dir(path)
         return path
 
     @classmethod
