@@ -246,3 +246,20 @@ def test_damaged_decode_once_files_are_rebuilt(folder, eager, tmp_path):
     with open(store, "r+b") as f:                                          # cut short
         f.truncate(store.stat().st_size - 1)
     assert torch.equal(load(folder, lazy_options(tmp_path)).images[:], eager.images)
+
+
+def test_a_decode_once_cache_damaged_in_place_is_decoded_again(folder, eager, tmp_path, caplog):
+    options = lazy_options(tmp_path)
+    first = load(folder, options)
+    assert isinstance(first.images, LazyImages)
+    store = next((tmp_path / "cache").glob("images-*.npy"))
+    header = store.stat().st_size - 300 * 3 * SIDE * SIDE
+    with open(store, "r+b") as f:   # all white, same size: what a bad disk or a stray tool could leave
+        f.seek(header)
+        f.write(b"\xff" * (store.stat().st_size - header))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="scan.data"):
+        again = load(folder, options)
+    assert any("decoding again" in r.getMessage() for r in caplog.records)
+    assert torch.equal(again.images[torch.arange(len(again))], eager.images)
+    assert content_hash(again.images) == content_hash(eager.images)

@@ -30,6 +30,7 @@ from scan.data.imagefiles import decode_images, progress
 log = logging.getLogger("scan.data")
 
 CACHE_VERSION = 1          # bump when decoding changes, so old decode-once files are rebuilt
+SAMPLED_ROWS = 256   # rows whose hash is checked each time a decoded cache is reused
 DECODE_CHUNK = 1024        # images decoded at a time while filling a decode-once file (fewer under a tight budget)
 
 
@@ -171,8 +172,9 @@ def decode_once(files: list[Path], size: int, cache_dir: Path, workers: int, chu
     found = _reusable(store_path, record_path, shape)
     if found is None:
         record = _fill(files, size, store_path, workers, chunk, quiet)
-        atomic_write_json(record_path, record)   # last: a record means the file beside it is complete
         store = RowFile(store_path)
+        record["sample_digest"] = _sample_digest(store)
+        atomic_write_json(record_path, record)   # last: a record means the file beside it is complete
     else:
         log.info("reusing the decoded images in %s", store_path)
         store, record = found
@@ -191,7 +193,22 @@ def _reusable(store_path: Path, record_path: Path, shape: tuple) -> tuple[RowFil
     except (OSError, ValueError):   # a damaged record (json errors are ValueErrors) or .npy header
         return None
     size_ok = store_path.stat().st_size == store.offset + int(np.prod(shape))
-    return (store, record) if store.shape == shape and size_ok else None
+    if store.shape != shape or not size_ok:
+        return None
+    # rows damaged in place keep the size: sampled rows must still hash as when they were written
+    # (a cache from before the sample digest existed is trusted as before)
+    expected = record.get("sample_digest")
+    if expected is not None and expected != _sample_digest(store):
+        log.warning("%s does not hold the images it was decoded from (damaged since); decoding again", store_path)
+        return None
+    return store, record
+
+
+def _sample_digest(store: RowFile, count: int = SAMPLED_ROWS) -> str:
+    """Hash of `count` rows spread evenly over the store (the first and last included): cheap to check
+    on every reuse, and any damage to a sampled row (or a rewrite of the whole file) changes it."""
+    rows = np.unique(np.linspace(0, store.shape[0] - 1, num=min(count, store.shape[0])).round().astype(np.int64))
+    return hashlib.sha256(store[rows].tobytes()).hexdigest()[:16]
 
 
 def _fill(files: list[Path], size: int, path: Path, workers: int, chunk: int, quiet: bool) -> dict:
