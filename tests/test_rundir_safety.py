@@ -371,3 +371,14 @@ def test_predict_and_export_never_overwrite_a_file_they_were_not_told_to(run, tr
     assert mine.read_text() == "my own notes\n"
     assert scan_cli("predict", run, trained["png"], "--out", mine, "--overwrite")[0] == 0
     assert mine.read_text().startswith("path,cluster")
+
+
+def test_predict_skips_a_symbolic_link_to_itself_in_a_folder(run, trained, tmp_path, caplog):
+    folder = tmp_path / "new"
+    folder.mkdir()
+    shutil.copy(trained["png"], folder / "seven.png")
+    (folder / "loop.png").symlink_to(folder / "loop.png")   # a link to itself: resolving it would never end
+    caplog.clear()
+    rows = predicted(run, folder)
+    assert [Path(r["path"]).name for r in rows] == ["seven.png"]
+    assert any("skipped 1 unreadable" in r.getMessage() for r in caplog.records)

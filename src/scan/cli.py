@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -134,11 +135,12 @@ def _check_out_file(args, example: str, inputs=()) -> None:
     out = Path(args.out)
     if out.is_dir():
         raise RunError(f"--out {out} is a folder; give a file name, e.g. --out {out / example}")
-    target, run_dir = out.resolve(), Path(args.run_dir).resolve()
+    # realpath, not Path.resolve: a link loop among the inputs must not crash the check
+    target, run_dir = Path(os.path.realpath(out)), Path(os.path.realpath(args.run_dir))
     if run_dir in target.parents:
         raise RunError(f"--out {out} is inside the run directory {args.run_dir}, whose files scan manages; "
                        f"write it elsewhere")
-    if any(Path(p).resolve() == target for p in inputs):
+    if any(Path(os.path.realpath(p)) == target for p in inputs):
         raise RunError(f"--out {out} is one of the images to predict; give another file name")
     if out.exists() and not args.overwrite:
         raise RunError(f"--out {out} exists: pass --overwrite to replace it, or give another file name")

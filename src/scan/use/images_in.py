@@ -3,6 +3,7 @@ shaped like the run's training images (same decoding, crop, size and channels)."
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -72,14 +73,15 @@ def load_image_paths(paths, shape: list[int]) -> ImageDataset:
     A file reached twice (given directly and through its folder, or by two spellings of its
     path) is read once, where it first appears.
     """
-    seen: set[Path] = set()
+    seen: set[str] = set()
     parts = []
     for path in map(Path, paths):
         if not path.exists():
             raise DataError(f"{path} does not exist (expected an image file or a folder of images)")
         files = [f for f in list_files(path) if f.suffix.lower() in IMAGE_EXTENSIONS] if path.is_dir() else [path]
-        fresh = [f for f in files if f.resolve() not in seen]
-        seen.update(f.resolve() for f in fresh)
+        # realpath, not Path.resolve: a symbolic link to itself is skipped as unreadable, not a crash
+        fresh = [f for f in files if os.path.realpath(f) not in seen]
+        seen.update(os.path.realpath(f) for f in fresh)
         if not fresh:
             continue
         if path.is_dir():
