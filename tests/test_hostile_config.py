@@ -104,3 +104,21 @@ def test_a_stage_folder_that_is_a_symlink_out_of_the_run_is_never_written_throug
     one_error_line(capsys, str(run / "cluster"), "symbolic link")
     assert sorted(p.name for p in outside.iterdir()) == ["done.json", "model.pt"]
     assert (outside / "model.pt").read_bytes() == b"someone else's"
+
+
+@pytest.mark.parametrize("content, message", [(b"not a torch file at all", "not a PyTorch file of tensors"),
+                                              ("list", "holds a list, not a state dict"),
+                                              ("dict", "holds a dict, not a state dict")])
+def test_a_bad_init_checkpoint_file_is_one_error_naming_it(tmp_path, capsys, content, message):
+    import torch
+    path = tmp_path / "weights.pt"
+    if content == "list":
+        torch.save([torch.zeros(1)], path)
+    elif content == "dict":
+        torch.save({"state_dict": {"epoch": 3}}, path)
+    else:
+        path.write_bytes(content)
+    from conftest import TINY
+    args = ["run", "--out", str(tmp_path / "run"), "--set", f"model.init_checkpoint={path}"]
+    assert main(args + [a for o in TINY for a in ("--set", o)]) == 2
+    one_error_line(capsys, f"model.init_checkpoint={path}", message)

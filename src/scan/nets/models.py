@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scan.core.checkpoint import strip_prefixes
-from scan.core.errors import ConfigError
+from scan.core.checkpoint import load_torch, strip_prefixes
+from scan.core.errors import ArtifactError, ConfigError
 from scan.core.registry import Registry
 
 BACKBONES: Registry[Callable[..., nn.Module]] = Registry("model.backbone")
@@ -179,10 +179,16 @@ def load_backbone_weights(backbone: Backbone, path: str) -> None:
     source = f"model.init_checkpoint={path}"
     if not Path(path).is_file():
         raise ConfigError(f"{source} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = load_torch(Path(path))
+    except ArtifactError:   # its wording is for a run's own files; this one is the user's
+        raise ConfigError(f"{source} is not a PyTorch file of tensors that loads safely (expected a .pt/.pth "
+                          f"state dict, e.g. our pretext/backbone.pt or a torchvision ResNet's)") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{source} holds a {type(state).__name__}, not a state dict of tensors")
     state = strip_prefixes(state)
     trunk = {k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")} or torchvision_resnet_keys(state)
     expected = backbone.trunk.state_dict()
