@@ -292,6 +292,16 @@ def _truncate(path: Path) -> None:
     (lambda r: None, ["run", "--out", "{png}"], ["--out {png} is a file"]),
     (lambda r: None, ["run", "--out", "{tmp}/new", "--seed", str(2 ** 70)], ["seed must be <= 4294967295"]),
     (lambda r: None, ["run", "--out", "{tmp}/new", "--set", "model.blocks=[]"], ["model.blocks"]),
+    # damaged artifacts of a finished run (issue 28 T5): each names its file and the fix
+    (lambda r: torch.save([torch.zeros(1)], r / "selflabel" / "model.pt"), ["predict", "{run}", "{png}"],
+     ["selflabel/model.pt holds a list, not model weights", "--restart"]),
+    (lambda r: [f.write_text("{") for f in r.glob("selflabel/config-*.json")], ["export", "{run}"],
+     ["selflabel/config-", "is damaged", "--restart"]),
+    (lambda r: [f.write_text("[]") for f in r.glob("selflabel/config-*.json")], ["predict", "{run}", "{png}"],
+     ["selflabel/config-", "is damaged", "--restart"]),
+    (lambda r: [(r / "train_outputs.pt").unlink(), np.save(r / "mine" / "neighbors.npy", np.array([None, 1]),
+                                                           allow_pickle=True)],
+     ["report", "{run}"], ["mine/neighbors.npy is damaged", "scan mine --run-dir"]),
 ])
 def test_user_mistakes_are_one_error_line(run, trained, tmp_path, capsys, damage, args, needles):
     damage(run)

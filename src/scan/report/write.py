@@ -20,6 +20,7 @@ import numpy as np
 
 from scan.algo.metrics import cluster_to_class, contingency
 from scan.core.checkpoint import atomic_write_text
+from scan.core.errors import RunError
 from scan.report.charts import bar_chart, cluster_color, heatmap, line_chart
 from scan.report.cluster import ClusterContext, cluster_card, merge_hints
 from scan.report.map import embed_2d, map_card, map_sample
@@ -117,6 +118,17 @@ def _eval_predictions(run: TrainedRun, outputs: TrainOutputs) -> np.ndarray | No
     return probs.argmax(1) if probs is not None and len(probs) == len(run.eval) else None
 
 
+def _neighbors(path: Path) -> np.ndarray | None:
+    """mine/neighbors.npy for the merge hints' crossing pairs; None when the run has none."""
+    if not path.exists():
+        return None
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:   # objects, a truncated or foreign file
+        raise RunError(f"{path} is damaged ({str(e).splitlines()[0]}); rerun `scan mine --run-dir "
+                       f"{path.parent.parent}` to recompute it") from None
+
+
 def report_data(run: TrainedRun, outputs: TrainOutputs) -> ReportData:
     d = run.cfg.data
     in_sample = run.eval is run.train   # folders and .npz files have no split: metrics on the training images
@@ -137,7 +149,7 @@ def report_data(run: TrainedRun, outputs: TrainOutputs) -> ReportData:
         ([str(k) for k in range(run.info["num_classes"])] if run.info["num_classes"] else None),
         eval_pred=_eval_predictions(run, outputs), eval_labels=run.eval.labels,
         curves=_loss_histories(run), entropy_weight=run.cfg.cluster.entropy_weight,
-        neighbors=np.load(neighbors_file) if neighbors_file.exists() else None, trust=trust.confidence,
+        neighbors=_neighbors(neighbors_file), trust=trust.confidence,
         extra_columns={"probability": outputs.probs.max(1), "ood_score": trust.ood_score,
                        "unknown": unknown.astype(np.float32)})
 

@@ -226,7 +226,15 @@ def model_config(run_dir: Path, stage: str, latest: Config, latest_info: dict,
     """(config, data summary) that built `<stage>/model.pt`, whose done.json holds `fingerprint`: its
     snapshot, else the latest ones (runs written before snapshots existed). Which stages are enabled
     stays as in `latest`, so the model chosen as final is the one the snapshot belongs to."""
-    snapshot = read_json(_snapshot_file(run_dir, stage, fingerprint)) if fingerprint else None
+    file = _snapshot_file(run_dir, stage, fingerprint) if fingerprint else None
+    try:
+        snapshot = read_json(file) if file else None
+    except ValueError:
+        snapshot = []   # not JSON: refused below, like any other content that is not a snapshot
+    if snapshot is not None and not (isinstance(snapshot, dict) and isinstance(snapshot.get("config"), dict)
+                                     and isinstance(snapshot.get("data"), dict)):
+        raise RunError(f"{file} is damaged (not the configuration that built {stage}/model.pt); rerun "
+                       f"`scan run --out {run_dir} --restart` to rebuild it")
     if not snapshot:
         return latest, latest_info
     cfg = config_from_dict(snapshot["config"])

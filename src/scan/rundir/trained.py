@@ -148,6 +148,9 @@ class TrainedRun(RunContext):
     def model(self) -> ClusteringModel:
         """The final stage's model as it trained (over cached features for a pretrained run), built once."""
         model, weights = self.source.new_model(1), self.weights
+        if not isinstance(weights, dict):
+            raise RunError(f"{self.model_file} holds a {type(weights).__name__}, not model weights; rerun "
+                           f"`scan run --out {self.run_dir} --restart`")
         try:
             model.load_state_dict(weights)
         except RuntimeError as e:
