@@ -13,6 +13,7 @@ from PIL import Image
 from scan import data
 from scan.data import DataError, ImageDataset, imagefiles, list_datasets, load_dataset
 from scan.data import formats as data_formats
+from scan.use.images_in import load_image_paths
 
 FASHION = Path(data.FASHION_MNIST_PATH)
 
@@ -386,7 +387,10 @@ def test_folder_skips_decompression_bombs(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="scan.data"):
         ds = load_dataset("folder", str(tmp_path), image_size=4)
     assert [Path(p).name for p in ds.paths] == ["ok.png"] and "skipped 2 of 3" in caplog.text
+    assert "2 of them over the pixel limit of 200 pixels" in caplog.text   # why, and how to raise it
     assert Image.MAX_IMAGE_PIXELS != 200  # the global limit is restored afterwards
+    with pytest.raises(DataError, match=r"huge.png: 30x30 is over the pixel limit of 200 pixels .*MAX_IMAGE_PIXELS"):
+        load_image_paths([tmp_path / "huge.png"], [3, 4, 4])   # scan predict on the file itself
 
 
 def test_folder_errors_name_the_path(tmp_path):

@@ -32,6 +32,7 @@ from scan.data.imagefiles import (
     decode_images,
     heif_available,
     list_files,
+    pixel_limit_hint,
     probe_images,
     progress,
 )
@@ -63,6 +64,7 @@ def _warn_skipped(root: Path, skipped: list[Path], total: int) -> None:
     more = ", ..." if len(skipped) > _SKIPPED_SHOWN else ""
     heif = any(p.suffix.lower() in HEIF_EXTENSIONS for p in skipped) and not heif_available()
     hint = "; HEIC photos need the pillow-heif plugin: pip install 'scan-clustering[heif]'" if heif else ""
+    hint += pixel_limit_hint(skipped)
     log.warning("%s: skipped %d of %d files that are not readable images: %s%s%s",
                 root, len(skipped), total, shown, more, hint)
 

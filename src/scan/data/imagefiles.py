@@ -107,6 +107,32 @@ def _decode(file: Path, size: int) -> np.ndarray | None:
         return None
 
 
+def over_pixel_limit(file: Path) -> tuple[int, int] | None:
+    """(width, height) when `file` is an image larger than MAX_IMAGE_PIXELS (refused as a possible
+    decompression bomb), else None. Reads the header only; for saying why a file was skipped."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None   # only the size is read here; no pixels are decoded
+    try:
+        handle = _open_regular(file)
+        if handle is None:
+            return None
+        with handle, Image.open(handle) as img:
+            return img.size if img.width * img.height > MAX_IMAGE_PIXELS else None
+    except Exception:   # not an image at all: the plain "not readable" says it
+        return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def pixel_limit_hint(files: list[Path]) -> str:
+    """'; 2 of them over the pixel limit ...' for the skipped files that are too large, else ''."""
+    large = [f for f in files if over_pixel_limit(f)]
+    if not large:
+        return ""
+    return (f"; {len(large)} of them over the pixel limit of {MAX_IMAGE_PIXELS:,} pixels (raise "
+            f"scan.data.imagefiles.MAX_IMAGE_PIXELS, or downscale them)")
+
+
 def decode_images(files: list[Path], size: int, workers: int = 0, bar=None) -> list[np.ndarray | None]:
     """Each file as a (size, size, 3) uint8 RGB crop (see `_decode`), None where unreadable, in order.
 

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from scan.core.errors import RunError
-from scan.data import DataError, ImageDataset
-from scan.data.imagefiles import IMAGE_EXTENSIONS, decode_images, list_files
+from scan.data import DataError, ImageDataset, imagefiles
+from scan.data.imagefiles import IMAGE_EXTENSIONS, decode_images, list_files, over_pixel_limit, pixel_limit_hint
 
 log = logging.getLogger("scan")
 
@@ -87,10 +87,15 @@ def load_image_paths(paths, shape: list[int]) -> ImageDataset:
         if path.is_dir():
             images = [(f, image) for f, image in zip(fresh, decode_images(fresh, shape[1])) if image is not None]
             if len(images) < len(fresh):
-                log.warning("%s: skipped %d unreadable image files", path, len(fresh) - len(images))
+                kept = {f for f, _ in images}
+                log.warning("%s: skipped %d unreadable image files%s", path, len(fresh) - len(images),
+                            pixel_limit_hint([f for f in fresh if f not in kept]))
         else:
             images = [(path, decode_images([path], shape[1])[0])]
             if images[0][1] is None:
+                if (size := over_pixel_limit(path)) is not None:
+                    raise DataError(f"{path}: {size[0]}x{size[1]} is over the pixel limit of {imagefiles.MAX_IMAGE_PIXELS:,} "
+                                    f"pixels (raise scan.data.imagefiles.MAX_IMAGE_PIXELS, or downscale it)")
                 raise DataError(f"{path}: not a readable image (expected {'/'.join(sorted(IMAGE_EXTENSIONS))})")
         parts += images
     if not parts:
