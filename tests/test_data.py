@@ -445,3 +445,12 @@ def test_channel_stats_in_chunks_match_one_pass():
         # channel 0: eight values, four 0 and four 1: mean 0.5, unbiased var = 8 * 0.25 / 7
         assert mean.tolist() == pytest.approx([0.5, 0.2], abs=1e-7)
         assert std.tolist() == pytest.approx([(2 / 7) ** 0.5, 0.0], abs=1e-6)
+
+
+def test_labels_from_folders_on_a_flat_folder_warns_that_there_are_none(tmp_path, caplog):
+    for i in range(3):
+        save_image(tmp_path / f"{i}.png", solid((i, i, i), (6, 6)))
+    with caplog.at_level(logging.WARNING, logger="scan.data"):
+        ds = load_dataset("folder", str(tmp_path), image_size=4, labels_from_folders=True)
+    assert ds.labels is None
+    assert "--labels-from-folders found 0 class subfolder(s) and 3 image(s) outside them" in caplog.text

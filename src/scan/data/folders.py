@@ -51,8 +51,10 @@ def _folder_labels(root: Path, files: list[Path], enabled: bool) -> tuple[np.nda
     tops = [f.relative_to(root).parts[0] if len(f.relative_to(root).parts) > 1 else None for f in files]
     classes = sorted({t for t in tops if t is not None})
     if not enabled or len(classes) < 2 or None in tops:
-        if enabled:
-            log.info("%s: no labels (need >= 2 class subfolders and no loose images; found %d)", root, len(classes))
+        if enabled:   # asked for labels and gets none: say so, the evaluation will have no ground truth
+            loose = sum(t is None for t in tops)
+            log.warning("%s: --labels-from-folders found %d class subfolder(s) and %d image(s) outside them; labels "
+                        "need >= 2 subfolders holding every image, so this run has none", root, len(classes), loose)
         return None, None
     index = {name: i for i, name in enumerate(classes)}
     return np.array([index[t] for t in tops], dtype=np.int64), classes
