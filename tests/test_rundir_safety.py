@@ -392,3 +392,15 @@ def test_predict_skips_a_symbolic_link_to_itself_in_a_folder(run, trained, tmp_p
     rows = predicted(run, folder)
     assert [Path(r["path"]).name for r in rows] == ["seven.png"]
     assert any("skipped 1 unreadable" in r.getMessage() for r in caplog.records)
+
+
+def test_file_names_that_are_not_utf8_are_shown_escaped_in_csv_and_stdout(run, trained, tmp_path):
+    folder = tmp_path / "old camera"
+    folder.mkdir()
+    latin1 = folder / os.fsdecode(b"caf\xe9.png")   # a Latin-1 name: not valid UTF-8
+    shutil.copy(trained["png"], latin1)
+    rows = predicted(run, folder)                   # the CSV printed on stdout
+    assert [Path(r["path"]).name for r in rows] == ["caf\\xe9.png"]
+    out = tmp_path / "p.csv"
+    assert scan_cli("predict", run, folder, "--out", out)[0] == 0
+    assert "caf\\xe9.png" in out.read_text(encoding="utf-8")

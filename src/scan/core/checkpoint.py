@@ -80,7 +80,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+    # a file name that is not UTF-8 (a lone surrogate in Python) is written escaped, never a crash at the end
+    atomic_write_bytes(path, text.encode("utf-8", "backslashreplace"))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
