@@ -122,3 +122,14 @@ def test_a_bad_init_checkpoint_file_is_one_error_naming_it(tmp_path, capsys, con
     args = ["run", "--out", str(tmp_path / "run"), "--set", f"model.init_checkpoint={path}"]
     assert main(args + [a for o in TINY for a in ("--set", o)]) == 2
     one_error_line(capsys, f"model.init_checkpoint={path}", message)
+
+
+@pytest.mark.parametrize("override, message", [("model.blocks=[1000000]", "model.blocks must be <= 64"),
+                                               ("data.image_size=3000", "data.image_size must be <= 2048"),
+                                               ("model.width=100000", "model.width must be <= 1024"),
+                                               ("cluster.num_heads=100000", "cluster.num_heads must be <= 1000")])
+def test_absurd_sizes_are_refused_before_any_work(tmp_path, capsys, override, message):
+    # each of these ran for minutes in silence (or until memory ran out) before it was refused
+    assert main(["run", "--out", str(tmp_path / "run"), "--set", override]) == 2
+    one_error_line(capsys, message)
+    assert not (tmp_path / "run").exists()

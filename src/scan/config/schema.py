@@ -29,7 +29,9 @@ class DataConfig:
     # None: on train_split. Mining, clustering and self-labelling always use train_split
     pretext_split: str | None = None
     eval_split: str = "val"
-    image_size: int | None = _f(None, lo=4)   # folder images are resized to this; None = native
+    # folder images are resized to this; None = native. Upper bounds here and below refuse a typo that would
+    # run for hours or exhaust memory before any work starts (3000 px images, a million blocks)
+    image_size: int | None = _f(None, lo=4, hi=2048)
     labels_from_folders: bool = False
     num_clusters: int | None = _f(None, lo=2)  # None = number of ground-truth classes
     # how image folders are held (scan.data.folders.FOLDER_STORAGE): memory = one decoded tensor;
@@ -44,10 +46,10 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = _f("resnet_small")
-    width: int = _f(32, lo=4)               # channels of the first stage (resnet_small only)
-    blocks: tuple[int, ...] = _f((1, 1, 1), lo=1, min_len=1)   # residual blocks per stage (resnet_small only)
+    width: int = _f(32, lo=4, hi=1024)               # channels of the first stage (resnet_small only)
+    blocks: tuple[int, ...] = _f((1, 1, 1), lo=1, hi=64, min_len=1)   # residual blocks per stage (resnet_small only)
     stem_stride: int = _f(1, lo=1, hi=4)    # resnet_small only
-    projection_dim: int = _f(128, lo=2)
+    projection_dim: int = _f(128, lo=2, hi=65536)
     # local backbone weights to start from (our backbone.pt or a torchvision-style ResNet, e.g. MoCo's);
     # wrappers like `module.`, `encoder_q.`, `backbone.` are stripped (models.load_backbone_weights)
     init_checkpoint: str | None = None
@@ -92,7 +94,7 @@ class PretextConfig(TrainingConfig):
     warmup_epochs: int = _f(0, lo=0)
     queue_size: int = _f(65536, lo=1)        # MoCo/BYOL-queue negatives, capped at the data-set size
     ema_momentum: float | None = _f(None, lo=0.0, hi=1.0)   # None: MoCo 0.999 (fixed), BYOL m_base 0.996 (→ 1)
-    cached_views: int = _f(0, lo=0)          # pretrained only: also cache features of V augmented views per image
+    cached_views: int = _f(0, lo=0, hi=100)          # pretrained only: also cache features of V augmented views per image
     # byol_queue only, its two views (scan.nets.augment_views.PRETEXT_VIEWS): simclr = crop/jitter/grey + RandAugment
     # (+ Cutout on view b); randaugment = the many-class paper's RandAugment (+ Cutout on view b) alone
     views: str = "simclr"
@@ -122,10 +124,10 @@ class MineConfig:
 @dataclass(frozen=True)
 class ClusterConfig(TrainingConfig):
     entropy_weight: float = _f(5.0, lo=0.0)
-    num_heads: int = _f(10, lo=1)
+    num_heads: int = _f(10, lo=1, hi=1000)
     update_backbone: bool = True
     augment: str = _f("strong", choices=("strong", "simclr", "weak", "none"))
-    head_hidden: int = _f(0, lo=0)           # 0: linear heads; else MLP heads with this many hidden units
+    head_hidden: int = _f(0, lo=0, hi=65536)           # 0: linear heads; else MLP heads with this many hidden units
     # which head is kept: final = the lowest SCAN loss on the training neighbours after the last epoch;
     # per_epoch = the authors': every epoch, the total SCAN loss of every head on held-out neighbours
     # (the eval split's own nearest neighbours), keeping the weights of the lowest (epoch, head)
@@ -133,7 +135,7 @@ class ClusterConfig(TrainingConfig):
     heldout_neighbors: int = _f(5, lo=1)     # per_epoch: neighbours per held-out image (the authors' 5)
     # independent trainings from different seeds; the one whose kept head has the lowest loss is kept.
     # Heads sharing an updated backbone end in one partition, so only a restart can leave a poor one
-    restarts: int = _f(1, lo=1)
+    restarts: int = _f(1, lo=1, hi=100)
 
 
 @dataclass(frozen=True)
