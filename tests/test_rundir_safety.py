@@ -404,3 +404,17 @@ def test_file_names_that_are_not_utf8_are_shown_escaped_in_csv_and_stdout(run, t
     out = tmp_path / "p.csv"
     assert scan_cli("predict", run, folder, "--out", out)[0] == 0
     assert "caf\\xe9.png" in out.read_text(encoding="utf-8")
+
+
+def test_a_line_break_in_a_file_name_stays_in_its_csv_row_and_out_needs_an_existing_folder(run, trained, tmp_path,
+                                                                                          capsys):
+    folder = tmp_path / "new"
+    folder.mkdir()
+    shutil.copy(trained["png"], folder / "two\rlines\n.png")
+    code, stdout = scan_cli("predict", run, folder)
+    assert code == 0
+    lines = stdout.splitlines()
+    assert len(lines) == 2 and "two\\rlines\\n.png" in lines[1]   # the header and one row, the name escaped
+    assert scan_cli("predict", run, folder, "--out", tmp_path / "missing" / "p.csv")[0] == 2
+    one_error_line(capsys, "the folder", "missing does not exist")
+    assert not (tmp_path / "missing").exists()

@@ -142,6 +142,8 @@ def _check_out_file(args, example: str, inputs=()) -> None:
                        f"write it elsewhere")
     if any(Path(os.path.realpath(p)) == target for p in inputs):
         raise RunError(f"--out {out} is one of the images to predict; give another file name")
+    if not out.parent.is_dir():
+        raise RunError(f"--out {out}: the folder {out.parent} does not exist; create it first")
     if out.exists() and not args.overwrite:
         raise RunError(f"--out {out} exists: pass --overwrite to replace it, or give another file name")
 

@@ -13,6 +13,7 @@ def readable(text: str) -> str:
 
 def csv_cell(text: str) -> str:
     """A text cell that a spreadsheet shows as text: a leading ' stops it running as a formula; a file name
-    that is not UTF-8 is shown escaped (`readable`)."""
-    text = readable(text)
+    that is not UTF-8 is shown escaped (`readable`), and so are line breaks, which would split its row for
+    every tool that reads a CSV file line by line."""
+    text = readable(text).replace("\r", "\\r").replace("\n", "\\n")
     return "'" + text if text.startswith(FORMULA_STARTS) else text
