@@ -188,6 +188,16 @@ def load_torch(path: Path) -> Any:
                             f"it") from None
 
 
+def load_state_dict(path: Path) -> dict:
+    """A model's weights (`name -> tensor`) read back with `load_torch`; anything else in the file is an
+    ArtifactError naming it (a tensor or a list there would fail inside the model with a raw error)."""
+    state = load_torch(path)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ArtifactError(f"{path} holds a {type(state).__name__}, not model weights; rerun with --restart to "
+                            f"recompute it")
+    return state
+
+
 def load_checkpoint(path: Path) -> dict | None:
     """A training checkpoint written by `atomic_torch_save`, or None when there is none."""
     path = Path(path)

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from scan.config import Config
 from scan.core import distributed
-from scan.core.checkpoint import as_json, atomic_write_json, load_torch, read_json
+from scan.core.checkpoint import as_json, atomic_write_json, load_state_dict, read_json
 from scan.core.errors import ConfigError, StageError
 from scan.data import ImageDataset, content_hash, describe_data, has_splits, load_data, load_split
 from scan.nets.models import ClusteringModel
@@ -103,8 +103,11 @@ class Run(RunContext):
     def record(self, stage: str) -> dict | None:
         """The stage's done.json, read from disk once (then kept, and replaced by `finish`); None if absent."""
         if stage not in self.records:
-            record = read_json(self.path(stage, "done.json"))
-            if record is None:
+            try:
+                record = read_json(self.path(stage, "done.json"))
+            except ValueError:   # damaged (not JSON): the stage counts as not done and runs again
+                return None
+            if not isinstance(record, dict):
                 return None
             self.records[stage] = record
         return self.records[stage]
@@ -187,7 +190,7 @@ def head_probs(run: Run, model: ClusteringModel, split: str, dtype=torch.float32
 def load_stage_model(run: Run, stage: str) -> ClusteringModel:
     """A stage's model as it trained, over the run's feature source (images or cached features)."""
     model = run.clustering_model(1)
-    model.load_state_dict(load_torch(require(run.path(stage, "model.pt"), stage)))
+    model.load_state_dict(load_state_dict(require(run.path(stage, "model.pt"), stage)))
     return model
 
 

@@ -95,9 +95,11 @@ class TrainedRun(RunContext):
             records = {}
             for file in sorted(run_dir.glob("*/done.json"), key=lambda p: p.stat().st_mtime):
                 try:
-                    records[file.parent.name] = read_json(file) or {}
+                    record = read_json(file)
                 except ValueError:   # a damaged record: that stage counts as not done
-                    pass
+                    continue
+                if isinstance(record, dict):
+                    records[file.parent.name] = record
         stage = final_stage(run_dir, metrics, list(read_marker(run_dir).get("model_stages") or []))
         cfg, info = model_config(run_dir, stage, latest, latest_info, records.get(stage, {}).get("fingerprint"))
         return cls(run_dir, cfg, info, stage, records, metrics)

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from scan.core.checkpoint import atomic_save_npy, atomic_write_json, read_json, seed_everything
-from scan.core.errors import StageError
+from scan.core.errors import ArtifactError, StageError
 from scan.core.hashing import bytes_hash, stable_hash
 from scan.nets.pretrained import build_pretrained, weights_identity
 from scan.train.engine import predict_in_batches
@@ -119,12 +119,27 @@ def cache_features(run) -> dict:
             "embed_seconds": embed_seconds, "feature_dim": record["feature_dim"]}
 
 
-def load_features(run, split: str) -> torch.Tensor:
-    """(N, D) float32 cached features of the unaugmented 'train' or 'eval' images, on the CPU."""
-    path = features_path(run, split)
+def read_features(run, split: str, kind: str = "") -> np.ndarray:
+    """(N, D) features/<split><kind>.npy of the 'train' or 'eval' images, checked against the run's image
+    count: a missing file is a StageError, a damaged one an ArtifactError naming it and the fix."""
+    path = features_path(run, split, kind)
     if not path.exists():
         raise StageError(f"{path} is missing: run the pretext stage first (scan pretext --out {run.run_dir})")
-    return torch.from_numpy(np.load(path))
+    rows = run.info["num_train"] if split == "train" or run.eval is run.train else run.info["num_eval"]
+    try:
+        features = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:   # truncated, objects, not an .npy file
+        raise ArtifactError(f"{path} is truncated or corrupt ({str(e).splitlines()[0][:80]}); rerun with --restart "
+                            f"to recompute it") from None
+    if features.ndim != 2 or features.shape[0] != rows or features.dtype.kind != "f":
+        raise ArtifactError(f"{path} holds {features.dtype} {features.shape}, expected ({rows}, D) floats; rerun "
+                            f"with --restart to recompute it")
+    return features
+
+
+def load_features(run, split: str) -> torch.Tensor:
+    """(N, D) float32 cached features of the unaugmented 'train' or 'eval' images, on the CPU."""
+    return torch.from_numpy(read_features(run, split))
 
 
 def load_views(run) -> torch.Tensor:

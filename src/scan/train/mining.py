@@ -22,8 +22,8 @@ from torch import nn
 from scan.algo.losses import scan_loss
 from scan.algo.neighbors import combine_features, mine_neighbors, neighbor_purity, pixel_features, select_multiview
 from scan.config import Config
-from scan.core.checkpoint import load_torch, seed_everything
-from scan.core.errors import StageError
+from scan.core.checkpoint import load_state_dict, seed_everything
+from scan.core.errors import ArtifactError, StageError
 from scan.core.registry import Registry
 from scan.nets.augment import StrongAugment, WeakAugment
 from scan.train.engine import Runtime, minibatches, optimizer_step, predict_in_batches
@@ -103,7 +103,9 @@ def mlp_head(dim: int, num_clusters: int, projection_path: Path | None) -> nn.Mo
         raise StageError(f"mine.head=mlp needs the pretext projection {projection_path or 'pretext/projection.pt'}: "
                          "train the pretext with simclr, moco or byol_queue (rerun it with --restart if it "
                          "ran before this file was written), or use mine.head=linear")
-    state = load_torch(Path(projection_path))
+    state = load_state_dict(Path(projection_path))
+    if "0.weight" not in state or "0.bias" not in state:
+        raise ArtifactError(f"{projection_path} is not the pretext projection (no first layer); rerun with --restart")
     weight, bias = state["0.weight"], state["0.bias"]          # (H, D), (H,)
     if weight.shape[1] != dim:
         raise StageError(f"{projection_path}: first layer takes {weight.shape[1]} features, the backbone gives {dim}")

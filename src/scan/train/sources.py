@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from scan.core.checkpoint import load_torch
+from scan.core.checkpoint import load_state_dict
 from scan.core.errors import StageError
 from scan.core.registry import Registry
 from scan.nets.heads import FrozenFeatures, attach_network, feature_probs, pair_logits, weak_strong_logits
@@ -33,7 +33,7 @@ def load_backbone(run) -> Backbone:
     if not path.exists():
         raise StageError(f"{path} is missing: run the pretext stage first (scan pretext)")
     backbone = run.backbone()
-    backbone.load_state_dict(load_torch(path))
+    backbone.load_state_dict(load_state_dict(path))
     return backbone
 
 

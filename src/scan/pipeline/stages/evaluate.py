@@ -13,9 +13,9 @@ from scan.algo.metrics import evaluate_clustering
 from scan.core.checkpoint import atomic_save_npy, atomic_write_json
 from scan.core.distributed import on_main
 from scan.core.errors import StageError
-from scan.pipeline.run import Run, head_probs, load_stage_model, require, trained_stages
+from scan.pipeline.run import Run, head_probs, load_stage_model, trained_stages
 from scan.pipeline.stage import Stage, register_stage, stage_names
-from scan.train.features import features_path
+from scan.train.features import read_features
 
 
 def stage_evaluate(run: Run) -> dict:
@@ -31,8 +31,8 @@ def _evaluate(run: Run) -> dict:
     start = time.time()
     metrics: dict = {"split": run.cfg.data.eval_split, "num_eval": len(run.eval), "num_clusters": k}
     labels, classes = run.eval.labels, run.info["num_classes"]
-    train_feats = np.load(require(features_path(run, "train"), "pretext"))
-    eval_feats = train_feats if run.eval is run.train else np.load(features_path(run, "eval"))
+    train_feats = read_features(run, "train")
+    eval_feats = train_feats if run.eval is run.train else read_features(run, "eval")
     kmeans_train, kmeans_eval = kmeans_assign(train_feats, eval_feats, k, seed)
     pixels = pixel_kmeans(run.train.images, run.eval.images, k, seed)
     if labels is not None:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from scan.algo.neighbors import neighbor_purity
 from scan.core.checkpoint import atomic_save_npy
 from scan.core.distributed import on_main
-from scan.pipeline.run import Run, require, say
+from scan.pipeline.run import Run, say
 from scan.pipeline.stage import Stage, register_stage
-from scan.train.features import features_path
+from scan.train.features import features_path, read_features
 from scan.train.mining import MiningInputs, mine
 from scan.train.sources import load_backbone
 
@@ -19,12 +17,12 @@ from scan.train.sources import load_backbone
 def mining_inputs(run: Run, split: str) -> MiningInputs:
     """What the miners and mining spaces read for the 'train' or 'eval' images (features/<split>*.npy)."""
     data = run.train if split == "train" else run.eval
-    features = np.load(require(features_path(run, split), "pretext"))
+    features = read_features(run, split)
     projection = features_path(run, split, "_projection")
     return MiningInputs(features, data.images, lambda: load_backbone(run), run.cfg, run.num_clusters, run.rt,
                         data.labels, lambda m: say(run.rt, m),
                         projection_path=run.path("pretext", "projection.pt"),
-                        load_projection=(lambda: np.load(projection)) if projection.is_file() else None)
+                        load_projection=(lambda: read_features(run, split, "_projection")) if projection.is_file() else None)
 
 
 def stage_mine(run: Run) -> dict:
