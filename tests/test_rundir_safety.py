@@ -418,3 +418,20 @@ def test_a_line_break_in_a_file_name_stays_in_its_csv_row_and_out_needs_an_exist
     assert scan_cli("predict", run, folder, "--out", tmp_path / "missing" / "p.csv")[0] == 2
     one_error_line(capsys, "the folder", "missing does not exist")
     assert not (tmp_path / "missing").exists()
+
+
+def test_a_read_only_run_without_its_caches_still_predicts_and_says_what_it_costs(run, trained, monkeypatch,
+                                                                                   caplog):
+    (run / "trust.pt").unlink()
+    real_open = os.open
+
+    def refuse(path, flags, *args, **kwargs):   # root ignores mode bits: refuse writes as a read-only folder would
+        if str(path).startswith(str(run)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+    monkeypatch.setattr(os, "open", refuse)
+    caplog.clear()
+    assert len(predicted(run, trained["png"])) == 1
+    assert not (run / "trust.pt").exists()
+    assert any("cannot write" in r.getMessage() and "trust.pt" in r.getMessage() and "this command only" in
+               r.getMessage() for r in caplog.records)

@@ -149,6 +149,15 @@ class TrainOutputs:
     features: np.ndarray        # (N, D) backbone features (prototypes in the report)
 
 
+def _save_cache(path: Path, obj: dict) -> None:
+    """Keep a computed cache for later commands; a run directory that cannot be written (read-only, a full
+    disk) still serves this command, which says so once, with what it costs."""
+    try:
+        atomic_torch_save(path, obj)
+    except ArtifactError as e:
+        log.warning("%s; computed for this command only, and again by every command on this run", e)
+
+
 def cached_train_outputs(run: TrainedRun) -> TrainOutputs | None:
     """The cached outputs when they were computed by the current final model, else None (read once
     per command: kept in `run.computed`)."""
@@ -175,8 +184,7 @@ def train_outputs(run: TrainedRun) -> TrainOutputs:
         return cached
     probs, features = run.source.train_outputs(run.model)
     ids = run.train.paths or [str(i) for i in range(len(run.train))]
-    atomic_torch_save(run.path(OUTPUTS_FILE), {"key": run.model_key, "ids": ids, "probs": probs,
-                                               "features": features})
+    _save_cache(run.path(OUTPUTS_FILE), {"key": run.model_key, "ids": ids, "probs": probs, "features": features})
     run.computed["outputs"] = TrainOutputs(ids, probs.numpy(), features.numpy())
     return run.computed["outputs"]
 
@@ -209,7 +217,7 @@ def _trust_state(run: TrainedRun) -> dict:
     head, confidence, score = fit_trust(_head_space(run, outputs.features), outputs.probs, seed=run.cfg.seed)
     saved = {"key": run.model_key, "head": head.state(), "train_confidence": torch.from_numpy(confidence),
              "train_score": torch.from_numpy(score)}
-    atomic_torch_save(path, saved)
+    _save_cache(path, saved)
     run.computed["trust"] = saved
     return saved
 
