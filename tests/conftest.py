@@ -32,3 +32,13 @@ def copy_run(mined_run, tmp_path, overrides):
     target = tmp_path / "run"
     shutil.copytree(mined_run, target)
     return open_run(load_config("digits", list(TINY) + overrides), target)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A run directory in which the whole pipeline ran with the TINY settings, pretext to evaluate, from
+    scratch (independently of `mined_run`); shared: copy it (`copy_run`) before changing it."""
+    from scan.pipeline import load_config, open_run, run_pipeline
+    path = tmp_path_factory.mktemp("shared") / "trained"
+    run_pipeline(open_run(load_config("digits", list(TINY)), path))
+    return path

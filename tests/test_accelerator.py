@@ -61,15 +61,29 @@ def fused_optimizers(monkeypatch):
     return built
 
 
+@pytest.fixture
+def one_thread():
+    """bf16 autocast on the CPU runs many small oneDNN kernels: with two threads on 2 cores shared with
+    other work a TINY run took 16-30 s (measured, load ~3), with one 3-4.5 s (and as long on idle cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_the_cuda_path_trains_every_stage_on_the_cpu(tmp_path, tiny_overrides, monkeypatch, conv_calls,
-                                                      fused_optimizers):
+                                                      fused_optimizers, one_thread):
     monkeypatch.setattr(scan.pipeline.run, "Runtime",
                         functools.partial(Runtime, autocast_dtype=torch.bfloat16, force_channels_last=True))
     cfg = load_config("digits", tiny_overrides + ["selflabel.optimizer=sgd"])
     run = open_run(cfg, tmp_path / "run")
     assert run.rt.precision is torch.bfloat16 and run.rt.force_channels_last
     metrics = run_pipeline(run)
-    assert 0.0 <= metrics["selflabel"]["acc"] <= 1.0
+    # bf16 training still learns: measured (seed 0, one thread) cluster 0.347, selflabel 0.375 on the held-out
+    # images; seeds 1, 2 (plain optimizers): cluster 0.381, 0.339, selflabel 0.389, 0.339. Chance is 0.1.
+    assert metrics["cluster"]["acc"] >= 0.26 and metrics["selflabel"]["acc"] >= 0.26, metrics
+    # selflabel refines cluster: measured +0.028 (seeds 1, 2: +0.008, 0.000)
+    assert metrics["selflabel"]["acc"] >= metrics["cluster"]["acc"] - 0.02, metrics
     # every training forward ran under bf16 autocast on channels-last inputs and weights
     assert len(conv_calls) > 10
     assert set(conv_calls) == {(True, torch.bfloat16, True, True, torch.bfloat16)}

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from scan.algo.neighbors import gathered_dot, mine_neighbors, select_multiview
+from scan.algo.neighbors import gathered_dot, mine_neighbors, neighbor_purity, select_multiview
 from scan.config import ConfigError
 from scan.pipeline import load_config, open_run
 from scan.pipeline.stages.mine import stage_mine
@@ -72,4 +72,14 @@ def test_multiview_stage_reports_purity_of_both_and_stays_within_the_knn_candida
     assert not (neighbors == np.arange(1437)[:, None]).any()
     saved = json.loads((tmp_path / "run" / "mine" / "done.json").read_text())
     assert saved["method"] == "multiview" and saved["candidates"] == 4 * q
-    assert 0 <= saved["knn_purity"] <= 1 and saved["purity"] == pytest.approx(record["purity"])
+    assert saved["purity"] == pytest.approx(record["purity"])
+    # both purities are those of the saved neighbours and of the plain kNN among the candidates, recomputed
+    labels = run.train.labels
+    assert saved["purity"] == pytest.approx(neighbor_purity(neighbors, labels))
+    assert saved["knn_purity"] == pytest.approx(neighbor_purity(candidates[:, :q], labels))
+    # measured (seed 0): multiview 0.732, plain kNN 0.818 (seeds 1, 2: 0.632 vs 0.756, 0.581 vs 0.717; with
+    # 20 pretext epochs at width 16, 0.834 vs 0.919): on 10 digit classes the strong-view selection lowers
+    # purity; it stays far above chance (0.100) and within 0.15 of plain kNN (choosing the 5 farthest of
+    # the 4q candidates instead loses 0.17)
+    assert saved["purity"] >= 0.45, saved
+    assert saved["purity"] >= saved["knn_purity"] - 0.15, saved

@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -135,19 +136,30 @@ TINY_REFINE = ["refine.epochs=2", "refine.rounds=2", "refine.threshold=0.3", "re
                "refine.num_neighbors=5", "refine.batch_size=64"]
 
 
-def test_cli_run_with_spc_refinement_reports_rounds(tmp_path, tiny_overrides, capsys):
+# SPC on the TINY self-labelled model (seed 0): refine ACC 0.242 (selflabel 0.386: SPC on so weak a model
+# loses accuracy; seeds 1, 2: 0.400, 0.283), pseudo-label accuracy of S 0.785 and 0.377 in rounds 1 and 2
+# (seeds 1, 2: >= 0.37). Chance is 0.1. SPC refining a good model is held to its source in
+# test_pinned_behaviour (quality run).
+TINY_SPC_FLOOR, TINY_STRONG_FLOOR = 0.17, 0.28
+
+
+def test_cli_run_with_spc_refinement_reports_rounds(trained_run, tmp_path, tiny_overrides, capsys):
+    # every stage before refine is the shared TINY run's (same settings, so the CLI skips them)
+    shutil.copytree(trained_run, tmp_path / "r")
     args = ["run", "--refine", "spc", "--out", str(tmp_path / "r")]
     for o in tiny_overrides + TINY_REFINE:
         args += ["--set", o]
     assert main(args) == 0
     assert "refine acc" in capsys.readouterr().out
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
-    assert metrics["final_stage"] == "refine" and 0 <= metrics["refine"]["acc"] <= 1
+    assert metrics["final_stage"] == "refine" and metrics["refine"]["acc"] >= TINY_SPC_FLOOR, metrics["refine"]
+    for artifact in ("pretext/backbone.pt", "cluster/model.pt", "selflabel/model.pt"):   # not retrained
+        assert (tmp_path / "r" / artifact).read_bytes() == (trained_run / artifact).read_bytes(), artifact
     record = json.loads((tmp_path / "r" / "refine" / "done.json").read_text())
     assert record["source"] == "selflabel" and len(record["rounds"]) == 2
     for r in record["rounds"]:
         assert r["strong"] <= r["strong_prime"] and r["strong"] + r["weak"] == 1437
-        assert r["acc_strong"] is None or 0 <= r["acc_strong"] <= 1
+        assert r["acc_strong"] >= TINY_STRONG_FLOOR, r
 
 
 def test_refine_on_npz_input_replaces_selflabel(tmp_path, tiny_overrides):
@@ -208,11 +220,14 @@ def test_refinement_on_cached_features_corrects_a_noisy_head(tmp_path):
     assert rounds[0]["acc_strong"] == 1.0 and before < 1.0 and accuracy() == 1.0
 
 
-def test_interrupted_refinement_resumes_mid_round_to_identical_predictions(tmp_path, tiny_overrides, monkeypatch):
+def test_interrupted_refinement_resumes_mid_round_to_identical_predictions(trained_run, tmp_path, monkeypatch):
+    from conftest import TINY, copy_run
+
     import scan.train.refine
     from scan.pipeline import open_run, run_pipeline
-    cfg = load_config("digits", tiny_overrides + TINY_REFINE + ["refine.method=spc", "refine.epochs=4"])
-    run_pipeline(open_run(cfg, tmp_path / "a"))
+    # both continue the shared TINY run (pretext to self-labelling): only refine trains, in 6 steps an epoch
+    refine = TINY_REFINE + ["refine.method=spc", "refine.epochs=4", "refine.batch_size=256"]
+    run_pipeline(copy_run(trained_run, tmp_path / "a", refine))
     original = scan.train.refine.run_epochs
 
     def interrupted(*args, after_epoch, **kwargs):
@@ -223,7 +238,9 @@ def test_interrupted_refinement_resumes_mid_round_to_identical_predictions(tmp_p
         return original(*args, after_epoch=stop, **kwargs)
     monkeypatch.setattr(scan.train.refine, "run_epochs", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_pipeline(open_run(cfg, tmp_path / "b"))
+        run_pipeline(copy_run(trained_run, tmp_path / "b", refine))
+    assert (tmp_path / "b" / "run" / "refine" / "checkpoint.pt").is_file()
     monkeypatch.setattr(scan.train.refine, "run_epochs", original)
-    run_pipeline(open_run(cfg, tmp_path / "b"))
-    assert np.array_equal(np.load(tmp_path / "a" / "probs.npy"), np.load(tmp_path / "b" / "probs.npy"))
+    run_pipeline(open_run(load_config("digits", TINY + refine), tmp_path / "b" / "run"))
+    assert np.array_equal(np.load(tmp_path / "a" / "run" / "probs.npy"),
+                          np.load(tmp_path / "b" / "run" / "probs.npy"))

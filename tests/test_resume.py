@@ -35,6 +35,11 @@ def _run_to_end(out) -> str:
     return done.stdout + done.stderr
 
 
+def _start(out, log) -> subprocess.Popen:
+    """An uninterrupted run in the background (one thread: it takes the core the killed runs leave)."""
+    return subprocess.Popen(_command(out), env=_env(), stdout=log, stderr=subprocess.STDOUT)
+
+
 def _kill_when(out, ready, extra_delay, log) -> bool:
     """Start a run, SIGKILL it `extra_delay` s after `ready()` holds; False if it finished first.
 
@@ -57,24 +62,30 @@ def _kill_when(out, ready, extra_delay, log) -> bool:
 
 @pytest.mark.slow
 def test_sigkill_at_random_points_of_each_stage_then_resume_matches_uninterrupted(tmp_path):
-    _run_to_end(tmp_path / "reference")
-    expected = np.load(tmp_path / "reference" / "predictions.npy")
-
     out = tmp_path / "killed"
     rng = random.Random(0)
     log = tmp_path / "killed.log"
     kills = 0
-    # mid-stage kills: once a stage has checkpointed at least one epoch, kill it a random moment later
-    for stage in ("pretext", "cluster", "cluster/restart1", "selflabel"):
-        kills += _kill_when(out, lambda: (out / stage / "checkpoint.pt").exists(), rng.uniform(0.0, 0.4), log)
-    # kills at random instants, wherever the run happens to be (also inside mine / evaluate / file writes)
-    for _ in range(2):
-        kills += _kill_when(out, lambda: True, rng.uniform(1.0, 6.0), log)
-    assert kills >= 2
-    _run_to_end(out)
-    assert "pretext: resuming from epoch" in log.read_text()  # the first kill left a mid-stage checkpoint
+    # the uninterrupted reference runs alongside the killed runs (one thread each: a core each)
+    with open(tmp_path / "reference.log", "w") as reference_log:
+        reference = _start(tmp_path / "reference", reference_log)
+        try:
+            # mid-stage kills: once a stage has checkpointed at least one epoch, kill it a random moment later
+            for stage in ("pretext", "cluster", "cluster/restart1", "selflabel"):
+                kills += _kill_when(out, lambda: (out / stage / "checkpoint.pt").exists(), rng.uniform(0.0, 0.4), log)
+            # kills at random instants, wherever the run happens to be (also inside mine / evaluate / file writes)
+            for _ in range(2):
+                kills += _kill_when(out, lambda: True, rng.uniform(1.0, 6.0), log)
+            assert kills >= 2
+            _run_to_end(out)
+            assert "pretext: resuming from epoch" in log.read_text()  # the first kill left a mid-stage checkpoint
+            assert reference.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-2000:]
+        finally:
+            if reference.poll() is None:
+                reference.kill()
+                reference.wait()
 
-    assert np.array_equal(np.load(out / "predictions.npy"), expected)
+    assert np.array_equal(np.load(out / "predictions.npy"), np.load(tmp_path / "reference" / "predictions.npy"))
     assert not list(out.rglob("*.tmp")), "temp files left behind"
     assert not list(out.rglob("checkpoint.pt")), "checkpoints of finished stages left behind"
 
@@ -109,17 +120,18 @@ def test_stale_temp_files_are_removed_and_foreign_formats_refused(tmp_path, tiny
         open_run(cfg, tmp_path / "photos")
 
 
-def test_nan_loss_stops_the_stage_keeps_the_last_good_checkpoint_and_a_rerun_resumes(tmp_path, tiny_overrides,
+def test_nan_loss_stops_the_stage_keeps_the_last_good_checkpoint_and_a_rerun_resumes(mined_run, tmp_path,
                                                                                       monkeypatch):
     import torch
+    from conftest import copy_run
 
     from scan import pipeline
     from scan.core.checkpoint import load_checkpoint, read_json
-    from scan.pipeline import load_config
     from scan.pipeline.stages import cluster
     from scan.train.engine import StageError, minibatches
 
-    cfg = load_config("digits", tiny_overrides + ["cluster.epochs=3", "selflabel.enabled=false"])
+    run = copy_run(mined_run, tmp_path, ["cluster.epochs=3", "selflabel.enabled=false"])   # pretext, mine done
+    cfg = run.cfg
     real_loss, calls = cluster.scan_loss, {"n": 0}
     steps_per_epoch = len(minibatches(1437, cfg.cluster.batch_size))
 
@@ -130,7 +142,7 @@ def test_nan_loss_stops_the_stage_keeps_the_last_good_checkpoint_and_a_rerun_res
 
     monkeypatch.setattr(cluster, "scan_loss", poisoned)
     with pytest.raises(StageError, match=r"cluster: the loss became nan in epoch 2.*rerun resumes"):
-        pipeline.run_pipeline(pipeline.open_run(cfg, tmp_path / "run"))
+        pipeline.run_pipeline(run)
     ckpt = load_checkpoint(tmp_path / "run" / "cluster" / "checkpoint.pt")
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["states"]["model"].values()
                                       if v.is_floating_point())
@@ -139,7 +151,8 @@ def test_nan_loss_stops_the_stage_keeps_the_last_good_checkpoint_and_a_rerun_res
     monkeypatch.setattr(cluster, "scan_loss", real_loss)
     metrics = pipeline.run_pipeline(pipeline.open_run(cfg, tmp_path / "run"))
     assert len(read_json(tmp_path / "run" / "cluster" / "done.json")["history"]) == 3
-    assert 0 <= metrics["cluster"]["acc"] <= 1
+    # the resumed training learned: measured ACC 0.386 (seed 0; 2 TINY epochs: 0.361); chance is 0.1
+    assert metrics["cluster"]["acc"] >= 0.27, metrics["cluster"]
 
 
 def test_collapsed_clustering_is_warned_about_with_the_fix(caplog):
