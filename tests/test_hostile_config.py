@@ -133,3 +133,13 @@ def test_absurd_sizes_are_refused_before_any_work(tmp_path, capsys, override, me
     assert main(["run", "--out", str(tmp_path / "run"), "--set", override]) == 2
     one_error_line(capsys, message)
     assert not (tmp_path / "run").exists()
+
+
+def test_too_few_images_for_the_neighbour_count_says_how_many_are_needed(tmp_path, capsys):
+    import numpy as np
+    np.savez(tmp_path / "few.npz", images=np.random.default_rng(0).integers(0, 255, (16, 8, 8), dtype=np.uint8))
+    assert main(["run", "--data", str(tmp_path / "few.npz"), "--num-clusters", "3", "--out", str(tmp_path / "r"),
+                 "--quiet"]) == 2
+    one_error_line(capsys, "16 training images are too few for 20 neighbours per image", "give at least 21 images",
+                   "--set mine.num_neighbors=4")
+    assert not (tmp_path / "r").exists()

@@ -61,8 +61,10 @@ def describe_data(cfg: Config, train: ImageDataset, evaluation: ImageDataset) ->
     if num_clusters > len(train):
         raise ConfigError(f"data.num_clusters={num_clusters} is larger than the number of images ({len(train)})")
     if cfg.mine.num_neighbors >= len(train):
-        raise ConfigError(f"mine.num_neighbors={cfg.mine.num_neighbors} must be smaller than the number of "
-                          f"training images ({len(train)})")
+        k, n = cfg.mine.num_neighbors, len(train)   # with a handful of images the user never set K: say both fixes
+        raise ConfigError(f"{n} training images are too few for {k} neighbours per image (mine.num_neighbors={k} "
+                          f"must be smaller than the number of training images): give at least {k + 1} images, or "
+                          f"--set mine.num_neighbors={max(1, n // 4)}")
     mean, std = channel_stats(x, torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:10000])
     digest = content_hash(x)
     return {
