@@ -1,4 +1,6 @@
+import io
 import shutil
+from contextlib import redirect_stdout
 
 import pytest
 
@@ -42,3 +44,20 @@ def trained_run(tmp_path_factory):
     path = tmp_path_factory.mktemp("shared") / "trained"
     run_pipeline(open_run(load_config("digits", list(TINY)), path))
     return path
+
+
+def run_cli(*args) -> int:
+    """`scan ARGS` in this process, its stdout discarded; returns the exit code."""
+    from scan.cli import main
+    with redirect_stdout(io.StringIO()):
+        return main([str(a) for a in args])
+
+
+def one_error_line(capsys, *needles: str) -> str:
+    """The command's stderr is exactly one `scan: error:` line (no traceback) holding every needle."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("scan: error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]

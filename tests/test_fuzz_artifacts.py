@@ -1,27 +1,21 @@
 """Seeded fuzzing of a finished run's artifacts (issue 28): randomly damaged copies of every kind of
 file a run holds go to `predict`, `export`, `report` and a rerun. Each command ends with exit 0 or
 one `scan: error:` line, never a traceback, and nothing outside the run directory is touched."""
-import io
 import json
 import random
 import shutil
-from contextlib import redirect_stdout
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from scan.cli import main
 from scan.rundir.directory import LOCK_FILE
 
 CASES = 12   # bounded: each case runs four commands on a tiny run
 
-
-def scan(*args) -> int:
-    with redirect_stdout(io.StringIO()):
-        return main([str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +26,7 @@ def trained(tmp_path_factory):
     np.savez(base / "digits.npz", images=np.uint8(digits.images[:200] * 255 / 16), labels=digits.target[:200])
     Image.fromarray(np.uint8(digits.images[-1] * 255 / 16)).save(base / "seven.png")
     args = ["run", "--data", base / "digits.npz", "--num-clusters", 4, "--out", base / "run"]
-    assert scan(*args, *[a for o in TINY for a in ("--set", o)]) == 0
+    assert run_cli(*args, *[a for o in TINY for a in ("--set", o)]) == 0
     return base
 
 
@@ -87,7 +81,7 @@ def test_a_randomly_damaged_artifact_never_gives_a_traceback_or_a_write_outside_
     commands = [("predict", run, trained / "seven.png"), ("export", run, "--out", tmp_path / "model.pt"),
                 ("report", run), ("run", "--out", run)]
     for command in commands:
-        code = scan(*command)
+        code = run_cli(*command)
         err = capsys.readouterr().err
         assert "Traceback" not in err, (name, path, command, err[-2000:])
         errors = [line for line in err.splitlines() if line.startswith("scan: error:")]

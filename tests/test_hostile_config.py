@@ -3,21 +3,13 @@ setting or file, before any work, with no traceback."""
 from types import SimpleNamespace
 
 import pytest
+from conftest import one_error_line
 
 from scan.cli import main
 from scan.config import ConfigError, read_config
 from scan.config.loading import MAX_BASE_DEPTH
 from scan.core.errors import RunError
 from scan.use.inference import set_names
-
-
-def one_error_line(capsys, *needles: str) -> str:
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("scan: error: ") and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.mark.parametrize("override, key", [("cluster.lr=.nan", "cluster.lr"),

@@ -1,15 +1,13 @@
 """Each fact computed once: a command reads each artifact of a run at most once, and the images go
 through a network only as often as the computation needs (counted with counting wrappers)."""
-import io
 import json
 from collections import Counter
-from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
-from scan.cli import main
 from scan.nets.models import Backbone
 
 
@@ -44,10 +42,6 @@ def counters(monkeypatch):
     return reads, images
 
 
-def scan(*args) -> int:
-    with redirect_stdout(io.StringIO()):
-        return main([str(a) for a in args])
-
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
@@ -64,7 +58,7 @@ def test_a_folder_run_then_report_and_predict_read_each_artifact_once(photos, co
     run = base / "run"
     args = ["run", "--data", base / "photos", "--num-clusters", 10, "--out", run, "--set", "data.image_size=16",
             "--set", "selflabel.epochs=1"] + [a for o in TINY for a in ("--set", o)]
-    assert scan(*args) == 0
+    assert run_cli(*args) == 0
     snapshot = next(run.glob("selflabel/config-*.json")).relative_to(run).as_posix()
     # what `scan run` wrote it keeps in memory: no done.json or metrics.json is read back; the report reads
     # the configuration once; a model file is read by each stage that starts from it and by evaluate
@@ -80,13 +74,13 @@ def test_a_folder_run_then_report_and_predict_read_each_artifact_once(photos, co
     assert sorted(p.name for p in (run / "features").iterdir()) == ["train.npy", "train_projection.npy"]
 
     reads.clear(), images.clear()
-    assert scan("report", run) == 0
+    assert run_cli("report", run) == 0
     once = {"run.json", "data.json", "config.yaml", "metrics.json", snapshot, "pretext/done.json", "mine/done.json",
             "cluster/done.json", "selflabel/done.json"}
     assert dict(reads) == {name: 1 for name in once | {"train_outputs.pt", "trust.pt"}}
     assert images == []   # the training outputs are cached: no network runs
 
     reads.clear(), images.clear()
-    assert scan("predict", run, base / "photos" / "1", "--out", base / "p.csv") == 0
+    assert run_cli("predict", run, base / "photos" / "1", "--out", base / "p.csv") == 0
     assert dict(reads) == {name: 1 for name in once | {"trust.pt", "selflabel/model.pt"}}
     assert sum(images) == len(list((base / "photos" / "1").rglob("*.*")))   # each new image once

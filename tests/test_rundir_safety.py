@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import one_error_line
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -70,14 +71,6 @@ def predicted(run: Path, image: Path) -> list[dict]:
     assert code == 0
     return list(csv.DictReader(io.StringIO(stdout)))
 
-
-def one_error_line(capsys, *needles: str) -> str:
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("scan: error: ") and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 # ------------------------------------------------------------------------ 1. commands on an existing run
