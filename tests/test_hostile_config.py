@@ -135,3 +135,28 @@ def test_too_few_images_for_the_neighbour_count_says_how_many_are_needed(tmp_pat
     one_error_line(capsys, "16 training images are too few for 20 neighbours per image", "give at least 21 images",
                    "--set mine.num_neighbors=4")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_hand_set_world_size_without_torchrun_says_what_it_waits_for(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env.pop("TORCHELASTIC_RUN_ID", None)
+    proc = subprocess.Popen([sys.executable, "-m", "scan", "run", "--out", str(tmp_path / "run"), "--device", "cpu"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    import threading
+    guard = threading.Timer(120, proc.kill)   # never hang the suite, whatever happens
+    guard.start()
+    try:   # the second process never comes: the first says so at once instead of waiting in silence
+        line = proc.stderr.readline()
+    finally:
+        guard.cancel()
+        proc.kill()
+        proc.wait()
+    assert "RANK=0 of WORLD_SIZE=2 without torchrun: waiting for the other 1 process(es)" in line
+    assert f"127.0.0.1:{port}" in line and "unset WORLD_SIZE and RANK" in line

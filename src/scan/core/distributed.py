@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import sys
 import warnings
 from typing import Callable
 
@@ -106,6 +107,10 @@ def init(device: torch.device) -> torch.device:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        if "TORCHELASTIC_RUN_ID" not in os.environ:   # set by hand, not by torchrun: nobody may be coming
+            print(f"scan: RANK={rank_} of WORLD_SIZE={world} without torchrun: waiting for the other {world - 1} "
+                  f"process(es) at {os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')} "
+                  f"(unset WORLD_SIZE and RANK to run in one process)", file=sys.stderr, flush=True)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         atexit.register(shutdown)
     return device
