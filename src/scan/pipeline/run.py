@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from scan.config import Config
 from scan.core import distributed
-from scan.core.checkpoint import as_json, atomic_write_json, load_state_dict, read_json
+from scan.core.checkpoint import as_json, atomic_write_json, load_state_dict
 from scan.core.errors import ConfigError, StageError
 from scan.data import ImageDataset, content_hash, describe_data, has_splits, load_data, load_split
 from scan.nets.models import ClusteringModel
@@ -45,6 +45,7 @@ from scan.rundir.directory import (
     discard_new_run_dir,
     is_run_dir,
     prepare_run_dir,
+    read_record,
     record_config,
     with_absolute_paths,
 )
@@ -103,11 +104,8 @@ class Run(RunContext):
     def record(self, stage: str) -> dict | None:
         """The stage's done.json, read from disk once (then kept, and replaced by `finish`); None if absent."""
         if stage not in self.records:
-            try:
-                record = read_json(self.path(stage, "done.json"))
-            except ValueError:   # damaged (not JSON): the stage counts as not done and runs again
-                return None
-            if not isinstance(record, dict):
+            record = read_record(self.path(stage, "done.json"))
+            if record is None:
                 return None
             self.records[stage] = record
         return self.records[stage]

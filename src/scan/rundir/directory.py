@@ -208,6 +208,16 @@ def record_config(run, model_stages: tuple[str, ...]) -> None:
     atomic_write_json(run.path(MARKER), {"format_version": FORMAT_VERSION, "model_stages": list(model_stages)})
 
 
+def read_record(path: Path) -> dict | None:
+    """A stage's done.json; None when it is absent or damaged (not a JSON object): that stage counts as not
+    done, so a rerun computes it again."""
+    try:
+        record = read_json(path)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def read_run_config(run_dir: Path) -> tuple[Config, dict]:
     """(config, data summary) of the latest run in `run_dir`; RunError when it is not a run."""
     config_file, data_file = run_dir / CONFIG_FILE, run_dir / DATA_FILE

@@ -1,6 +1,6 @@
 """A trained run as one object, read from its directory once: the configuration and data summary
-that built its final model, which stage that is, the model's fingerprint and metrics, and (read
-on first use, then kept) the model weights, their digest and the cluster names.
+that built its final model, which stage that is, every stage's done.json and the metrics, and (read
+on first use, then kept) the model weights, their digest and the model built from them.
 
 It holds no device and no data: `on(device, data)` binds a copy to a device (predict, export) and,
 where a command needs them (the report, assignments.csv), to the training images.
@@ -17,12 +17,12 @@ from functools import cached_property
 from pathlib import Path
 
 from scan.config import Config
-from scan.core.checkpoint import FORMAT_VERSION, load_torch, read_json
+from scan.core.checkpoint import FORMAT_VERSION, load_state_dict, read_json
 from scan.core.errors import RunError
 from scan.core.hashing import file_hash
-from scan.data import ImageDataset, describe_data, load_data
+from scan.data import ImageDataset, content_hash, load_data
 from scan.nets.models import ClusteringModel
-from scan.rundir.directory import MARKER, model_config, read_run_config
+from scan.rundir.directory import MARKER, model_config, read_record, read_run_config
 from scan.train.engine import Runtime, resolve_device
 from scan.train.sources import RunContext
 
@@ -94,11 +94,7 @@ class TrainedRun(RunContext):
         if records is None:
             records = {}
             for file in sorted(run_dir.glob("*/done.json"), key=lambda p: p.stat().st_mtime):
-                try:
-                    record = read_json(file)
-                except ValueError:   # a damaged record: that stage counts as not done
-                    continue
-                if isinstance(record, dict):
+                if (record := read_record(file)) is not None:
                     records[file.parent.name] = record
         stage = final_stage(run_dir, metrics, list(read_marker(run_dir).get("model_stages") or []))
         cfg, info = model_config(run_dir, stage, latest, latest_info, records.get(stage, {}).get("fingerprint"))
@@ -111,7 +107,7 @@ class TrainedRun(RunContext):
         rt = device if isinstance(device, Runtime) else Runtime(resolve_device(device), quiet=True)
         if data is None and with_data:
             data = load_data(self.cfg)
-            if describe_data(self.cfg, *data)["data_hash"] != self.info["data_hash"]:
+            if content_hash(data[0].images) != self.info["data_hash"]:   # data.json's hash of the training pixels
                 raise RunError(f"{self.cfg.data.path or self.cfg.data.dataset}: the images differ from those "
                                f"{self.run_dir} was trained on; rerun `scan run` on them first")
         train, evaluation = data if data is not None else (None, None)
@@ -135,11 +131,11 @@ class TrainedRun(RunContext):
 
     @cached_property
     def weights(self) -> dict:
-        """The final model's state dict, read once."""
+        """The final model's state dict, read once (an ArtifactError naming the file if it is not one)."""
         if not self.model_file.is_file():
             raise RunError(f"{self.model_file} is missing: run the {self.final_stage} stage first "
                            f"(scan {self.final_stage} --run-dir {self.run_dir})")
-        return load_torch(self.model_file)
+        return load_state_dict(self.model_file)
 
     @cached_property
     def digest(self) -> str | None:
@@ -150,9 +146,6 @@ class TrainedRun(RunContext):
     def model(self) -> ClusteringModel:
         """The final stage's model as it trained (over cached features for a pretrained run), built once."""
         model, weights = self.source.new_model(1), self.weights
-        if not isinstance(weights, dict):
-            raise RunError(f"{self.model_file} holds a {type(weights).__name__}, not model weights; rerun "
-                           f"`scan run --out {self.run_dir} --restart`")
         try:
             model.load_state_dict(weights)
         except RuntimeError as e:
