@@ -94,8 +94,63 @@ def photo_patches(root: Path) -> Path:
     return folder
 
 
+def _classes(images: np.ndarray, labels: np.ndarray, keep) -> tuple[np.ndarray, np.ndarray]:
+    """The images of the classes in `keep`, relabelled 0..len(keep)-1 in that order."""
+    rows = np.isin(labels, keep)
+    return images[rows], np.searchsorted(np.sort(keep), labels[rows])
+
+
+def _long_tailed(images: np.ndarray, labels: np.ndarray, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class k keeps a share ratio**(-k / (C-1)) of its images: sizes in a geometric progression from all of
+    the first class down to 1/ratio of the last (the long tail of a real photo folder)."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    rows = []
+    for k in classes:
+        members = np.flatnonzero(labels == k)
+        keep = max(2, round(len(members) * ratio ** (-k / (len(classes) - 1))))
+        rows.append(rng.choice(members, keep, replace=False))
+    rows = np.sort(np.concatenate(rows))
+    return images[rows], labels[rows]
+
+
+def digits_3() -> tuple[np.ndarray, np.ndarray]:
+    """Digits 0, 4 and 7 only (537 images): few kinds."""
+    return _classes(*digits(), np.array([0, 4, 7]))
+
+
+def digits_5() -> tuple[np.ndarray, np.ndarray]:
+    """Digits 1, 2, 3, 5 and 8 (903 images): five kinds, some alike (3, 5, 8)."""
+    return _classes(*digits(), np.array([1, 2, 3, 5, 8]))
+
+
+def fashion_2k() -> tuple[np.ndarray, np.ndarray]:
+    return _fashion(2000, seed=6)
+
+
+def digits_fashion_20() -> tuple[np.ndarray, np.ndarray]:
+    """20 kinds: the 1,797 digits (upscaled to 28x28) and 2,000 Fashion-MNIST images (classes 10..19)."""
+    from PIL import Image
+    small, digit_labels = digits()
+    big = np.stack([np.asarray(Image.fromarray(d).resize((28, 28), Image.BILINEAR)) for d in small])
+    garments, garment_labels = _fashion(2000, seed=7)
+    return np.concatenate([big, garments]), np.concatenate([digit_labels, garment_labels + 10])
+
+
+def fashion_long_tailed() -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST with class sizes from 500 down to 50 (10:1, geometric; 2,000 images in all)."""
+    return _long_tailed(*_fashion(5000, seed=8), ratio=10, seed=8)
+
+
+def digits_long_tailed() -> tuple[np.ndarray, np.ndarray]:
+    """The digits with class sizes from ~180 down to ~18 (10:1, geometric; ~700 images)."""
+    return _long_tailed(*digits(), ratio=10, seed=9)
+
+
 NPZ_SETS = {"digits": digits, "fashion-5k": fashion_5k, "fashion-20k": fashion_20k,
-            "fashion-tinted": fashion_tinted, "shapes": shapes}
+            "fashion-tinted": fashion_tinted, "shapes": shapes, "digits-3": digits_3, "digits-5": digits_5,
+            "fashion-2k": fashion_2k, "digits-fashion-20": digits_fashion_20,
+            "fashion-long-tailed": fashion_long_tailed, "digits-long-tailed": digits_long_tailed}
 
 
 def build(root: Path, names=None) -> dict[str, Path]:

@@ -83,3 +83,23 @@ def test_multiview_stage_reports_purity_of_both_and_stays_within_the_knn_candida
     # the 4q candidates instead loses 0.17)
     assert saved["purity"] >= 0.45, saved
     assert saved["purity"] >= saved["knn_purity"] - 0.15, saved
+
+
+def test_neighbour_count_never_exceeds_half_an_equal_cluster():
+    from scan.algo.neighbors import neighbor_count
+    assert neighbor_count(20, 80, 8) == 5          # 10 images per kind: 5, not 20
+    assert neighbor_count(20, 1797, 10) == 20      # enough images: as requested
+    assert neighbor_count(20, 50_000, 10) == 20
+    assert neighbor_count(20, 16, 3) == 2
+    assert neighbor_count(20, 5, 3) == 1           # never 0
+
+
+def test_mine_stage_takes_the_capped_count_and_keeps_it_in_its_fingerprint(mined_run, tmp_path):
+    """TINY digits (K = 5): 300 clusters of its training images cap K at N // 600 = 2, so the neighbours of
+    the 10-cluster run are not reused and the new ones have 2 columns."""
+    from conftest import copy_run
+    run = copy_run(mined_run, tmp_path, ["data.num_clusters=300"])
+    assert run.done("mine") is None   # K changed with C on this small set: not reused
+    record = stage_mine(run)
+    assert record["num_neighbors"] == 2 and record["num_neighbors_requested"] == 5
+    assert np.load(run.path("mine", "neighbors.npy")).shape == (run.info["num_train"], 2)

@@ -89,7 +89,6 @@ def test_cli_run_on_npz_without_labels(tmp_path, tiny_overrides, capsys):
     (["run", "--set", "cluster.entropy_weight=-1"], "cluster.entropy_weight must be >= 0.0, got -1.0"),
     (["run", "--set", "clustr.epochs=3"], "did you mean 'cluster'"),
     (["run", "--set", "data.num_clusters=5000"], "larger than the number of images"),
-    (["run", "--set", "mine.num_neighbors=2000"], "must be smaller than the number of training images"),
     (["run", "--device", "cuda:3"], "CUDA is not available"),
 ])
 def test_cli_user_errors_are_one_line_without_traceback(tmp_path, args, message, capsys):
@@ -100,10 +99,34 @@ def test_cli_user_errors_are_one_line_without_traceback(tmp_path, args, message,
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_cli_npz_without_labels_needs_num_clusters(tmp_path, capsys):
-    np.savez(tmp_path / "x.npz", images=np.zeros((30, 8, 8), dtype=np.uint8))
-    assert main(["run", "--data", str(tmp_path / "x.npz"), "--out", str(tmp_path / "r"), "--quiet"]) == 2
-    assert "--num-clusters" in capsys.readouterr().err
+def _three_kinds(n_each: int = 30, seed: int = 0):
+    """Images of three unmistakable kinds (dark, bright, striped), with noise; and their kinds."""
+    rng = np.random.default_rng(seed)
+    stripes = np.tile(np.array([0, 255] * 6, np.uint8)[None, :, None], (12, 1, 3))
+    bases = [np.full((12, 12, 3), 20, np.uint8), np.full((12, 12, 3), 235, np.uint8), stripes]
+    kinds = np.repeat(np.arange(3), n_each)
+    noise = rng.integers(-15, 16, size=(len(kinds), 12, 12, 3))
+    return np.clip(np.stack([bases[k] for k in kinds]) + noise, 0, 255).astype(np.uint8), kinds
+
+
+def test_npz_without_labels_chooses_the_number_of_clusters(tmp_path, tiny_overrides, capsys):
+    """No labels and no --num-clusters: the choose stage picks C (3 kinds), config.yaml says auto, and the
+    choice with its curve reaches done.json, metrics.json and the report."""
+    images, kinds = _three_kinds()
+    np.savez(tmp_path / "pile.npz", images=images)
+    args = ["run", "--data", tmp_path / "pile.npz", "--out", tmp_path / "r", "--set", "choose.max_clusters=6"]
+    for o in tiny_overrides:
+        args += ["--set", o]
+    assert main([str(a) for a in args]) == 0
+    run_dir = tmp_path / "r"
+    choice = json.loads((run_dir / "choose" / "done.json").read_text())
+    assert choice["num_clusters"] == 3 and sorted(map(int, choice["curve"])) == [2, 3, 4, 5, 6]
+    assert "num_clusters: auto" in (run_dir / "config.yaml").read_text()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["num_clusters"] == 3 and metrics["num_clusters_choice"]["num_clusters"] == 3
+    assert len(metrics["merge_tree"]) == 2
+    assert np.load(run_dir / "predictions.npy").shape == kinds.shape
+    assert "neighbour modularity" in (run_dir / "report.html").read_text()
 
 
 def test_shrunk_cluster_finds_the_cluster_that_lost_most():

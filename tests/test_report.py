@@ -409,3 +409,14 @@ def test_prototypes_are_the_members_closest_to_the_mean_of_the_ten_most_confiden
     assert prototypes(members, confidence, features, 3).tolist() == [10, 0, 1]
     # fewer than ten members: all of them make the mean (50°, -50°, 0°, 90° -> 23.6°)
     assert prototypes(members[8:], confidence, features, 2).tolist() == [10, 8]
+
+
+def test_map_of_repeated_images_puts_each_repeat_on_one_point():
+    """30 identical images crashed t-SNE (a segmentation fault, the whole process); repeats now share a point."""
+    from scan.report.map import embed_2d
+    assert np.array_equal(embed_2d(np.zeros((30, 16)), 0), np.zeros((30, 2)))
+    x = np.random.default_rng(0).normal(size=(40, 16))
+    x[20:] = x[0]
+    xy = embed_2d(x, 0)
+    assert np.allclose(xy[20:], xy[0]) and not np.allclose(xy[1], xy[0])
+    assert np.array_equal(embed_2d(x[:20], 0), xy[:20])   # the distinct images land where they would alone

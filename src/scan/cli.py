@@ -17,9 +17,9 @@ from scan.core.errors import ArtifactError, ConfigError, RunError, StageError
 
 # the pipeline's stages in order: a static copy of the stage registry (scan.pipeline.stage), which imports
 # the training code; tests/test_cli.py checks that the two agree
-STAGE_NAMES = ("pretext", "mine", "cluster", "selflabel", "refine", "evaluate")
+STAGE_NAMES = ("pretext", "choose", "mine", "cluster", "selflabel", "refine", "evaluate")
 # options that only some stage subcommands use (`scan run` takes them all)
-STAGE_OPTIONS = {"pretext": ("pretrained", "log"), "mine": (), "cluster": ("log",), "selflabel": ("log",),
+STAGE_OPTIONS = {"pretext": ("pretrained", "log"), "choose": (), "mine": (), "cluster": ("log",), "selflabel": ("log",),
                  "refine": ("refine", "log"), "evaluate": ()}
 ALL_OPTIONS = ("log", "pretrained", "refine")   # what `scan run` takes
 LOG_CHOICES = Config.__dataclass_fields__["log"].metadata["choices"]   # the config field `log` (scan.train.logs)
@@ -31,13 +31,24 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return ConfigError, DataError, StageError, RunError, ArtifactError, FileNotFoundError
 
 
+def _num_clusters(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
+
+
 def _add_config_options(p: argparse.ArgumentParser, extra: tuple[str, ...]) -> None:
     """Options that resolve the configuration (every stage, `run` and `config show`)."""
     p.add_argument("--config", "-c", help=f"YAML file or built-in config ({', '.join(builtin_config_names())}); "
                                           "default: digits, or automatic defaults when --data is given")
     p.add_argument("--data", help="image folder, .npz file or data-set folder (sets data.path)")
     p.add_argument("--dataset", help="data-set format/name (sets data.dataset; default auto-detected from --data)")
-    p.add_argument("--num-clusters", type=int, help="number of clusters C (sets data.num_clusters)")
+    p.add_argument("--num-clusters", type=_num_clusters, metavar="C|auto",
+                   help="number of clusters C, or auto: chosen without labels (sets data.num_clusters; default: "
+                        "the number of classes, auto for data without labels)")
     p.add_argument("--labels-from-folders", action="store_true",
                    help="use first-level sub-folder names as ground truth for evaluation")
     p.add_argument("--run-dir", "--out", "-o", dest="run_dir", metavar="RUN_DIR",
@@ -167,6 +178,20 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_recluster(args) -> int:
+    from scan.pipeline import summary_line
+    from scan.pipeline.recluster import recluster
+    from scan.report import write_run_report
+    from scan.use.inference import finished_run, write_train_assignments
+    sets = [*args.overrides, *(f"{k}={v}" for k, v in (("device", args.device), ("quiet", args.quiet or None)) if v)]
+    run, metrics = recluster(args.run_dir, args.num_clusters, args.out, sets)
+    print(summary_line(run, metrics))
+    trained = finished_run(run, metrics)
+    write_train_assignments(trained)
+    print(f"report: {write_run_report(trained)}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from scan.use.export import default_name, export_run
     _check_out_file(args, default_name(args.format))
@@ -187,7 +212,7 @@ def _export_formats(chosen: str | None) -> tuple[str, ...]:
 
 
 def _add_trained_run_commands(sub, chosen: str | None = None) -> None:
-    """Subcommands that use a finished run directory: report, name, predict, export."""
+    """Subcommands that use a finished run directory: report, name, predict, recluster, export."""
     formats = _export_formats(chosen)
     p = sub.add_parser("report", help="write RUN_DIR/report.html, a self-contained gallery of the clusters")
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -204,6 +229,16 @@ def _add_trained_run_commands(sub, chosen: str | None = None) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, mps")
     p.set_defaults(handler=cmd_predict)
+    p = sub.add_parser("recluster", help="a finer or coarser partition of a finished run in a new run directory, "
+                                         "reusing its pretext, features and neighbours (seconds, no pretext)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--num-clusters", type=int, required=True, metavar="C", help="the number of clusters")
+    p.add_argument("--out", "-o", help="the new run directory (default RUN_DIR-cC, beside RUN_DIR)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field of RUN_DIR's config.yaml (repeatable)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, mps")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or status lines")
+    p.set_defaults(handler=cmd_recluster)
     p = sub.add_parser("export", help="save the trained model as one file: images -> cluster probabilities, "
                                       "confidence, ood_score")
     p.add_argument("run_dir", metavar="RUN_DIR")

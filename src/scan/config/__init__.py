@@ -13,7 +13,9 @@ from scan.config.loading import (
                                  validate,
 )
 from scan.config.schema import (
+                                 AUTO,
                                  AugmentConfig,
+                                 ChooseConfig,
                                  ClusterConfig,
                                  Config,
                                  DataConfig,
@@ -26,7 +28,7 @@ from scan.config.schema import (
 )
 from scan.core.errors import ConfigError
 
-__all__ = ["AugmentConfig", "ClusterConfig", "Config", "ConfigError", "DataConfig", "MineConfig", "ModelConfig",
+__all__ = ["AUTO", "AugmentConfig", "ChooseConfig", "ClusterConfig", "Config", "ConfigError", "DataConfig", "MineConfig", "ModelConfig",
            "PretextConfig", "RefineConfig", "SelfLabelConfig", "TrainingConfig", "builtin_config_names",
            "config_from_dict", "config_yaml", "flatten", "merge", "parse_override", "read_config", "read_yaml", "save_config",
            "validate"]

@@ -34,6 +34,8 @@ def _coerce(value: Any, tp, key: str):
         args = [a for a in get_args(tp) if a is not type(None)]
         if value is None:
             return None
+        if str in args[1:] and isinstance(value, str):   # a number or a word (data.num_clusters: 3 or auto)
+            return value
         return _coerce(value, args[0], key)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
@@ -81,6 +83,10 @@ def _check_range(key: str, value, meta: dict) -> None:
     if isinstance(value, float) and not math.isfinite(value):   # NaN passes every comparison below
         raise ConfigError(f"{key} must be a finite number, got {value}")
     if value is None or not meta:
+        return
+    if isinstance(value, str) and meta.get("words"):
+        if value not in meta["words"]:
+            raise ConfigError(f"{key} must be a number or one of {', '.join(meta['words'])}, got {value!r}")
         return
     if isinstance(value, tuple):
         if meta.get("min_len") and len(value) < meta["min_len"]:

@@ -9,11 +9,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+AUTO = "auto"   # data.num_clusters: chosen without labels (the choose stage)
 
-def _range(lo=None, hi=None, lo_open=False, hi_open=False, choices=None, min_len=None):
+
+def _range(lo=None, hi=None, lo_open=False, hi_open=False, choices=None, min_len=None, words=None):
     """Field metadata describing the allowed values (checked by `validate`); for a tuple field,
-    the bounds apply to every element and min_len to its length."""
-    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices, "min_len": min_len}
+    the bounds apply to every element and min_len to its length; `words`: strings a numeric field
+    also takes (e.g. "auto")."""
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices, "min_len": min_len,
+            "words": words}
 
 
 def _f(default, **rng):
@@ -33,7 +37,9 @@ class DataConfig:
     # run for hours or exhaust memory before any work starts (3000 px images, a million blocks)
     image_size: int | None = _f(None, lo=4, hi=2048)
     labels_from_folders: bool = False
-    num_clusters: int | None = _f(None, lo=2)  # None = number of ground-truth classes
+    # None: the number of ground-truth classes, or "auto" for data without labels; "auto": chosen without
+    # labels by the choose stage (scan.algo.num_clusters), in the range of the `choose` section
+    num_clusters: int | str | None = _f(None, lo=2, words=(AUTO,))
     # how image folders are held (scan.data.folders.FOLDER_STORAGE): memory = one decoded tensor;
     # disk = decoded once into a uint8 file in cache_dir, read by every stage; none = decoded
     # on every use, at most max_memory_mb of decoded images kept; auto = memory if it fits, else disk
@@ -122,6 +128,13 @@ class MineConfig:
 
 
 @dataclass(frozen=True)
+class ChooseConfig:
+    """The range data.num_clusters=auto chooses from (scan.algo.num_clusters.default_range)."""
+    min_clusters: int = _f(2, lo=2)
+    max_clusters: int | None = _f(None, lo=2)   # None: min(50, images / 20)
+
+
+@dataclass(frozen=True)
 class ClusterConfig(TrainingConfig):
     entropy_weight: float = _f(5.0, lo=0.0)
     num_heads: int = _f(10, lo=1, hi=1000)
@@ -203,6 +216,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     pretext: PretextConfig = field(default_factory=PretextConfig)
     mine: MineConfig = field(default_factory=MineConfig)
+    choose: ChooseConfig = field(default_factory=ChooseConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     selflabel: SelfLabelConfig = field(default_factory=SelfLabelConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from scan.config import Config
+from scan.config import AUTO, Config
 from scan.core.errors import ConfigError
 from scan.data.datasets import FolderOptions, ImageDataset, content_hash, has_splits, load_dataset
 
@@ -54,22 +54,15 @@ def describe_data(cfg: Config, train: ImageDataset, evaluation: ImageDataset) ->
         raise ConfigError(f"data.eval_split '{cfg.data.eval_split}' has images of shape "
                           f"{tuple(evaluation.images.shape[1:])}, the train split {tuple(x.shape[1:])}")
     num_classes = train.num_classes
-    num_clusters = cfg.data.num_clusters or num_classes
-    if num_clusters is None:
-        raise ConfigError("the data set has no labels, so the number of clusters is unknown: "
-                          "pass --num-clusters C (or data.num_clusters=C)")
-    if num_clusters > len(train):
+    # without labels and without a number the choose stage finds one (data.num_clusters=auto)
+    num_clusters = cfg.data.num_clusters or num_classes or AUTO
+    if num_clusters != AUTO and num_clusters > len(train):
         raise ConfigError(f"data.num_clusters={num_clusters} is larger than the number of images ({len(train)})")
-    if cfg.mine.num_neighbors >= len(train):
-        k, n = cfg.mine.num_neighbors, len(train)   # with a handful of images the user never set K: say both fixes
-        raise ConfigError(f"{n} training images are too few for {k} neighbours per image (mine.num_neighbors={k} "
-                          f"must be smaller than the number of training images): give at least {k + 1} images, or "
-                          f"--set mine.num_neighbors={max(1, n // 4)}")
     mean, std = channel_stats(x, torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:10000])
     digest = content_hash(x)
     return {
         "dataset": cfg.data.dataset, "path": cfg.data.path, "num_train": len(train), "num_eval": len(evaluation),
-        "image_shape": list(x.shape[1:]), "num_classes": num_classes, "num_clusters": int(num_clusters),
+        "image_shape": list(x.shape[1:]), "num_classes": num_classes, "num_clusters": num_clusters,
         "class_names": train.class_names, "has_labels": train.labels is not None,
         "eval_has_labels": evaluation.labels is not None,
         "mean": mean.tolist(), "std": std.clamp_min(1e-3).tolist(),

@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from scan.config import Config
+from scan.algo.neighbors import neighbor_count
+from scan.config import AUTO, Config
 from scan.core import distributed
 from scan.core.checkpoint import as_json, atomic_write_json, load_state_dict
 from scan.core.errors import ConfigError, StageError
@@ -50,8 +51,10 @@ from scan.rundir.directory import (
     with_absolute_paths,
 )
 from scan.train.engine import Runtime, resolve_device
+from scan.train.features import features_path, read_features
 from scan.train.logs import TrainingLog, check_log_writer
-from scan.train.sources import RunContext, source_class
+from scan.train.mining import MiningInputs
+from scan.train.sources import RunContext, load_backbone, source_class
 
 log = logging.getLogger("scan")
 
@@ -157,18 +160,43 @@ def open_run(cfg: Config, run_dir: Path, restart: bool = False, data=None) -> Ru
         log.setLevel(logging.ERROR)
     train, evaluation = data if data is not None else load_data(cfg)
     info = describe_data(cfg, train, evaluation)
+    if info["num_clusters"] == AUTO:   # data without labels nor a number: config.yaml says the choose stage runs
+        cfg = replace(cfg, data=replace(cfg.data, num_clusters=AUTO))
     created, was_run = not run_dir.exists(), is_run_dir(run_dir)
     # rank 0 claims (and locks, for the whole job) the run directory; the others wait for it
     distributed.on_main(lambda: prepare_run_dir(run_dir, restart, stage_names()))
     try:   # from here on the folder is locked by us: what we made in it is ours to take back
         run = Run(cfg, run_dir, rt, train, evaluation, info)
         check_neighbors(run, len(train))
-        distributed.on_main(lambda: record_config(run, tuple(s for s in model_stages() if stage_enabled(cfg, s))))
+        distributed.on_main(lambda: record_run_config(run))
     except BaseException:
         if main and not was_run:
             discard_new_run_dir(run_dir, created)
         raise
     return run
+
+
+def record_run_config(run: Run) -> None:
+    """config.yaml, data.json and the configuration snapshot of each model the run trains (scan.rundir)."""
+    record_config(run, tuple(s for s in model_stages() if stage_enabled(run.cfg, s)))
+
+
+def mining_inputs(run: Run, split: str, chosen: bool = True) -> MiningInputs:
+    """What the miners and mining spaces read for the 'train' or 'eval' images (features/<split>*.npy);
+    chosen=False: before the number of clusters is known (the choose stage), which they then lack."""
+    data = run.train if split == "train" else run.eval
+    features = read_features(run, split)
+    projection = features_path(run, split, "_projection")
+    return MiningInputs(features, data.images, lambda: load_backbone(run), run.cfg,
+                        run.num_clusters if chosen else None, mined_neighbor_count(run) if chosen else 0, run.rt,
+                        data.labels, lambda m: say(run.rt, m),
+                        projection_path=run.path("pretext", "projection.pt"),
+                        load_projection=(lambda: read_features(run, split, "_projection")) if projection.is_file() else None)
+
+
+def mined_neighbor_count(run: Run) -> int:
+    """The K the mine stage mines: mine.num_neighbors, at most N_train / 2C."""
+    return neighbor_count(run.cfg.mine.num_neighbors, run.info["num_train"], run.num_clusters)
 
 
 def check_batch_sizes(cfg: Config, world: int) -> None:

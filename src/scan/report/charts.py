@@ -66,24 +66,64 @@ def heatmap(matrix: np.ndarray, row_labels: list[str], col_labels: list[str]) ->
     return svg(left + cols * cell + 70, top + rows * cell + 10, "".join(parts), "confusion matrix")
 
 
-def line_chart(values: list[float], title: str) -> str:
-    """A small line chart of one value per epoch, with the first and last values labelled."""
+def line_chart(values: list[float], title: str, xs: list[int] | None = None, x_label: str = "epoch",
+               mark: int | None = None) -> str:
+    """A small line chart of one value per epoch (or per `xs`, e.g. per number of clusters), with the extreme
+    values labelled; `mark`: the x whose point is ringed and labelled (a choice made from the curve)."""
     w, h, pad_l, pad_r, pad_t, pad_b = 260, 150, 44, 12, 26, 24
+    xs = list(range(1, len(values) + 1)) if xs is None else list(xs)
     lo, hi = min(values), max(values)
     span = hi - lo or 1.0
-    xs = [pad_l + (w - pad_l - pad_r) * (i / max(len(values) - 1, 1)) for i in range(len(values))]
-    ys = [pad_t + (h - pad_t - pad_b) * (1 - (v - lo) / span) for v in values]
-    points = " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(xs, ys))
+    first, last = xs[0], xs[-1]
+    px = [pad_l + (w - pad_l - pad_r) * ((x - first) / max(last - first, 1)) for x in xs]
+    py = [pad_t + (h - pad_t - pad_b) * (1 - (v - lo) / span) for v in values]
+    points = " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(px, py))
+    marked = ""
+    if mark in xs:
+        x, y = px[xs.index(mark)], py[xs.index(mark)]
+        marked = (f'<circle cx="{x:.1f}" cy="{y:.1f}" r="6" fill="none" stroke="#dc2626" stroke-width="2"/>'
+                  f'<text x="{x + 9:.1f}" y="{y + 14:.1f}" style="fill:#dc2626;font-weight:600">'
+                  f'{mark}</text>')
     body = (f'<text x="{pad_l}" y="14" style="font-weight:600;fill:#1f2430">{escape(title)}</text>'
             f'<line x1="{pad_l}" y1="{h - pad_b}" x2="{w - pad_r}" y2="{h - pad_b}" stroke="#d1d5db"/>'
             f'<line x1="{pad_l}" y1="{pad_t}" x2="{pad_l}" y2="{h - pad_b}" stroke="#d1d5db"/>'
             f'<text x="{pad_l - 4}" y="{pad_t + 4}" text-anchor="end">{hi:.3g}</text>'
             f'<text x="{pad_l - 4}" y="{h - pad_b}" text-anchor="end">{lo:.3g}</text>'
-            f'<text x="{w - pad_r}" y="{h - 6}" text-anchor="end">epoch {len(values)}</text>'
-            f'<text x="{pad_l}" y="{h - 6}">1</text>'
+            f'<text x="{w - pad_r}" y="{h - 6}" text-anchor="end">{escape(x_label)} {last}</text>'
+            f'<text x="{pad_l}" y="{h - 6}">{first}</text>'
             f'<polyline points="{points}" fill="none" stroke="#3b4fd0" stroke-width="2" stroke-linejoin="round"/>'
-            + "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="#3b4fd0"/>' for x, y in zip(xs, ys)))
-    return svg(w, h, body, f"{title} per epoch")
+            + "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="#3b4fd0"/>' for x, y in zip(px, py)) + marked)
+    return svg(w, h, body, f"{title} per {x_label}")
+
+
+def dendrogram(steps: list[dict], titles: list[str]) -> str:
+    """The merge tree of the clusters (scan.algo.num_clusters.merge_tree): leaves along the bottom in
+    the tree's order, each merge one level higher than the last, the first merges lowest."""
+    k = len(titles)
+    children = {s["into"]: s["merge"] for s in steps}
+
+    def leaves(node: int) -> list[int]:
+        return [node] if node < k else leaves(children[node][0]) + leaves(children[node][1])
+
+    order = leaves(steps[-1]["into"]) if steps else list(range(k))
+    step_w, top, bottom, left = 34, 10, 70, 10
+    level_h = min(18.0, 360 / max(len(steps), 1))   # 50 clusters stay within a screen's height
+    w, h = left * 2 + step_w * k + 60, round(top + bottom + level_h * max(len(steps), 1))
+    x = {leaf: left + step_w * (i + 0.5) for i, leaf in enumerate(order)}
+    y = {leaf: float(h - bottom) for leaf in range(k)}
+    parts = []
+    for level, s in enumerate(steps, 1):
+        a, b = s["merge"]
+        joined = round(h - bottom - level_h * level, 1)
+        parts.append(f'<path d="M{x[a]:.1f},{y[a]:.1f} V{joined} H{x[b]:.1f} V{y[b]:.1f}" fill="none" '
+                     f'stroke="#6b7280" stroke-width="1.5"><title>step {level}: {escape(", ".join(titles[i] for i in leaves(a)))}'
+                     f' + {escape(", ".join(titles[i] for i in leaves(b)))}</title></path>')
+        x[s["into"]], y[s["into"]] = (x[a] + x[b]) / 2, joined
+    for leaf in order:
+        parts.append(f'<circle cx="{x[leaf]:.1f}" cy="{h - bottom}" r="5" fill="{cluster_color(leaf)}"/>'
+                     f'<text transform="translate({x[leaf] + 4:.1f},{h - bottom + 12}) rotate(60)">'
+                     f'{escape(short(titles[leaf], 12))}</text>')
+    return svg(w, h, "".join(parts), "merge tree of the clusters")
 
 
 HISTOGRAM_BINS = 20

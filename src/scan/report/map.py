@@ -29,6 +29,13 @@ def map_sample(num_images: int, seed: int) -> np.ndarray:
 def embed_2d(features: np.ndarray, seed: int) -> np.ndarray:
     """(N, D) features -> (N, 2) t-SNE coordinates scaled to [0, 1], cosine geometry (rows normalised)."""
     x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    # repeated images (identical features) share one point: t-SNE's tree crashes the process on many duplicates
+    _, first, inverse = np.unique(np.round(x, 6), axis=0, return_index=True, return_inverse=True)
+    if len(first) < len(x):
+        order = np.argsort(first)   # the unique rows in order of first appearance, as without repeats
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        return embed_2d(features[first[order]], seed)[rank[inverse.ravel()]]
     n = len(x)
     if x.shape[1] > PCA_DIMS and n > PCA_DIMS:
         x = PCA(PCA_DIMS, random_state=seed).fit_transform(x)

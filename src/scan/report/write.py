@@ -21,7 +21,7 @@ import numpy as np
 from scan.algo.metrics import cluster_to_class, contingency
 from scan.core.checkpoint import atomic_write_text
 from scan.core.errors import RunError
-from scan.report.charts import bar_chart, cluster_color, heatmap, line_chart
+from scan.report.charts import bar_chart, cluster_color, dendrogram, heatmap, line_chart
 from scan.report.cluster import ClusterContext, cluster_card, merge_hints
 from scan.report.map import embed_2d, map_card, map_sample
 from scan.report.page import PIXELATED_BELOW, ImageTable, member_list, page
@@ -219,6 +219,33 @@ def _curves(data: ReportData) -> str:
     return f'<div class="card"><h2>Training curves</h2><div class="curves">{charts}</div>{note}</div>'
 
 
+def _structure(data: ReportData, titles: list[str]) -> str:
+    """Why this number of clusters (the criterion per candidate, with data.num_clusters=auto) and how the
+    clusters nest (the merge tree on the mined neighbours); empty when the run recorded neither."""
+    choice, tree = data.metrics.get("num_clusters_choice"), data.metrics.get("merge_tree")
+    parts, notes = [], []
+    if choice:
+        curve = {int(c): v for c, v in choice["curve"].items()}
+        xs = sorted(curve)
+        parts.append(line_chart([curve[c] for c in xs], "modularity × stability", xs, "clusters",
+                                choice["num_clusters"]))
+        notes.append(f'{choice["num_clusters"]} clusters were chosen without labels: of the numbers tried '
+                     f'({xs[0]}–{xs[-1]}), that partition of the nearest-neighbour graph scores highest on neighbour '
+                     f'modularity (neighbour pairs kept together beyond what cluster sizes alone would) times '
+                     f'stability (the same partition found again on random subsamples of the images). Another '
+                     f'number: <code>scan recluster {escape(data.run_dir)} --num-clusters C</code> (seconds: it reuses '
+                     f'the features and neighbours).')
+    if tree and data.num_clusters >= 3:
+        parts.append(dendrogram(tree, titles))
+        notes.append('The merge tree joins first the clusters that the most neighbour pairs link: clusters that join '
+                     'low are likely parts of one kind (more clusters than kinds), those that join last are the most '
+                     'distinct.')
+    if not parts:
+        return ""
+    return (f'<div class="card"><h2>How many clusters, and how they nest</h2><div class="curves">{"".join(parts)}'
+            f'</div>' + "".join(f'<p class="note">{n}</p>' for n in notes) + "</div>")
+
+
 def _member_file(c: int, part: int) -> str:
     return f"{PAGES_DIR}/cluster-{c}-{part + 1}.html"
 
@@ -280,7 +307,7 @@ def render_report(data: ReportData) -> dict[str, str]:
             f'<div class="card"><h2>Clusters</h2><nav class="chips">{chips}</nav>{hint}</div>'
             f'{map_card(on_map, embed_2d(data.features[on_map], data.seed), pred, titles, len(pred), pixelated)}'
             f'<div class="grid2"><div class="card"><h2>Cluster sizes</h2>{bar_chart(sizes, titles)}</div>'
-            f'{_confusion(data, titles)}</div>{_curves(data)}{"".join(cards)}</main>'
+            f'{_confusion(data, titles)}</div>{_structure(data, titles)}{_curves(data)}{"".join(cards)}</main>'
             f'<footer>Prototypes are the members closest to the mean feature of the cluster\'s most confident '
             f'members. Most similar clusters: cosine similarity of the clusters\' mean features, and how many mined '
             f'neighbour pairs join them — candidates to merge. Hover an image for its file and confidence; click it '

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scan.config import Config, config_from_dict, read_config, save_config
+from scan.config import AUTO, Config, config_from_dict, read_config, save_config
 from scan.core.checkpoint import FORMAT_VERSION, TEMP_PATTERN, atomic_write_json, read_json, write_error
 from scan.core.errors import ArtifactError, ConfigError, RunError
 
@@ -189,7 +189,9 @@ def record_config(run, model_stages: tuple[str, ...]) -> None:
     snapshots no finished model or current setting refers to are removed.
     """
     snapshot = {"config": json.loads(json.dumps(run.cfg.to_dict())), "data": run.info}
-    for stage in model_stages:
+    # with data.num_clusters=auto a model's fingerprint needs the choice: the choose stage records them once made
+    chosen = run.info["num_clusters"] != AUTO or run.record("choose") is not None
+    for stage in model_stages if chosen else ():
         keep = {run.fingerprint(stage), (run.record(stage) or {}).get("fingerprint")}
         folder = run.path(stage)
         for old in folder.glob("config-*.json") if folder.is_dir() else ():
@@ -274,9 +276,10 @@ def rewrite_data_path(run_dir: Path, old: str, new: str) -> None:
 def check_neighbors(run, num_train: int) -> None:
     """mine/neighbors.npy, when the mine stage counts as done, must be (N_train, K) indices into the
     training set; a damaged one would otherwise crash the cluster stage with an index error."""
-    record = run.record("mine") or {}
+    record = run.record("mine")
     path = run.path("mine", "neighbors.npy")
-    if record.get("fingerprint") != run.fingerprint("mine") or not path.exists():
+    # no record: nothing to check (and with data.num_clusters=auto its fingerprint needs the choice, not made yet)
+    if record is None or not path.exists() or record.get("fingerprint") != run.fingerprint("mine"):
         return
     try:
         neighbors = np.load(path, mmap_mode="r", allow_pickle=False)   # checked in place, not loaded

@@ -115,6 +115,10 @@ class TrainedRun(RunContext):
         bound.__dict__.update({k: v for k, v in self.__dict__.items() if k in ("weights", "digest", "model")})
         return bound
 
+    def record(self, stage: str) -> dict | None:
+        """The stage's done.json as read when the run was opened; None if it has none."""
+        return self.records.get(stage)
+
     @property
     def fingerprint(self) -> str | None:
         """The final stage's fingerprint (its done.json)."""

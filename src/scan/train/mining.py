@@ -37,7 +37,8 @@ class MiningInputs:
     images: torch.Tensor                      # (N, C, H, W) uint8 training images
     load_backbone: Callable[[], nn.Module]    # the pretext backbone, loaded only by miners that need it
     cfg: Config
-    num_clusters: int
+    num_clusters: int | None                  # None before data.num_clusters=auto is chosen (the choose stage)
+    num_neighbors: int                        # K: mine.num_neighbors, at most N / 2C (algo.neighbors.neighbor_count)
     rt: Runtime
     labels: np.ndarray | None = None          # ground truth, only to report purity
     say: Callable[[str], None] = print
@@ -83,7 +84,7 @@ def mine(inputs: MiningInputs) -> tuple[np.ndarray, dict]:
 
 @register_miner("knn")
 def mine_knn(inputs: MiningInputs) -> tuple[np.ndarray, dict]:
-    return mine_neighbors(mining_space(inputs), inputs.cfg.mine.num_neighbors), {}
+    return mine_neighbors(mining_space(inputs), inputs.num_neighbors), {}
 
 
 # mine.head: the multiview ranking head, from (feature dim D, clusters C, pretext projection file)
@@ -139,7 +140,7 @@ def train_brief_head(features: np.ndarray, neighbors: np.ndarray, head: nn.Modul
 def mine_multiview(inputs: MiningInputs) -> tuple[np.ndarray, dict]:
     cfg, rt, m = inputs.cfg, inputs.rt, inputs.cfg.mine
     seed_everything(cfg.seed + 3)
-    q, n = m.num_neighbors, len(inputs.features)
+    q, n = inputs.num_neighbors, len(inputs.features)
     wide = min(4 * q, n - 1)
     candidates = mine_neighbors(mining_space(inputs), wide)          # (N, 4q), most similar first
     plain = candidates[:, :q]                                         # what knn returns (up to ties)

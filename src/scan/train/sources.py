@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from scan.config import AUTO
 from scan.core.checkpoint import load_state_dict
 from scan.core.errors import StageError
 from scan.core.registry import Registry
@@ -48,7 +49,15 @@ class RunContext:
 
     @property
     def num_clusters(self) -> int:
-        return self.info["num_clusters"]
+        """C: data.json's, or the choose stage's choice where that says auto (data.num_clusters=auto)."""
+        count = self.info["num_clusters"]
+        if count != AUTO:
+            return count
+        record = self.record("choose")
+        if record is None:
+            raise StageError(f"the number of clusters of {self.run_dir} is chosen by the choose stage, which has not "
+                             f"run yet: run it first (scan choose --run-dir {self.run_dir}, or scan run)")
+        return int(record["num_clusters"])
 
     @property
     def channels(self) -> int:

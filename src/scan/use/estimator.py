@@ -27,7 +27,7 @@ import torch
 from sklearn.base import BaseEstimator, ClusterMixin
 from sklearn.exceptions import NotFittedError
 
-from scan.config import Config, flatten, merge
+from scan.config import AUTO, Config, flatten, merge
 from scan.core.checkpoint import TEMP_PATTERN
 from scan.core.errors import ConfigError, RunError
 from scan.data import ImageDataset
@@ -138,8 +138,9 @@ class SCANClustering(ClusterMixin, BaseEstimator):
     """Unsupervised image clustering (SCAN) as a scikit-learn estimator.
 
     Parameters (each kept as given; `fit` resolves them into `config_`):
-    n_clusters: number of clusters; None keeps the config's `data.num_clusters` (None there: the
-        number of ground-truth classes of a labelled data set).
+    n_clusters: number of clusters; "auto": chosen without labels (the choose stage, within the config's
+        `choose` range); None keeps the config's `data.num_clusters` (None there: the number of
+        ground-truth classes of a labelled data set, auto without labels).
     config: None (defaults chosen from the data, as `scan run --data`), a built-in config name,
         a YAML path or a `scan.config.Config`.
     pretrained: None, or what `scan run --pretrained NAME|FILE` takes: a frozen pretrained
@@ -156,7 +157,9 @@ class SCANClustering(ClusterMixin, BaseEstimator):
 
     Learned attributes: labels_ (N,), probs_ (N, C), features_ (N, D) final-model features,
     neighbors_ (N, K) mined neighbour indices, filenames_ (the image paths in the order of
-    labels_ when fitted on a folder, else None), n_clusters_, n_features_in_ (values per image
+    labels_ when fitted on a folder, else None), n_clusters_ (the chosen number with "auto"),
+    n_clusters_curve_ ({C: neighbour modularity} of the candidates "auto" tried; None when C was given),
+    n_features_in_ (values per image
     the model takes: C*H*W), cluster_names_, metrics_, config_ (the resolved Config), run_dir_.
     """
 
@@ -265,6 +268,8 @@ class SCANClustering(ClusterMixin, BaseEstimator):
         self.run_dir_ = run.run_dir
         self.config_ = run.cfg
         self.n_clusters_ = run.num_clusters
+        choice = run.record("choose") if run.cfg.data.num_clusters == AUTO else None
+        self.n_clusters_curve_ = {int(c): q for c, q in choice["curve"].items()} if choice else None
         self.probs_ = outputs.probs
         self.labels_ = outputs.probs.argmax(1)
         self.features_ = outputs.features

@@ -2,6 +2,7 @@
 # isort: off
 # the import order is the pipeline order: each module registers its stage when imported
 from scan.pipeline.stages import pretext  # noqa: F401
+from scan.pipeline.stages import choose  # noqa: F401
 from scan.pipeline.stages import mine  # noqa: F401
 from scan.pipeline.stages import cluster  # noqa: F401
 from scan.pipeline.stages import selflabel  # noqa: F401

@@ -15,9 +15,8 @@ from scan.algo.losses import scan_loss, scan_loss_over_pairs
 from scan.algo.neighbors import mine_neighbors
 from scan.core.checkpoint import atomic_torch_save, seed_everything
 from scan.core.distributed import is_main, parallel
-from scan.pipeline.run import Run, head_probs, require, say
+from scan.pipeline.run import Run, head_probs, mining_inputs, require, say
 from scan.pipeline.stage import Stage, register_stage
-from scan.pipeline.stages.mine import mining_inputs
 from scan.train.best_weights import BestWeights
 from scan.train.engine import build_optimizer, minibatches, optimizer_step, run_epochs
 from scan.train.mining import mining_space

@@ -10,6 +10,8 @@ import numpy as np
 from scan.algo.baselines import kmeans_assign, pixel_kmeans, unsupervised_scores
 from scan.algo.checks import baseline_check, report
 from scan.algo.metrics import evaluate_clustering
+from scan.algo.num_clusters import merge_tree
+from scan.config import AUTO
 from scan.core.checkpoint import atomic_save_npy, atomic_write_json
 from scan.core.distributed import on_main
 from scan.core.errors import StageError
@@ -55,6 +57,10 @@ def _evaluate(run: Run) -> dict:
     train_probs = probs if run.eval is run.train else head_probs(run, model, "train")[0].numpy()
     records = {stage: record for stage in stage_names()[:-1] if (record := run.record(stage))}
     metrics.update(_label_free(run, train_probs, kmeans_train, pixels, records))
+    if run.cfg.data.num_clusters == AUTO:   # why this C: the criterion per candidate (scan.algo.num_clusters)
+        choice = records["choose"]
+        metrics["num_clusters_choice"] = {key: choice[key] for key in ("num_clusters", "criterion", "curve",
+                                                                       "modularity", "stability")}
     for stage, record in records.items():
         metrics.setdefault("seconds", {})[stage] = record.get("seconds")
         if "purity" in record:
@@ -65,7 +71,8 @@ def _evaluate(run: Run) -> dict:
 
 
 def _label_free(run: Run, train_probs: np.ndarray, kmeans_train: np.ndarray, pixels, records: dict) -> dict:
-    """Scores that need no labels for ours and the baselines (training images), and every stage's check."""
+    """Scores that need no labels for ours and the baselines (training images), every stage's check, and the
+    merge tree of our clusters on the mined neighbours."""
     path = run.path("mine", "neighbors.npy")
     neighbors = np.load(path) if path.exists() else None
     k = run.num_clusters
@@ -76,7 +83,10 @@ def _label_free(run: Run, train_probs: np.ndarray, kmeans_train: np.ndarray, pix
     checks = {stage: record["check"] for stage, record in records.items() if "check" in record}
     if neighbors is not None and pixels is not None:
         checks["baseline"] = report("baseline", baseline_check(scores["ours"], scores["kmeans_pixels"]))
-    return {"unsupervised": scores, "checks": checks}
+    out = {"unsupervised": scores, "checks": checks}
+    if neighbors is not None:   # how the final clusters nest: which join first as C shrinks
+        out["merge_tree"] = merge_tree(train_probs.argmax(1), neighbors, k)
+    return out
 
 
 register_stage(Stage("evaluate", stage_evaluate, needs=("cluster", "selflabel", "refine"),

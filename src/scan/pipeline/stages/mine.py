@@ -7,22 +7,9 @@ import time
 from scan.algo.neighbors import neighbor_purity
 from scan.core.checkpoint import atomic_save_npy
 from scan.core.distributed import on_main
-from scan.pipeline.run import Run, say
+from scan.pipeline.run import Run, mined_neighbor_count, mining_inputs, say
 from scan.pipeline.stage import Stage, register_stage
-from scan.train.features import features_path, read_features
-from scan.train.mining import MiningInputs, mine
-from scan.train.sources import load_backbone
-
-
-def mining_inputs(run: Run, split: str) -> MiningInputs:
-    """What the miners and mining spaces read for the 'train' or 'eval' images (features/<split>*.npy)."""
-    data = run.train if split == "train" else run.eval
-    features = read_features(run, split)
-    projection = features_path(run, split, "_projection")
-    return MiningInputs(features, data.images, lambda: load_backbone(run), run.cfg, run.num_clusters, run.rt,
-                        data.labels, lambda m: say(run.rt, m),
-                        projection_path=run.path("pretext", "projection.pt"),
-                        load_projection=(lambda: read_features(run, split, "_projection")) if projection.is_file() else None)
+from scan.train.mining import mine
 
 
 def stage_mine(run: Run) -> dict:
@@ -40,6 +27,13 @@ def _mine(run: Run) -> dict:
     atomic_save_npy(run.path("mine", "neighbors.npy"), neighbors)
     extra = {"seconds": time.time() - start, "method": run.cfg.mine.method, "num_neighbors": int(neighbors.shape[1]),
              **facts}
+    requested = run.cfg.mine.num_neighbors
+    if neighbors.shape[1] < requested:   # a small data set: the smallest plausible cluster holds fewer
+        extra["num_neighbors_requested"] = requested
+        say(run.rt, f"mine: {neighbors.shape[1]} neighbours per image, not mine.num_neighbors={requested}: "
+                    f"{run.info['num_train']} images in {run.num_clusters} clusters hold about "
+                    f"{run.info['num_train'] // run.num_clusters} per cluster, and neighbours beyond half of that "
+                    f"would reach into other clusters")
     if run.train.labels is not None:
         extra["purity"] = neighbor_purity(neighbors, run.train.labels)
         baseline = f" (plain kNN {facts['knn_purity']:.3f})" if "knn_purity" in facts else ""
@@ -48,7 +42,11 @@ def _mine(run: Run) -> dict:
 
 
 register_stage(Stage("mine", stage_mine, needs=("pretext",), sections=("seed", "mine", "augment"),
-                     inputs=lambda run: (run.num_clusters,),
+                     # only the multi-view miner's head depends on C: kNN neighbours serve any number of clusters
+                     # (scan recluster reuses them)
+                     # (scan recluster reuses them), unless C lowers K on a small data set
+                     inputs=lambda run: (mined_neighbor_count(run),) + ((run.num_clusters,)
+                                                                        if run.cfg.mine.method == "multiview" else ()),
                      # only the multi-view miner augments (its strong and weak views); kNN runs keep their fingerprint
                      ignores=lambda cfg: ("augment",) if cfg.mine.method != "multiview" else (),
                      description="the K nearest neighbours of every image"))

@@ -1,0 +1,125 @@
+"""Benchmark the label-free choice of the number of clusters (`--num-clusters auto`, scan.algo.num_clusters).
+
+For each labelled data set of benchmarks/datasets.py, the path a user gets (`scan run --data X
+--num-clusters auto`: from scratch for arrays, pretrained features for a photo folder), then the same
+run at the true number of classes (`scan recluster`, reusing its pretext and neighbours). Prints, as
+JSON per set: true C, chosen C, ACC/NMI/ARI of the final model at the chosen and at the true C, the
+peer's choice (k-means + silhouette on the same features and range, what clustimage does), the
+seconds the choice took against the whole run, and the smallest class's best cluster share.
+
+    python benchmarks/num_clusters.py [--sets digits digits-3 ...] [--root bench-num-clusters] [--set K=V ...]
+
+Run directories are kept under --root/runs: a rerun reuses their pretext (and feature caches).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.metrics import silhouette_score
+
+sys.path.insert(0, str(Path(__file__).parent))
+from datasets import build  # noqa: E402
+
+from scan.algo.neighbors import l2_normalize  # noqa: E402
+from scan.algo.num_clusters import default_range  # noqa: E402
+from scan.cli import main as scan  # noqa: E402
+from scan.use.inference import open_trained_run  # noqa: E402
+
+SETS = ("digits", "digits-3", "digits-5", "digits-long-tailed", "fashion-2k", "fashion-long-tailed", "shapes",
+        "digits-fashion-20", "photo-patches")
+SCORES = ("acc", "nmi", "ari")
+
+
+def silhouette_choice(features: np.ndarray, candidates, seed: int = 0) -> int:
+    """The peer: k-means on the L2-normalised features for each C, the C with the highest silhouette
+    (cosine, on a sample of at most 3,000 images)."""
+    x = l2_normalize(features)
+    scores = {c: silhouette_score(x, KMeans(c, n_init=3, random_state=seed).fit_predict(x), metric="cosine",
+                                  sample_size=min(3000, len(x)), random_state=seed) for c in candidates}
+    return max(scores, key=scores.get)
+
+
+def smallest_class_kept(run_dir: Path, labels: np.ndarray) -> float:
+    """For the smallest class: the largest share of one cluster that it makes up (1.0: a cluster of its own)."""
+    pred = np.load(run_dir / "predictions.npy")
+    rare = np.bincount(labels).argmin()
+    return max(float(np.mean(labels[pred == c] == rare)) for c in np.unique(pred[labels == rare]))
+
+
+def final_scores(run_dir: Path) -> dict:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {k: round(metrics[metrics["final_stage"]][k], 4) for k in SCORES}
+
+
+def one_set(name: str, path: Path, root: Path, overrides: list[str]) -> dict:
+    auto, true_dir = root / "runs" / name, root / "runs" / f"{name}-true"
+    sets = [a for o in overrides for a in ("--set", o)]
+    start = time.time()
+    args = ["run", "--data", str(path), "--num-clusters", "auto", "--out", str(auto), "--quiet", *sets]
+    assert scan(args + (["--labels-from-folders"] if path.is_dir() else [])) == 0
+    seconds_auto = time.time() - start
+    metrics = json.loads((auto / "metrics.json").read_text())
+    labels = _labels(auto)
+    true_c = int(labels.max()) + 1
+    start = time.time()
+    assert scan(["recluster", str(auto), "--num-clusters", str(true_c), "--out", str(true_dir), "--quiet"]) == 0
+    choice = json.loads((auto / "choose" / "done.json").read_text())
+    features = np.load(auto / "features" / "train.npy")
+    candidates = [int(c) for c in choice["curve"]]
+    peer_start = time.time()
+    peer = silhouette_choice(features, candidates)
+    stage_seconds = {s: v for s, v in metrics["seconds"].items() if isinstance(v, (int, float))}
+    return {
+        "images": len(labels), "true_c": true_c, "chosen_c": choice["num_clusters"],
+        "at_chosen": final_scores(auto), "at_true": final_scores(true_dir),
+        "peer_silhouette_c": peer, "peer_seconds": round(time.time() - peer_start, 1),
+        "choice_seconds": round(choice["seconds"], 1),
+        "run_seconds_without_choice": round(sum(stage_seconds.values()) - choice["seconds"], 1),
+        "wall_seconds_auto_run": round(seconds_auto, 1), "recluster_seconds": round(peer_start - start, 1),
+        "smallest_class_share": {"chosen": round(smallest_class_kept(auto, labels), 3),
+                                 "true": round(smallest_class_kept(true_dir, labels), 3)},
+        "curve": {c: round(v, 4) for c, v in choice["curve"].items()},
+    }
+
+
+def _labels(run_dir: Path) -> np.ndarray:
+    """The ground truth of a run's training images, in its order (folders: the sub-folder of each file)."""
+    return np.asarray(open_trained_run(run_dir, "cpu", with_data=True).train.labels)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
+    p.add_argument("--root", default="bench-num-clusters", help="run directories go here (ROOT/runs)")
+    p.add_argument("--data-dir", help="where the data sets are built (default ROOT/data)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args()
+    root = Path(args.root)
+    paths = build(Path(args.data_dir) if args.data_dir else root / "data", args.sets)
+    out = {"overrides": args.overrides, "range": f"{default_range(10**9)[0]}..min(50, N/20)", "sets": {}}
+    for name in args.sets:
+        out["sets"][name] = one_set(name, paths[name], root, args.overrides)
+        print(json.dumps({name: out["sets"][name]}), file=sys.stderr, flush=True)
+    rows = out["sets"].values()
+    out["summary"] = {
+        "chosen_within_20pct": sum(_close(r["chosen_c"], r["true_c"]) for r in rows),
+        "peer_within_20pct": sum(_close(r["peer_silhouette_c"], r["true_c"]) for r in rows),
+        "nmi_within_0.03": sum(r["at_chosen"]["nmi"] >= r["at_true"]["nmi"] - 0.03 for r in rows),
+        "sets": len(out["sets"]),
+    }
+    print(json.dumps(out, indent=2))
+
+
+def _close(chosen: int, true: int) -> bool:
+    """Within ±20% of the true number, or ±1 below 6 (the issue's tolerance)."""
+    return abs(chosen - true) <= (1 if true < 6 else 0.2 * true)
+
+
+if __name__ == "__main__":
+    main()

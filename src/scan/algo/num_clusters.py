@@ -1,0 +1,154 @@
+"""How many clusters, without labels: the number whose partition the nearest neighbours support and
+that recurs on subsamples; and how the clusters nest.
+
+Two measures per candidate C, multiplied. The modularity of the partition on the directed kNN graph
+(an image points at its K nearest neighbours): the share of neighbour pairs that fall in one cluster,
+less the share a random partition with the same cluster sizes would keep together. Merging two real
+kinds raises the chance share of a large cluster; splitting a kind cuts its inner pairs: both lower
+it. Alone it splits a few big kinds (the gain of halving a cluster grows with its size), so it is
+weighted by stability: the agreement (adjusted Rand index) of the partition with the one found on
+random subsamples, high for boundaries between kinds and low for an arbitrary cut through one.
+The partitions are spectral clusterings of the graph (k-means on the row-normalised leading
+eigenvectors): one eigen-decomposition serves every C in the range.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.linalg import eigsh
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score
+
+from scan.algo.neighbors import l2_normalize, mine_neighbors
+
+# the range C is chosen from when the user gives none: 2 .. min(MAX_CLUSTERS, N / MIN_CLUSTER_SIZE)
+MAX_CLUSTERS = 50
+MIN_CLUSTER_SIZE = 20
+# the stability half of the criterion: partitions of this many random subsamples of this share of the images
+SUBSAMPLES = 3
+SUBSAMPLE_SHARE = 0.8
+# score = modularity x stability ** STABILITY_POWER: the square root keeps stability from overruling the
+# modularity of small kinds, whose clusters recur less exactly (measured: benchmarks/num_clusters.py)
+STABILITY_POWER = 0.5
+PARTITION_FIT_ROWS = 3000
+
+
+def neighbor_modularity(assignments: np.ndarray, neighbors: np.ndarray) -> float:
+    """Modularity of a partition on the directed kNN graph.
+
+    Q = (1 / NK) Σ_i Σ_k [a_i = a_{n_ik}]  −  Σ_c p_c q_c,  with p_c = |{i : a_i = c}| / N the share of
+    images (edge sources) in cluster c and q_c = |{(i, k) : a_{n_ik} = c}| / NK the share of neighbour
+    slots (edge targets) pointing into it. assignments (N,) ints, neighbors (N, K) indices; Q in [-1, 1),
+    0 for a partition that ignores the graph, 1 - 1/C for C equal, fully separated clusters.
+    """
+    a = np.asarray(assignments)
+    nb = np.asarray(neighbors)
+    c = int(a.max()) + 1
+    agree = float((a[nb] == a[:, None]).mean())
+    p = np.bincount(a, minlength=c) / len(a)
+    q = np.bincount(a[nb].ravel(), minlength=c) / nb.size
+    return agree - float(p @ q)
+
+
+def knn_graph(neighbors: np.ndarray) -> sp.csr_matrix:
+    """(N, N) symmetric 0/1 adjacency: i ~ j when either is among the other's neighbours."""
+    n, k = neighbors.shape
+    a = sp.csr_matrix((np.ones(n * k, np.float32), (np.repeat(np.arange(n), k), neighbors.ravel())), shape=(n, n))
+    return a.maximum(a.T).tocsr()
+
+
+def spectral_embedding(neighbors: np.ndarray, dims: int) -> np.ndarray:
+    """(N, dims) leading eigenvectors of the normalised kNN adjacency D^-1/2 A D^-1/2, largest eigenvalue first.
+
+    The start vector is fixed, so the result does not depend on a random state."""
+    a = knn_graph(neighbors)
+    scale = sp.diags(1.0 / np.sqrt(np.asarray(a.sum(1)).ravel()))
+    n = a.shape[0]
+    values, vectors = eigsh(scale @ a @ scale, k=min(dims, n - 1), which="LA", tol=1e-4,
+                            v0=np.full(n, 1 / np.sqrt(n)))
+    return vectors[:, np.argsort(-values)].astype(np.float32)
+
+
+def spectral_partition(embedding: np.ndarray, num_clusters: int, seed: int) -> np.ndarray:
+    """(N,) clusters of the first `num_clusters` spectral coordinates, rows L2-normalised (Ng, Jordan & Weiss):
+    k-means (k-means++, 3 starts) fitted on at most PARTITION_FIT_ROWS of them, which ~200 partitions per
+    choice (4 graphs x 49 values of C) need to stay within seconds for 10k images."""
+    rows = l2_normalize(embedding[:, :num_clusters])
+    fit = rows
+    if len(rows) > PARTITION_FIT_ROWS:
+        fit = rows[np.random.default_rng(seed).choice(len(rows), PARTITION_FIT_ROWS, replace=False)]
+    return KMeans(num_clusters, n_init=3, random_state=seed).fit(fit).predict(rows)
+
+
+def default_range(num_images: int, low: int = 2, high: int | None = None) -> range:
+    """The candidate numbers of clusters: low .. high, high by default min(MAX_CLUSTERS, N / MIN_CLUSTER_SIZE)."""
+    top = high if high is not None else min(MAX_CLUSTERS, num_images // MIN_CLUSTER_SIZE)
+    return range(low, max(low, top) + 1)
+
+
+def choose_num_clusters(features: np.ndarray, candidates, num_neighbors: int = 20, seed: int = 0,
+                        subsamples: int = SUBSAMPLES) -> dict:
+    """The number of clusters in `candidates` whose partition the neighbours support and that is reproducible.
+
+    For each C the spectral partition of the kNN graph (features (N, D), cosine, `num_neighbors` each) gets
+    score(C) = modularity(C) x stability(C) ** STABILITY_POWER: the neighbour modularity (which alone prefers
+    splitting a few big kinds, its resolution limit) weighted by the mean adjusted Rand index between that
+    partition and the one found the same way on each of `subsamples` random SUBSAMPLE_SHARE of the images (an
+    arbitrary split of one kind does not recur; a boundary between kinds does). The highest score wins; a tie
+    goes to the smaller C.
+    Returns {"num_clusters", "curve": {C: score}, "modularity": {C: ...}, "stability": {C: ...}, "criterion"}.
+    """
+    candidates = sorted(set(int(c) for c in candidates))
+    neighbors = mine_neighbors(features, num_neighbors)
+    embedding = spectral_embedding(neighbors, max(candidates))
+    full = {c: spectral_partition(embedding, c, seed) for c in candidates}
+    modularity = {c: neighbor_modularity(full[c], neighbors) for c in candidates}
+    rng = np.random.default_rng(seed)
+    agreement = {c: [] for c in candidates}
+    n = len(features)
+    for _ in range(subsamples):
+        rows = np.sort(rng.choice(n, int(SUBSAMPLE_SHARE * n), replace=False))
+        part_embedding = spectral_embedding(mine_neighbors(features[rows], min(num_neighbors, len(rows) - 1)),
+                                            max(candidates))
+        for c in candidates:
+            agreement[c].append(adjusted_rand_score(full[c][rows], spectral_partition(part_embedding, c, seed)))
+    stability = {c: float(np.mean(agreement[c])) if agreement[c] else 1.0 for c in candidates}
+    curve = {c: modularity[c] * stability[c] ** STABILITY_POWER for c in candidates}
+    best = max(candidates, key=lambda c: (curve[c], -c))
+    return {"num_clusters": best, "curve": curve, "modularity": modularity, "stability": stability,
+            "criterion": "neighbor_modularity x subsample_stability"}
+
+
+def merge_tree(assignments: np.ndarray, neighbors: np.ndarray, num_clusters: int | None = None) -> list[dict]:
+    """The order in which clusters join as their number shrinks: greedy agglomeration on the kNN graph.
+
+    Each step merges the two groups whose union raises the neighbour modularity most (the gain is
+    (E_ab + E_ba) / NK − (p_a q_b + p_b q_a), E_ab the neighbour slots of a pointing into b), so the
+    first merges join the clusters the neighbours link most, beyond what their sizes explain.
+    Returns C − 1 steps {"merge": [group, group], "into": new group id, "gain": ΔQ}; the final clusters
+    are groups 0..C−1 and step s creates group C + s (a SciPy-linkage-like numbering). O(C³) in all.
+    """
+    a = np.asarray(assignments)
+    c = num_clusters or int(a.max()) + 1
+    links = np.zeros((c, c))
+    np.add.at(links, (np.repeat(a, neighbors.shape[1]), a[neighbors].ravel()), 1.0)
+    links /= neighbors.size
+    p = np.bincount(a, minlength=c) / len(a)
+    q = links.sum(0)
+    group = list(range(c))            # the group id each row of the matrices holds now
+    active = np.ones(c, bool)
+    steps = []
+    for step in range(c - 1):
+        gain = links + links.T - np.outer(p, q) - np.outer(q, p)
+        gain[~active] = -np.inf
+        gain[:, ~active] = -np.inf
+        gain[np.tril_indices(c)] = -np.inf   # each pair once, i < j; ties go to the first pair
+        i, j = np.unravel_index(int(np.argmax(gain)), gain.shape)
+        steps.append({"merge": sorted([group[i], group[j]]), "into": c + step, "gain": float(gain[i, j])})
+        links[i] += links[j]
+        links[:, i] += links[:, j]
+        p[i] += p[j]
+        q[i] += q[j]
+        active[j] = False
+        group[i] = c + step
+    return steps

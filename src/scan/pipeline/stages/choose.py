@@ -1,0 +1,61 @@
+"""Stage 1b, choose (only with data.num_clusters=auto, the default for data without labels): the number
+of clusters, chosen without labels from the pretext features' nearest neighbours
+(scan.algo.num_clusters); writes choose/done.json with the choice and the criterion per candidate."""
+from __future__ import annotations
+
+import time
+
+from scan.algo.num_clusters import choose_num_clusters, default_range
+from scan.config import AUTO
+from scan.core.distributed import on_main
+from scan.core.errors import ConfigError
+from scan.pipeline.run import Run, mining_inputs, record_run_config, say
+from scan.pipeline.stage import Stage, register_stage
+from scan.train.mining import mining_space
+
+
+def candidate_range(cfg, num_images: int) -> range:
+    """The numbers of clusters the choice is made from (choose.min_clusters .. choose.max_clusters)."""
+    c = cfg.choose
+    if c.max_clusters is not None and c.max_clusters < c.min_clusters:
+        raise ConfigError(f"choose.max_clusters={c.max_clusters} is below choose.min_clusters={c.min_clusters}")
+    candidates = default_range(num_images, c.min_clusters, c.max_clusters)
+    if candidates[-1] >= num_images:
+        raise ConfigError(f"choose.max_clusters={candidates[-1]} must be smaller than the number of images "
+                          f"({num_images})")
+    return candidates
+
+
+def stage_choose(run: Run) -> dict:
+    """Choose the number of clusters (scan.algo.num_clusters.choose_num_clusters). Runs once, on rank 0,
+    under torchrun."""
+    if (record := run.done("choose")) is not None:
+        return record
+    return on_main(lambda: _choose(run))
+
+
+def _choose(run: Run) -> dict:
+    start = time.time()
+    space = mining_space(mining_inputs(run, "train", chosen=False))
+    candidates = candidate_range(run.cfg, len(space))
+    # the requested K, not the mine stage's cap for the largest candidate: a local graph over-splits
+    choice = choose_num_clusters(space, candidates, min(run.cfg.mine.num_neighbors, len(space) - 1), run.cfg.seed)
+    seconds = time.time() - start
+    count, curve = choice["num_clusters"], choice["curve"]
+    say(run.rt, f"choose: {count} clusters (score {curve[count]:.3f} = neighbour modularity "
+                f"{choice['modularity'][count]:.3f} x subsample stability {choice['stability'][count]:.3f}, the "
+                f"highest of C = {candidates[0]}..{candidates[-1]}; {seconds:.1f} s); the curve is in metrics.json "
+                f"and the report")
+    record = run.finish("choose", num_clusters=count, criterion=choice["criterion"], seconds=seconds,
+                        **{key: {str(c): v for c, v in choice[key].items()}
+                           for key in ("curve", "modularity", "stability")})
+    record_run_config(run)   # the models' configuration snapshots, keyed by fingerprints that need the choice
+    return record
+
+
+register_stage(Stage("choose", stage_choose, needs=("pretext",), sections=("seed", "choose", "mine"),
+                     enabled=lambda cfg: cfg.data.num_clusters == AUTO,
+                     # it searches mine.features with mine.num_neighbors; the miner and its head are mine's
+                     ignores=lambda cfg: ("mine.method", "mine.head_epochs", "mine.head_lr",
+                                          "mine.head_entropy_weight", "mine.head"),
+                     description="the number of clusters, chosen without labels (data.num_clusters=auto)"))

@@ -1,0 +1,86 @@
+"""The label-free choice of the number of clusters and the merge tree (scan.algo.num_clusters)."""
+import numpy as np
+import pytest
+
+from scan.algo.neighbors import mine_neighbors
+from scan.algo.num_clusters import choose_num_clusters, default_range, merge_tree, neighbor_modularity
+
+
+def test_modularity_by_hand():
+    a = np.array([0, 0, 1, 1])
+    pairs = np.array([[1], [0], [3], [2]])          # every neighbour in its own cluster
+    assert neighbor_modularity(a, pairs) == pytest.approx(0.5)   # 1 - sum p q = 1 - 1/C
+    ring = np.array([[1], [2], [3], [0]])           # half the pairs cross: what chance gives
+    assert neighbor_modularity(a, ring) == pytest.approx(0.0)
+    # unequal sizes: sources p = (3/4, 1/4), targets of [1, 2, 0, 3] -> clusters [0, 0, 0, 1]: q = (3/4, 1/4);
+    # agreement 4/4 -> Q = 1 - (9/16 + 1/16)
+    assert neighbor_modularity(np.array([0, 0, 0, 1]), np.array([[1], [2], [0], [3]])) == pytest.approx(6 / 16)
+
+
+def test_default_range():
+    assert list(default_range(100)) == [2, 3, 4, 5]            # N / 20
+    assert default_range(100_000)[-1] == 50                    # at most 50
+    assert list(default_range(30)) == [2]                      # never empty
+    assert list(default_range(1000, 4, 6)) == [4, 5, 6]
+
+
+def _blobs(groups: int, n: int = 600, dim: int = 16, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(groups, dim)) * 3
+    return (centers[rng.integers(0, groups, n)] + rng.normal(size=(n, dim))).astype(np.float32)
+
+
+@pytest.mark.parametrize("groups", [3, 7, 12])
+def test_choice_finds_separated_groups(groups):
+    choice = choose_num_clusters(_blobs(groups), default_range(600), 10, seed=0)
+    assert choice["num_clusters"] == groups
+    assert set(choice["curve"]) == set(default_range(600))
+    c = groups
+    assert choice["curve"][c] == pytest.approx(choice["modularity"][c] * choice["stability"][c] ** 0.5)
+    assert choice["stability"][c] > 0.99   # separated groups are found again on every subsample
+
+
+def test_choice_stays_in_the_range():
+    assert choose_num_clusters(_blobs(7), range(2, 5), 10, seed=0)["num_clusters"] in (2, 3, 4)
+
+
+def test_merge_tree_joins_the_nearer_pair_first():
+    """Three clusters, 0 and 2 close (their neighbours cross), 1 far: 0 and 2 join first, then 1."""
+    rng = np.random.default_rng(0)
+    centers = np.array([[0.0, 0.0, 5.0], [20.0, 0.0, 5.0], [2.0, 0.0, 5.0]])
+    labels = np.repeat([0, 1, 2], 100)
+    x = (centers[labels] + rng.normal(size=(300, 3)) * [1.0, 1.0, 0.0]).astype(np.float32)
+    steps = merge_tree(labels, mine_neighbors(x, 10))
+    assert [s["merge"] for s in steps] == [[0, 2], [1, 3]]
+    assert [s["into"] for s in steps] == [3, 4]
+    assert steps[0]["gain"] > steps[1]["gain"]
+
+
+def test_recluster_reuses_pretext_and_neighbours(trained_run, tmp_path, capsys):
+    """`scan recluster RUN --num-clusters 5`: a new run directory whose pretext and neighbours are RUN's
+    (not trained or mined again), clustered into 5; RUN itself is untouched."""
+    import json
+    import shutil
+
+    from conftest import run_cli
+    source = tmp_path / "run"
+    shutil.copytree(trained_run, source)
+    before = {p: p.read_bytes() for p in source.rglob("*") if p.is_file()}
+    assert run_cli("recluster", source, "--num-clusters", 5, "--quiet") == 0
+    target = tmp_path / "run-c5"
+    for reused in ("pretext/done.json", "pretext/backbone.pt", "mine/done.json", "mine/neighbors.npy"):
+        assert (target / reused).read_bytes() == (source / reused).read_bytes(), reused
+        # reused, not recomputed: a stage that ran again would have rewritten its done.json
+        assert (target / reused).stat().st_mtime_ns == (source / reused).stat().st_mtime_ns, reused
+    metrics = json.loads((target / "metrics.json").read_text())
+    assert metrics["num_clusters"] == 5 and np.load(target / "probs.npy").shape[1] == 5
+    assert "num_clusters: 5" in (target / "config.yaml").read_text()
+    assert (target / "report.html").is_file()
+    assert {p: p.read_bytes() for p in source.rglob("*") if p.is_file()} == before
+
+
+def test_recluster_refuses_what_is_not_a_run(tmp_path, capsys):
+    from conftest import one_error_line, run_cli
+    (tmp_path / "photos").mkdir()
+    assert run_cli("recluster", tmp_path / "photos", "--num-clusters", 3) == 2
+    one_error_line(capsys, "is not a run directory")
