@@ -84,3 +84,46 @@ def test_recluster_refuses_what_is_not_a_run(tmp_path, capsys):
     (tmp_path / "photos").mkdir()
     assert run_cli("recluster", tmp_path / "photos", "--num-clusters", 3) == 2
     one_error_line(capsys, "is not a run directory")
+
+
+def test_prior_entropy_is_the_entropy_for_a_uniform_prior_and_ignores_cluster_order():
+    import math
+
+    import torch
+
+    from scan.algo.losses import entropy, prior_entropy
+    p = torch.tensor([0.5, 0.3, 0.2])
+    assert prior_entropy(p, torch.full((3,), 1 / 3)) == pytest.approx(float(entropy(p)), abs=1e-6)
+    prior = torch.tensor([0.2, 0.5, 0.3])             # the same shares, other clusters: KL 0, the maximum log C
+    assert prior_entropy(p, prior) == pytest.approx(math.log(3), abs=1e-6)
+    # by hand: KL((.5, .3, .2) || (.6, .3, .1)) = .5 ln(.5/.6) + .2 ln(.2/.1)
+    expected = math.log(3) - (0.5 * math.log(0.5 / 0.6) + 0.2 * math.log(2.0))
+    assert prior_entropy(p, torch.tensor([0.1, 0.6, 0.3])) == pytest.approx(expected, abs=1e-6)
+
+
+def test_graph_size_prior_follows_the_long_tail():
+    from scan.algo.num_clusters import graph_size_prior
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 16)) * 4
+    labels = np.repeat([0, 1, 2], [300, 100, 30])
+    x = (centers[labels] + rng.normal(size=(430, 16))).astype(np.float32)
+    prior = np.sort(graph_size_prior(mine_neighbors(x, 10), 3))[::-1]
+    assert prior == pytest.approx(0.9 * np.array([300, 100, 30]) / 430 + 0.1 / 3, abs=1e-6)
+
+
+def test_size_prior_setting_reaches_the_cluster_loss(mined_run, tmp_path, monkeypatch):
+    from conftest import copy_run
+
+    import scan.pipeline.stages.cluster as cluster_stage
+    seen = []
+    real = cluster_stage.scan_loss
+
+    def spy(anchor, neighbor, weight, prior=None):
+        seen.append(prior)
+        return real(anchor, neighbor, weight, prior)
+    monkeypatch.setattr(cluster_stage, "scan_loss", spy)
+    run = copy_run(mined_run, tmp_path, ["cluster.size_prior=graph", "cluster.epochs=1"])
+    record = cluster_stage.stage_cluster(run)
+    assert seen and all(p is not None and p.shape == (run.num_clusters,) for p in seen)
+    assert record["size_prior"] == pytest.approx(seen[0].tolist())
+    assert sum(record["size_prior"]) == pytest.approx(1.0, abs=1e-5)

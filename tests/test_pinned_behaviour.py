@@ -71,8 +71,8 @@ class ForcedHeadLosses:
         self.choose, self.calls = choose, []
         monkeypatch.setattr(scan.pipeline.stages.cluster, "scan_loss_over_pairs", self)
 
-    def __call__(self, probs, neighbors, entropy_weight):
-        losses, consistency, entropy = scan_loss_over_pairs(probs, neighbors, entropy_weight)
+    def __call__(self, probs, neighbors, entropy_weight, prior=None):
+        losses, consistency, entropy = scan_loss_over_pairs(probs, neighbors, entropy_weight, prior=prior)
         forced = torch.as_tensor(self.choose(len(self.calls), losses), dtype=losses.dtype)
         self.calls.append({"probs": probs.clone(), "losses": losses.clone(), "forced": forced})
         return forced, consistency, entropy

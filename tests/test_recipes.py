@@ -209,10 +209,10 @@ def test_per_epoch_head_choice_keeps_an_earlier_epoch_when_its_held_out_loss_was
             weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         return real_probs(run, model, split, dtype)
 
-    def loss(probs, neighbors, entropy_weight):
+    def loss(probs, neighbors, entropy_weight, prior=None):
         if len(neighbors) == len(run.eval) and neighbors.shape[1] == 4:
             return (torch.tensor(next(script)),) * 3
-        return real_loss(probs, neighbors, entropy_weight)
+        return real_loss(probs, neighbors, entropy_weight, prior=prior)
     monkeypatch.setattr(cluster, "head_probs", probs)
     monkeypatch.setattr(cluster, "scan_loss_over_pairs", loss)
     run = copy_run(mined_run, tmp_path, ["cluster.head_choice=per_epoch", "cluster.epochs=3",
@@ -233,10 +233,10 @@ def test_per_epoch_head_choice_resumes_with_its_lowest_loss(mined_run, tmp_path,
     import scan.pipeline.stages.cluster as cluster
     real_loss, script = cluster.scan_loss_over_pairs, []
 
-    def loss(probs, neighbors, entropy_weight):
+    def loss(probs, neighbors, entropy_weight, prior=None):
         if neighbors.shape[1] == 4:   # the held-out pairs
             return (torch.tensor(script.pop(0)),) * 3
-        return real_loss(probs, neighbors, entropy_weight)
+        return real_loss(probs, neighbors, entropy_weight, prior=prior)
     monkeypatch.setattr(cluster, "scan_loss_over_pairs", loss)
     overrides = ["cluster.head_choice=per_epoch", "cluster.epochs=3", "cluster.heldout_neighbors=4"]
     script[:] = [[1.0, 5.0, 5.0], [2.0, 5.0, 5.0], [3.0, 5.0, 5.0]]

@@ -53,18 +53,35 @@ def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return -(p * torch.log(p.clamp_min(EPS))).sum(dim)
 
 
-def scan_loss(anchor_logits: torch.Tensor, neighbor_logits: torch.Tensor, entropy_weight: float = 5.0):
+def prior_entropy(p: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """log C − KL(sort(p) ‖ sort(π)) along the last dimension, for cluster shares p (..., C) and a prior π (C,).
+
+    The KL-to-a-prior form of SCAN's entropy term: it equals H(p) for a uniform π and is highest when the
+    sorted shares match the sorted prior, whichever cluster holds which share (cluster ids are arbitrary).
+    """
+    shares = p.sort(-1, descending=True).values
+    target = prior.to(p).sort(descending=True).values
+    kl = (shares * (torch.log(shares.clamp_min(EPS)) - torch.log(target.clamp_min(EPS)))).sum(-1)
+    return math.log(p.shape[-1]) - kl
+
+
+def _spread(mean: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
+    return entropy(mean) if prior is None else prior_entropy(mean, prior)
+
+
+def scan_loss(anchor_logits: torch.Tensor, neighbor_logits: torch.Tensor, entropy_weight: float = 5.0,
+              prior: torch.Tensor | None = None):
     """SCAN clustering loss for (..., B, C) logits of anchors and one mined neighbour each.
 
-    consistency = −(1/B) Σ_i log⟨p(x_i), p(n_i)⟩,   H = entropy of the mean prediction p̄ over the batch,
-    total = consistency − λ·H.  Leading dimensions (e.g. heads) are kept.
-    Returns (total, consistency, H), each of shape (...,).
+    consistency = −(1/B) Σ_i log⟨p(x_i), p(n_i)⟩,   H = entropy of the mean prediction p̄ over the batch
+    (with a cluster-size prior π (C,): prior_entropy(p̄, π)),   total = consistency − λ·H.
+    Leading dimensions (e.g. heads) are kept. Returns (total, consistency, H), each of shape (...,).
     """
     p_anchor = anchor_logits.float().softmax(-1)
     p_neighbor = neighbor_logits.float().softmax(-1)
     similarity = (p_anchor * p_neighbor).sum(-1)
     consistency = -torch.log(similarity.clamp_min(EPS)).mean(-1)
-    h = entropy(global_mean(p_anchor, -2))
+    h = _spread(global_mean(p_anchor, -2), prior)
     return consistency - entropy_weight * h, consistency, h
 
 
@@ -81,13 +98,13 @@ def global_mean(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def scan_loss_over_pairs(probs: torch.Tensor, neighbors: torch.Tensor, entropy_weight: float = 5.0,
-                         chunk_elements: int = 1 << 25):
+                         chunk_elements: int = 1 << 25, prior: torch.Tensor | None = None):
     """The SCAN loss of `scan_loss` over every mined pair at once, from probabilities (H, N, C).
 
     consistency_h = −(1/NK) Σ_i Σ_k log⟨p_h(x_i), p_h(x_{n_ik})⟩ for neighbours (N, K), H_h the
     entropy of head h's mean prediction; rows are gathered in chunks of at most `chunk_elements`
     values, so 10 heads × 260k images × 50 neighbours × 200 classes never materialise at once.
-    `probs` may be float16 (each chunk is computed in float32).
+    `probs` may be float16 (each chunk is computed in float32); `prior` as in scan_loss.
     Returns (total, consistency, H), each of shape (H,), for choosing the head with the lowest total.
     """
     heads, n, c = probs.shape
@@ -102,7 +119,7 @@ def scan_loss_over_pairs(probs: torch.Tensor, neighbors: torch.Tensor, entropy_w
         log_sum += torch.log(similarity.clamp_min(EPS)).sum(dim=(1, 2)).double()
         prob_sum += anchor.sum(1).double()
     consistency = (-log_sum / (n * k)).float()
-    h = entropy((prob_sum / n).float())
+    h = _spread((prob_sum / n).float(), prior)
     return consistency - entropy_weight * h, consistency, h
 
 

@@ -20,6 +20,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
 from scan.algo.neighbors import l2_normalize, mine_neighbors
+from scan.core.registry import Registry
 
 # the range C is chosen from when the user gives none: 2 .. min(MAX_CLUSTERS, N / MIN_CLUSTER_SIZE)
 MAX_CLUSTERS = 50
@@ -152,3 +153,17 @@ def merge_tree(assignments: np.ndarray, neighbors: np.ndarray, num_clusters: int
         active[j] = False
         group[i] = c + step
     return steps
+
+
+def graph_size_prior(neighbors: np.ndarray, num_clusters: int, seed: int = 0) -> np.ndarray:
+    """(C,) cluster shares the kNN graph suggests, for the KL-to-a-prior entropy term (cluster.size_prior=graph):
+    the sizes of its spectral partition into C, mixed with 10% of the uniform shares so no cluster is ruled out."""
+    part = spectral_partition(spectral_embedding(neighbors, num_clusters), num_clusters, seed)
+    shares = np.bincount(part, minlength=num_clusters) / len(part)
+    return (0.9 * shares + 0.1 / num_clusters).astype(np.float32)
+
+
+# cluster.size_prior: the cluster shares the SCAN entropy term pulls towards; None = uniform (plain entropy)
+SIZE_PRIORS: Registry = Registry("cluster.size_prior")
+SIZE_PRIORS.add("uniform", lambda neighbors, num_clusters, seed: None)
+SIZE_PRIORS.add("graph", graph_size_prior)

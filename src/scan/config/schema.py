@@ -137,6 +137,9 @@ class ChooseConfig:
 @dataclass(frozen=True)
 class ClusterConfig(TrainingConfig):
     entropy_weight: float = _f(5.0, lo=0.0)
+    # the cluster sizes the entropy term pulls towards (scan.algo.num_clusters.SIZE_PRIORS): uniform = SCAN's
+    # entropy; graph = the KL-to-a-prior form with the shares of the kNN graph's spectral partition (long tails)
+    size_prior: str = "uniform"
     num_heads: int = _f(10, lo=1, hi=1000)
     update_backbone: bool = True
     augment: str = _f("strong", choices=("strong", "simclr", "weak", "none"))

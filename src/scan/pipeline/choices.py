@@ -6,6 +6,7 @@ The registries live in the layers below this one, so this is the lowest place th
 """
 from __future__ import annotations
 
+from scan.algo.num_clusters import SIZE_PRIORS
 from scan.algo.propagation import RANK_COLUMNS, WEAK_LABELS
 from scan.config import Config, read_config
 from scan.data import DATASETS
@@ -36,6 +37,7 @@ def check_choices(cfg: Config) -> None:
     PRETEXT_VIEWS.check(cfg.pretext.views)
     MINING_HEADS.check(cfg.mine.head)
     STRENGTHS.check(cfg.augment.strong_strength)
+    SIZE_PRIORS.check(cfg.cluster.size_prior)
 
 
 def load_config(source: str | None = None, overrides: list[str] | dict | None = None) -> Config:

@@ -13,6 +13,7 @@ import torch
 from scan.algo.checks import cluster_check, report
 from scan.algo.losses import scan_loss, scan_loss_over_pairs
 from scan.algo.neighbors import mine_neighbors
+from scan.algo.num_clusters import SIZE_PRIORS
 from scan.core.checkpoint import atomic_torch_save, seed_everything
 from scan.core.distributed import is_main, parallel
 from scan.pipeline.run import Run, head_probs, mining_inputs, require, say
@@ -45,10 +46,12 @@ def stage_cluster(run: Run) -> dict:
     c = run.cfg.cluster
     neighbors = torch.from_numpy(np.load(require(run.path("mine", "neighbors.npy"), "mine")))
     start = time.time()
+    prior = SIZE_PRIORS.get(c.size_prior)(neighbors.numpy(), run.num_clusters, run.cfg.seed)
+    prior = None if prior is None else torch.from_numpy(prior)
     heldout = heldout_neighbors(run) if c.head_choice == "per_epoch" else None
     kept, scores = None, []
     for restart in range(c.restarts):
-        trial = _train_with_rescue(run, neighbors, heldout, restart)
+        trial = _train_with_rescue(run, neighbors, heldout, restart, prior)
         scores.append({"restart": restart, "loss": trial["score"], "status": trial["check"]["status"],
                        "consistency": trial["check"]["consistency"]})
         if kept is None or trial["score"] < kept["score"]:
@@ -58,6 +61,8 @@ def stage_cluster(run: Run) -> dict:
     atomic_torch_save(run.path("cluster", "model.pt"), model.state_dict())
     extra = {"seconds": time.time() - start, "head_losses": kept["losses"].tolist(), "best_head": best,
              "history": kept["history"], "head_choice": c.head_choice, "check": report("cluster", check)}
+    if prior is not None:
+        extra["size_prior"] = prior.tolist()
     if c.restarts > 1:
         extra["restarts"], extra["kept_restart"] = scores, kept["restart"]
         say(run.rt, f"cluster: restarts 0-{c.restarts - 1} ended at losses "
@@ -72,7 +77,8 @@ def stage_cluster(run: Run) -> dict:
     return run.finish("cluster", **extra)
 
 
-def _train_with_rescue(run: Run, neighbors: torch.Tensor, heldout: torch.Tensor | None, restart: int) -> dict:
+def _train_with_rescue(run: Run, neighbors: torch.Tensor, heldout: torch.Tensor | None, restart: int,
+                       prior: torch.Tensor | None) -> dict:
     """One training of the heads (restart `restart`), retried at higher learning rates while the kept
     head stays uniform. Returns the model, its head losses, kept head, check, and the score that
     ranks restarts: the kept head's training loss (final) or its held-out loss (per_epoch)."""
@@ -80,12 +86,12 @@ def _train_with_rescue(run: Run, neighbors: torch.Tensor, heldout: torch.Tensor 
     lrs = sorted(lr for lr in {c.lr, *(min(c.lr * f, RESCUE_MAX_LR) for f in RESCUE_LR_FACTORS)} if lr >= c.lr)
     tried = []
     for attempt, lr in enumerate(lrs):
-        model, history, lowest = _train_heads(run, neighbors, lr, attempt, heldout, restart)
+        model, history, lowest = _train_heads(run, neighbors, lr, attempt, heldout, restart, prior)
         if lowest is not None:   # per_epoch: back to the weights of the epoch whose head had the lowest loss
             model.load_state_dict(lowest.state)
         # (H, N, C) in float16: 10 heads x 260k ImageNet-200 images would take 2 GB in float32
         probs = head_probs(run, model, "train", dtype=torch.float16)
-        losses, consistency, _ = scan_loss_over_pairs(probs, neighbors, c.entropy_weight)
+        losses, consistency, _ = scan_loss_over_pairs(probs, neighbors, c.entropy_weight, prior=prior)
         best = int(losses.argmin()) if lowest is None else lowest.detail
         confidence = float(probs[best].max(1).values.float().mean())
         check = cluster_check(float(consistency[best]), confidence, run.num_clusters)
@@ -115,7 +121,7 @@ def heldout_neighbors(run: Run) -> torch.Tensor:
 
 
 def _train_heads(run: Run, neighbors: torch.Tensor, lr: float, attempt: int, heldout: torch.Tensor | None,
-                 restart: int):
+                 restart: int, prior: torch.Tensor | None):
     """One training of the clustering heads (and backbone, if updated) at learning rate `lr`; with held-out
     neighbours (cluster.head_choice=per_epoch) also the BestWeights over epochs and heads, else None."""
     cfg, rt, c = run.cfg, run.rt, run.cfg.cluster
@@ -131,6 +137,7 @@ def _train_heads(run: Run, neighbors: torch.Tensor, lr: float, attempt: int, hel
     logits_of = parallel(model, source.pair_logits(model), cfg.sync_batchnorm)   # DDP under torchrun
     n, k = neighbors.shape
     batch_size = min(c.batch_size, n)
+    device_prior = None if prior is None else prior.to(rt.device)
     steps = len(minibatches(n, batch_size))
 
     def epoch_fn(epoch, tick):
@@ -141,7 +148,7 @@ def _train_heads(run: Run, neighbors: torch.Tensor, lr: float, attempt: int, hel
         for idx in minibatches(n, batch_size):
             nb = neighbors[idx, torch.randint(k, (len(idx),))]
             logits = logits_of(idx, nb)
-            total, consistency, h = scan_loss(logits[:, :len(idx)], logits[:, len(idx):], c.entropy_weight)
+            total, consistency, h = scan_loss(logits[:, :len(idx)], logits[:, len(idx):], c.entropy_weight, device_prior)
             loss = total.sum()
             optimizer_step(optimizer, loss, "cluster", epoch)
             sums += [total.mean().item(), consistency.mean().item(), h.mean().item()]
@@ -162,7 +169,7 @@ def _train_heads(run: Run, neighbors: torch.Tensor, lr: float, attempt: int, hel
 
         def after_epoch(epoch, stats):
             probs = head_probs(run, model, "eval", dtype=torch.float16)
-            losses = scan_loss_over_pairs(probs, heldout, c.entropy_weight)[0]
+            losses = scan_loss_over_pairs(probs, heldout, c.entropy_weight, prior=prior)[0]
             stats["heldout_losses"] = losses.tolist()
             lowest.offer(model, float(losses.min()), epoch + 1, detail=int(losses.argmin()))
             return False
@@ -181,6 +188,8 @@ def _warn_collapse(run: Run, pred: torch.Tensor, stage: str) -> None:
 
 register_stage(Stage("cluster", stage_cluster, needs=("mine",), sections=("seed", "cluster", "augment"),
                      inputs=lambda run: (run.num_clusters,), writes_model=True,
-                     # one restart is the single training the stage always ran: earlier run directories stay valid
-                     ignores=lambda cfg: ("cluster.restarts",) if cfg.cluster.restarts == 1 else (),
+                     # one restart is the single training the stage always ran, the uniform size prior the plain
+                     # entropy term it always used: earlier run directories stay valid
+                     ignores=lambda cfg: (("cluster.restarts",) if cfg.cluster.restarts == 1 else ())
+                     + (("cluster.size_prior",) if cfg.cluster.size_prior == "uniform" else ()),
                      description="SCAN heads: neighbours agree, entropy keeps every cluster"))
