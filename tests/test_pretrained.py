@@ -166,3 +166,29 @@ def test_pretrained_option_takes_a_network_name_or_a_state_dict_file(tmp_path):
     assert pretrained_overrides(str(tmp_path / "w.pt"))["model"] == {"init_checkpoint": str(tmp_path / "w.pt")}
     with pytest.raises(ConfigError, match="neither a pretrained network"):
         pretrained_overrides("efficientnet_b7")
+
+
+@needs_weights
+def test_ten_photos_per_kind_cluster_as_well_as_kmeans_on_their_features(tmp_path):
+    """8 kinds x 10 crops of scikit-image photos (issue 27): with the default 20 neighbours at most 9 could be of
+    the same kind; the neighbour count drops to 80 / 16 = 5 and the run matches k-means on the same features."""
+    import json
+    data = pytest.importorskip("skimage.data")
+    rng = np.random.default_rng(0)
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "coins", "camera", "brick", "moon"):
+        photo = getattr(data, name)()
+        photo = np.repeat(photo[..., None], 3, axis=2) if photo.ndim == 2 else photo[..., :3]
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        h, w = photo.shape[:2]
+        for j in range(10):
+            side = int(rng.integers(min(h, w) // 2, min(h, w) * 3 // 4))
+            y, x = int(rng.integers(0, h - side)), int(rng.integers(0, w - side))
+            crop = Image.fromarray(photo[y:y + side, x:x + side]).resize((96, 96), Image.BILINEAR)
+            crop.save(tmp_path / "photos" / name / f"{j}.png")
+    out = tmp_path / "run"
+    assert main(["run", "--data", str(tmp_path / "photos"), "--labels-from-folders", "--num-clusters", "8",
+                 "--pretrained", "efficientnet_lite0", "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "mine" / "done.json").read_text())["num_neighbors"] == 5
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["kmeans"]["acc"] == 1.0
+    assert metrics[metrics["final_stage"]]["acc"] == 1.0
