@@ -257,6 +257,7 @@ def test_fit_keeps_parameters_and_adds_only_learned_attributes(fit_record, digit
     with pytest.raises(NotFittedError):
         check_is_fitted(clone(estimator))
     assert estimator.n_features_in_ == 64 and estimator.n_clusters_ == NUM_CLUSTERS
+    assert estimator.n_clusters_curve_ is None   # C was given
     assert estimator.filenames_ is None   # an array has no files
     cfg = estimator.config_
     assert (cfg.cluster.epochs, cfg.model.width, cfg.data.num_clusters, cfg.seed, cfg.quiet) == (
@@ -421,3 +422,18 @@ def test_user_errors_are_one_line(fitted, tmp_path):
         with pytest.raises(error, match=message) as info:
             call()
         assert len(str(info.value).splitlines()) == 1
+
+
+def test_n_clusters_auto_chooses_and_exposes_the_curve(tmp_path):
+    """n_clusters="auto": the choose stage picks C (three unmistakable kinds of image), n_clusters_ is the
+    choice and n_clusters_curve_ the score of every candidate (choose.max_clusters=6 via overrides)."""
+    rng = np.random.default_rng(0)
+    bases = np.stack([np.full((10, 10), 20), np.full((10, 10), 235), np.tile([0, 255] * 5, (10, 1))])
+    kinds = np.repeat(np.arange(3), 30)
+    images = np.clip(bases[kinds] + rng.integers(-15, 16, (90, 10, 10)), 0, 255).astype(np.uint8)
+    estimator = tiny(n_clusters="auto", overrides={**tiny_overrides(), "choose__max_clusters": 6})
+    labels = estimator.fit_predict(images)
+    assert estimator.n_clusters_ == 3 and sorted(estimator.n_clusters_curve_) == [2, 3, 4, 5, 6]
+    assert estimator.n_clusters_curve_[3] == max(estimator.n_clusters_curve_.values())
+    assert labels.shape == (90,) and estimator.probs_.shape == (90, 3)
+    assert clone(estimator).n_clusters == "auto"
