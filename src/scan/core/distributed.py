@@ -24,6 +24,7 @@ import contextlib
 import os
 import sys
 import warnings
+from datetime import timedelta
 from typing import Callable
 
 import torch
@@ -32,9 +33,13 @@ import torch.distributed.nn.functional as dist_nn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from scan.core.errors import ConfigError
+from scan.core.errors import ConfigError, RunError
 
 _local_only = [False]   # True inside `on_main`'s rank-0 work: helpers act as one process
+
+
+# seconds processes started by hand (no torchrun) wait for each other before giving up ($SCAN_JOIN_TIMEOUT)
+JOIN_TIMEOUT = 300
 
 
 def _environment_number(name: str, default: str) -> int:
@@ -107,13 +112,47 @@ def init(device: torch.device) -> torch.device:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        if "TORCHELASTIC_RUN_ID" not in os.environ:   # set by hand, not by torchrun: nobody may be coming
-            print(f"scan: RANK={rank_} of WORLD_SIZE={world} without torchrun: waiting for the other {world - 1} "
-                  f"process(es) at {os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')} "
-                  f"(unset WORLD_SIZE and RANK to run in one process)", file=sys.stderr, flush=True)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            dist.init_process_group(backend)
+        else:   # set by hand, not by torchrun: nobody may be coming, so say so and stop waiting in time
+            dist.init_process_group(backend, store=_hand_set_store(rank_, world), rank=rank_, world_size=world)
         atexit.register(shutdown)
     return device
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """File descriptor 2 to /dev/null for the duration: what native code writes there (Python's own stderr
+    object is untouched, and restored with it)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _hand_set_store(rank_: int, world: int) -> dist.Store:
+    """The rendezvous of processes started by hand (WORLD_SIZE, RANK, MASTER_ADDR/PORT set without torchrun),
+    given up after $SCAN_JOIN_TIMEOUT seconds (default JOIN_TIMEOUT) with one line instead of torch's 30
+    silent minutes; once all have joined, collectives keep torch's own timeout."""
+    address, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), _environment_number("MASTER_PORT", "29500")
+    seconds = _environment_number("SCAN_JOIN_TIMEOUT", str(JOIN_TIMEOUT))
+    print(f"scan: RANK={rank_} of WORLD_SIZE={world} without torchrun: waiting up to {seconds} s for the other "
+          f"{world - 1} process(es) at {address}:{port} (unset WORLD_SIZE and RANK to run in one process)",
+          file=sys.stderr, flush=True)
+    try:
+        with _native_stderr_silenced():   # c10d logs every retry with a C++ stack trace
+            return dist.TCPStore(address, port, world, is_master=rank_ == 0, timeout=timedelta(seconds=seconds),
+                                 wait_for_workers=True)
+    except (RuntimeError, dist.DistError) as e:   # DistStoreError / DistNetworkError: nobody came in time
+        raise RunError(f"RANK={rank_} of WORLD_SIZE={world}: the other process(es) did not join {address}:{port} "
+                       f"within {seconds} s ({type(e).__name__}); start every rank (or use torchrun), or unset "
+                       f"WORLD_SIZE and RANK to run in one process") from None
 
 
 def shutdown() -> None:
