@@ -11,6 +11,7 @@ count, ACC/NMI/ARI of our final model and of each recipe, and the seconds after 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -25,12 +26,18 @@ from datasets import build  # noqa: E402
 from scan.algo.metrics import evaluate_clustering  # noqa: E402
 from scan.algo.neighbors import l2_normalize  # noqa: E402
 from scan.algo.num_clusters import spectral_embedding, spectral_partition  # noqa: E402
-from scan.cli import main as scan  # noqa: E402
+from scan.cli import main as _scan_main  # noqa: E402
 from scan.use.inference import open_trained_run  # noqa: E402
 
 SETS = ("photo-patches", "photo-crops-80", "digits", "fashion-2k", "shapes", "fashion-long-tailed",
         "digits-fashion-20")
 SCORES = ("acc", "nmi", "ari")
+
+
+def scan(args: list[str]) -> int:
+    """`scan ARGS` in this process, its summary lines on stderr: stdout is this benchmark's JSON."""
+    with contextlib.redirect_stdout(sys.stderr):
+        return _scan_main(args)
 
 
 def photo_crops(root: Path, per_kind: int = 10) -> Path:
@@ -71,8 +78,10 @@ def umap_kmeans(features: np.ndarray, k: int, seed: int) -> np.ndarray | None:
 
 def one_set(name: str, path: Path, root: Path, overrides: list[str]) -> dict:
     run_dir = root / "runs" / name
+    kinds = (len([d for d in path.iterdir() if d.is_dir()]) if path.is_dir()
+             else int(np.load(path)["labels"].max()) + 1)   # the true number of clusters is given
     args = ["run", "--data", str(path), "--pretrained", "efficientnet_lite0", "--out", str(run_dir), "--quiet",
-            *(a for o in overrides for a in ("--set", o))]
+            "--num-clusters", str(kinds), *(a for o in overrides for a in ("--set", o))]
     start = time.time()
     assert scan(args + (["--labels-from-folders"] if path.is_dir() else [])) == 0
     wall = time.time() - start

@@ -14,6 +14,7 @@ Run directories are kept under --root/runs: a rerun reuses their pretext (and fe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -28,12 +29,18 @@ from datasets import build  # noqa: E402
 
 from scan.algo.neighbors import l2_normalize  # noqa: E402
 from scan.algo.num_clusters import default_range  # noqa: E402
-from scan.cli import main as scan  # noqa: E402
+from scan.cli import main as _scan_main  # noqa: E402
 from scan.use.inference import open_trained_run  # noqa: E402
 
 SETS = ("digits", "digits-3", "digits-5", "digits-long-tailed", "fashion-2k", "fashion-long-tailed", "shapes",
         "digits-fashion-20", "photo-patches")
 SCORES = ("acc", "nmi", "ari")
+
+
+def scan(args: list[str]) -> int:
+    """`scan ARGS` in this process, its summary lines on stderr: stdout is this benchmark's JSON."""
+    with contextlib.redirect_stdout(sys.stderr):
+        return _scan_main(args)
 
 
 def silhouette_choice(features: np.ndarray, candidates, seed: int = 0) -> int:
