@@ -165,3 +165,16 @@ def test_a_hand_set_world_size_without_torchrun_says_what_it_waits_for_and_gives
         assert f"127.0.0.1:{port}" in lines[0] and "unset WORLD_SIZE and RANK" in lines[0]
         assert lines[1].startswith("scan: error: ") and "did not join" in lines[1] and "within 2 s" in lines[1]
         assert not (tmp_path / "run").exists()
+
+@pytest.mark.parametrize("count, extra, message", [
+    (1, ["--num-clusters", "3"], "holds 1 image(s): too few to cluster; give at least 2"),
+    (1, ["--pretrained", "efficientnet_lite0"], "holds 1 image(s): too few to cluster; give at least 2"),
+    (3, [], "3 images are too few to choose the number of clusters"),
+])
+def test_a_handful_of_images_is_refused_in_the_users_terms(tmp_path, capsys, count, extra, message):
+    """Not 'pretext.batch_size must be >= 2' or 'choose.max_clusters=2 ...': settings the user never set."""
+    import numpy as np
+    np.savez(tmp_path / "few.npz", images=np.random.default_rng(0).integers(0, 255, (count, 8, 8), dtype=np.uint8))
+    assert main(["run", "--data", str(tmp_path / "few.npz"), *extra, "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    one_error_line(capsys, message)
+    assert not (tmp_path / "r").exists()

@@ -20,6 +20,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
 from scan.algo.neighbors import l2_normalize, mine_neighbors
+from scan.core.errors import ConfigError
 from scan.core.registry import Registry
 
 # the range C is chosen from when the user gives none: 2 .. min(MAX_CLUSTERS, N / MIN_CLUSTER_SIZE)
@@ -85,6 +86,21 @@ def default_range(num_images: int, low: int = 2, high: int | None = None) -> ran
     """The candidate numbers of clusters: low .. high, high by default min(MAX_CLUSTERS, N / MIN_CLUSTER_SIZE)."""
     top = high if high is not None else min(MAX_CLUSTERS, num_images // MIN_CLUSTER_SIZE)
     return range(low, max(low, top) + 1)
+
+
+def candidate_range(num_images: int, low: int = 2, high: int | None = None) -> range:
+    """default_range, checked: a ConfigError in the user's terms when the images are too few to choose from
+    or the bounds (choose.min_clusters, choose.max_clusters) do not fit them."""
+    if num_images <= max(low, 3):   # a spectral partition needs more rows than clusters
+        raise ConfigError(f"{num_images} images are too few to choose the number of clusters (data.num_clusters=auto, "
+                          f"the default without labels): pass --num-clusters C")
+    if high is not None and high < low:
+        raise ConfigError(f"choose.max_clusters={high} is below choose.min_clusters={low}")
+    candidates = default_range(num_images, low, high)
+    if candidates[-1] >= num_images:
+        raise ConfigError(f"choose.max_clusters={candidates[-1]} must be smaller than the number of images "
+                          f"({num_images})")
+    return candidates
 
 
 def choose_num_clusters(features: np.ndarray, candidates, num_neighbors: int = 20, seed: int = 0,

@@ -47,12 +47,22 @@ def channel_stats(images, rows: torch.Tensor, max_values: int = 2 ** 26) -> tupl
     return (mean / 255).float(), (var.clamp_min(0).sqrt() / 255).float()
 
 
+def check_enough_images(cfg: Config, count: int) -> None:
+    """Clustering needs two images at the very least (and C for C clusters): say so in those words, before a
+    setting derived from the count (a batch size of 1, a range of one cluster) is refused under its own name."""
+    if count < 2:
+        where = cfg.data.path or cfg.data.dataset
+        raise ConfigError(f"{where} holds {count} image(s): too few to cluster; give at least 2 (and at least as "
+                          f"many as the number of clusters)")
+
+
 def describe_data(cfg: Config, train: ImageDataset, evaluation: ImageDataset) -> dict:
     """Summary written to data.json; also decides the number of clusters and the normalisation."""
     x = train.images
     if evaluation.images.shape[1:] != x.shape[1:]:
         raise ConfigError(f"data.eval_split '{cfg.data.eval_split}' has images of shape "
                           f"{tuple(evaluation.images.shape[1:])}, the train split {tuple(x.shape[1:])}")
+    check_enough_images(cfg, len(train))
     num_classes = train.num_classes
     # without labels and without a number the choose stage finds one (data.num_clusters=auto)
     num_clusters = cfg.data.num_clusters or num_classes or AUTO

@@ -27,6 +27,7 @@ from PIL import Image
 
 from scan.data import detect_format
 from scan.data.imagefiles import IMAGE_EXTENSIONS, decode_images, list_files
+from scan.data.splits import check_enough_images
 from scan.nets.models import build_backbone
 from scan.nets.pretrained import LITE_MODELS, LiteBackbone
 from scan.train.engine import Runtime, resolve_device
@@ -53,6 +54,7 @@ def stem_stride(side: int) -> int:
 
 def auto_defaults(cfg, train) -> dict:
     """Overrides chosen from the training images when no data-set config is given."""
+    check_enough_images(cfg, len(train))
     if source_class(cfg).frozen:
         return {}   # nothing to scale: --pretrained brings the head-only settings (config/builtin/pretrained.yaml)
     n, side = len(train), int(train.images.shape[-1])

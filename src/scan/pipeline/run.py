@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from scan.algo.neighbors import neighbor_count
+from scan.algo.num_clusters import candidate_range
 from scan.config import AUTO, Config
 from scan.core import distributed
 from scan.core.checkpoint import as_json, atomic_write_json, load_state_dict
@@ -162,6 +163,7 @@ def open_run(cfg: Config, run_dir: Path, restart: bool = False, data=None) -> Ru
     info = describe_data(cfg, train, evaluation)
     if info["num_clusters"] == AUTO:   # data without labels nor a number: config.yaml says the choose stage runs
         cfg = replace(cfg, data=replace(cfg.data, num_clusters=AUTO))
+        candidate_range(len(train), cfg.choose.min_clusters, cfg.choose.max_clusters)   # before the pretext trains
     created, was_run = not run_dir.exists(), is_run_dir(run_dir)
     # rank 0 claims (and locks, for the whole job) the run directory; the others wait for it
     distributed.on_main(lambda: prepare_run_dir(run_dir, restart, stage_names()))

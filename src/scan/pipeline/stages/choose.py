@@ -5,25 +5,12 @@ from __future__ import annotations
 
 import time
 
-from scan.algo.num_clusters import choose_num_clusters, default_range
+from scan.algo.num_clusters import candidate_range, choose_num_clusters
 from scan.config import AUTO
 from scan.core.distributed import on_main
-from scan.core.errors import ConfigError
 from scan.pipeline.run import Run, mining_inputs, record_run_config, say
 from scan.pipeline.stage import Stage, register_stage
 from scan.train.mining import mining_space
-
-
-def candidate_range(cfg, num_images: int) -> range:
-    """The numbers of clusters the choice is made from (choose.min_clusters .. choose.max_clusters)."""
-    c = cfg.choose
-    if c.max_clusters is not None and c.max_clusters < c.min_clusters:
-        raise ConfigError(f"choose.max_clusters={c.max_clusters} is below choose.min_clusters={c.min_clusters}")
-    candidates = default_range(num_images, c.min_clusters, c.max_clusters)
-    if candidates[-1] >= num_images:
-        raise ConfigError(f"choose.max_clusters={candidates[-1]} must be smaller than the number of images "
-                          f"({num_images})")
-    return candidates
 
 
 def stage_choose(run: Run) -> dict:
@@ -37,7 +24,7 @@ def stage_choose(run: Run) -> dict:
 def _choose(run: Run) -> dict:
     start = time.time()
     space = mining_space(mining_inputs(run, "train", chosen=False))
-    candidates = candidate_range(run.cfg, len(space))
+    candidates = candidate_range(len(space), run.cfg.choose.min_clusters, run.cfg.choose.max_clusters)
     # the requested K, not the mine stage's cap for the largest candidate: a local graph over-splits
     choice = choose_num_clusters(space, candidates, min(run.cfg.mine.num_neighbors, len(space) - 1), run.cfg.seed)
     seconds = time.time() - start
