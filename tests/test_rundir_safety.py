@@ -428,3 +428,29 @@ def test_a_read_only_run_without_its_caches_still_predicts_and_says_what_it_cost
     assert not (run / "trust.pt").exists()
     assert any("cannot write" in r.getMessage() and "trust.pt" in r.getMessage() and "this command only" in
                r.getMessage() for r in caplog.records)
+
+
+def _edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("damage", [
+    lambda r: (r / "metrics.json").write_text("[1]"),
+    lambda r: (r / "metrics.json").write_text("{"),
+    lambda r: (r / "data.json").write_text("[]"),
+    lambda r: _edit_json(r / "data.json", lambda d: d.pop("image_shape")),
+    lambda r: _edit_json(r / "data.json", lambda d: d.update(image_shape=[3, 100_000, 100_000])),   # 30 GB
+    lambda r: (r / "selflabel" / "done.json").write_text("[]"),
+    lambda r: torch.save({"unrelated": torch.zeros(1)}, r / "trust.pt"),
+    lambda r: np.save(r / "features" / "train.npy", np.zeros(NUM_IMAGES, np.float32)),
+], ids=["metrics-list", "metrics-bad-json", "data-list", "data-no-shape", "data-huge-shape", "done-list",
+        "trust-no-keys", "features-wrong-rank"])
+def test_damaged_run_files_that_a_trained_model_does_not_need_do_not_stop_predict(run, trained, capsys, damage):
+    """The artifacts of issue 28 T5 that predict can do without: the model's own configuration snapshot
+    holds the image shape, a damaged cache is recomputed, damaged metrics count as none. Same answer."""
+    before = predicted(run, trained["png"])
+    damage(run)
+    assert predicted(run, trained["png"]) == before
+    assert "Traceback" not in capsys.readouterr().err
