@@ -103,3 +103,26 @@ def test_mine_stage_takes_the_capped_count_and_keeps_it_in_its_fingerprint(mined
     record = stage_mine(run)
     assert record["num_neighbors"] == 2 and record["num_neighbors_requested"] == 5
     assert np.load(run.path("mine", "neighbors.npy")).shape == (run.info["num_train"], 2)
+
+
+def test_zero_neighbours_pairs_every_image_with_itself(mined_run, tmp_path):
+    """mine.num_neighbors=0, the SCAN paper's K = 0: the neighbour of image i is i (two augmented views of it
+    in the cluster stage), and the cluster stage trains on those pairs."""
+    from conftest import copy_run
+
+    from scan.pipeline.stages.cluster import stage_cluster
+    run = copy_run(mined_run, tmp_path, ["mine.num_neighbors=0", "cluster.epochs=1"])
+    record = stage_mine(run)
+    neighbors = np.load(run.path("mine", "neighbors.npy"))
+    assert record["num_neighbors"] == 1 and record["self_pairs"] is True
+    assert np.array_equal(neighbors, np.arange(run.info["num_train"])[:, None])
+    assert stage_cluster(run)["history"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["mine.num_neighbors=0", "cluster.augment=none"], "cluster.augment=none shows it twice unchanged"),
+    (["mine.num_neighbors=0", "mine.method=multiview"], "works with mine.method=knn"),
+])
+def test_zero_neighbours_without_two_different_views_is_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("digits", overrides)

@@ -36,9 +36,9 @@ def knn_search(x: np.ndarray, k: int, exact_limit: int | None = EXACT_SEARCH_LIM
 
 def neighbor_count(requested: int, num_images: int, num_clusters: int) -> int:
     """K for N images in C clusters: the requested count, but at most N / 2C (half of what an equal cluster
-    holds), and at least 1. A neighbour list longer than the smallest plausible cluster must reach into
+    holds), and at least 1 unless 0 is requested (self-pairs). A neighbour list longer than the smallest plausible cluster must reach into
     other clusters: with 10 images per kind at most 9 of 20 neighbours can be right."""
-    return max(1, min(requested, num_images // (2 * num_clusters)))
+    return min(requested, max(1, num_images // (2 * num_clusters)))
 
 
 def mine_neighbors(features: np.ndarray, k: int = 20) -> np.ndarray:

@@ -112,7 +112,8 @@ class PretextConfig(TrainingConfig):
 @dataclass(frozen=True)
 class MineConfig:
     method: str = "knn"           # the miner registry (scan.train.mining.MINERS): knn | multiview
-    num_neighbors: int = _f(20, lo=1)
+    # 0: each image is paired with an augmented view of itself (the SCAN paper's K = 0 ablation)
+    num_neighbors: int = _f(20, lo=0)
     # the space neighbours are searched in (scan.train.mining.MINING_SPACES): the pretext backbone's features,
     # PCA-whitened raw pixels, or both with equal weight (what the automatic defaults use: it never
     # falls far below the better of the two, and a weak pretext cannot make neighbours worse than pixels)

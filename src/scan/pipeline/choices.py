@@ -9,6 +9,7 @@ from __future__ import annotations
 from scan.algo.num_clusters import SIZE_PRIORS
 from scan.algo.propagation import RANK_COLUMNS, WEAK_LABELS
 from scan.config import Config, read_config
+from scan.core.errors import ConfigError
 from scan.data import DATASETS
 from scan.nets.augment import STRENGTHS
 from scan.nets.augment_views import PRETEXT_VIEWS
@@ -38,6 +39,21 @@ def check_choices(cfg: Config) -> None:
     MINING_HEADS.check(cfg.mine.head)
     STRENGTHS.check(cfg.augment.strong_strength)
     SIZE_PRIORS.check(cfg.cluster.size_prior)
+    _check_self_pairs(cfg, frozen)
+
+
+def _check_self_pairs(cfg: Config, frozen: bool) -> None:
+    """mine.num_neighbors=0 pairs an image with itself: only two different augmented views make that a lesson."""
+    if cfg.mine.num_neighbors:
+        return
+    if cfg.mine.method != "knn":
+        raise ConfigError(f"mine.num_neighbors=0 (self-pairs) works with mine.method=knn, not {cfg.mine.method}")
+    if frozen and not cfg.pretext.cached_views:
+        raise ConfigError("mine.num_neighbors=0 pairs each image with an augmented view of itself, but cached "
+                          "features have no augmented views: set pretext.cached_views (e.g. 4) or a neighbour count")
+    if not frozen and cfg.cluster.augment == "none":
+        raise ConfigError("mine.num_neighbors=0 pairs each image with an augmented view of itself, but "
+                          "cluster.augment=none shows it twice unchanged: choose strong, simclr or weak")
 
 
 def load_config(source: str | None = None, overrides: list[str] | dict | None = None) -> Config:

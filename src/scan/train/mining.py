@@ -84,6 +84,8 @@ def mine(inputs: MiningInputs) -> tuple[np.ndarray, dict]:
 
 @register_miner("knn")
 def mine_knn(inputs: MiningInputs) -> tuple[np.ndarray, dict]:
+    if inputs.num_neighbors == 0:   # K = 0: every image is its own "neighbour", seen in two augmented views
+        return np.arange(len(inputs.features), dtype=np.int64)[:, None], {"self_pairs": True}
     return mine_neighbors(mining_space(inputs), inputs.num_neighbors), {}
 
 

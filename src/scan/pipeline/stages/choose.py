@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from scan.algo.num_clusters import candidate_range, choose_num_clusters
-from scan.config import AUTO
+from scan.config import AUTO, MineConfig
 from scan.core.distributed import on_main
 from scan.pipeline.run import Run, mining_inputs, record_run_config, say
 from scan.pipeline.stage import Stage, register_stage
@@ -25,8 +25,10 @@ def _choose(run: Run) -> dict:
     start = time.time()
     space = mining_space(mining_inputs(run, "train", chosen=False))
     candidates = candidate_range(len(space), run.cfg.choose.min_clusters, run.cfg.choose.max_clusters)
-    # the requested K, not the mine stage's cap for the largest candidate: a local graph over-splits
-    choice = choose_num_clusters(space, candidates, min(run.cfg.mine.num_neighbors, len(space) - 1), run.cfg.seed)
+    # the requested K, not the mine stage's cap for the largest candidate (a local graph over-splits);
+    # self-pairs (mine.num_neighbors=0) still need a graph here: the default K
+    k = run.cfg.mine.num_neighbors or MineConfig.num_neighbors
+    choice = choose_num_clusters(space, candidates, min(k, len(space) - 1), run.cfg.seed)
     seconds = time.time() - start
     count, curve = choice["num_clusters"], choice["curve"]
     say(run.rt, f"choose: {count} clusters (score {curve[count]:.3f} = neighbour modularity "
