@@ -278,8 +278,11 @@ def check_neighbors(run, num_train: int) -> None:
     training set; a damaged one would otherwise crash the cluster stage with an index error."""
     record = run.record("mine")
     path = run.path("mine", "neighbors.npy")
-    # no record: nothing to check (and with data.num_clusters=auto its fingerprint needs the choice, not made yet)
-    if record is None or not path.exists() or record.get("fingerprint") != run.fingerprint("mine"):
+    if record is None or not path.exists():
+        return
+    if run.info["num_clusters"] == AUTO and run.record("choose") is None:
+        return   # its fingerprint needs the number of clusters, which the choose stage has yet to choose
+    if record.get("fingerprint") != run.fingerprint("mine"):
         return
     try:
         neighbors = np.load(path, mmap_mode="r", allow_pickle=False)   # checked in place, not loaded
