@@ -244,3 +244,57 @@ def test_interrupted_refinement_resumes_mid_round_to_identical_predictions(train
     run_pipeline(open_run(load_config("digits", TINY + refine), tmp_path / "b" / "run"))
     assert np.array_equal(np.load(tmp_path / "a" / "run" / "probs.npy"),
                           np.load(tmp_path / "b" / "run" / "probs.npy"))
+
+
+def test_paper_form_graph_takes_the_larger_similarity_where_ours_adds_both():
+    """Two points that are each other's neighbour: A + Aᵀ counts the pair twice, max(A, Aᵀ) once."""
+    from scan.algo.propagation import knn_affinity
+    x = np.array([[1.0, 0.0], [0.8, 0.6], [-1.0, 0.0]], dtype=np.float32)
+    ours, paper = knn_affinity(x, 1).toarray(), knn_affinity(x, 1, "max").toarray()
+    assert ours[0, 1] == pytest.approx(2 * 0.8) and paper[0, 1] == pytest.approx(0.8)
+    assert np.allclose(paper, paper.T) and paper[2, 0] == paper[0, 2] == 0.0   # cos = -1, clipped to 0
+
+
+def test_paper_form_ranks_l2_normalised_rows(monkeypatch):
+    """The top-r filter of form=paper sees P's rows L2-normalised (ours: rows summing to one)."""
+    import scan.algo.propagation as propagation
+    seen = []
+    real = propagation.top_per_class
+    monkeypatch.setattr(propagation, "top_per_class", lambda p, f: seen.append(p) or real(p, f))
+    x, _ = _blobs(20)
+    probs = np.eye(2)[np.arange(40) % 2] * 0.9 + 0.05
+    for form in ("ours", "paper"):
+        propagation.hierarchical_pseudo_labels(x, probs, 0.6, 0.3, 5, form=form)
+    assert np.allclose(seen[0].sum(1), 1.0) and np.allclose(np.linalg.norm(seen[1], axis=1), 1.0)
+
+
+@pytest.mark.parametrize("form", ["paper", "ours"])
+def test_paper_form_keeps_the_first_rounds_strong_set(tmp_path, form):
+    """form=paper: S and its labels are fixed after the first propagation; later rounds relabel W only
+    (ours rebuilds S, which here grows as the head learns)."""
+    from scan.config import RefineConfig
+    from scan.nets.heads import FrozenFeatures
+    from scan.nets.models import ClusteringModel
+    from scan.train.engine import Runtime
+    from scan.train.refine import RoundLabels, feature_inputs, train_spc
+    torch.manual_seed(0)
+    x, labels = _blobs(40)
+    views = torch.from_numpy(x).float()[None].repeat(2, 1, 1)
+    model = ClusteringModel(FrozenFeatures.fit(views[0]), num_clusters=2)
+    kept = []
+    real_set = RoundLabels.set
+
+    def remember(self, pl, record):
+        real_set(self, pl, record)
+        kept.append((self.strong.clone(), self.strong_targets.clone()))
+    RoundLabels.set = remember
+    try:
+        r = RefineConfig(method="spc", threshold=0.5, top_fraction=0.3, num_neighbors=5, epochs=6, rounds=3,
+                         batch_size=16, lr=0.1, form=form)
+        train_spc(model, feature_inputs(model, views), 80, r, Runtime(torch.device("cpu"), quiet=True), tmp_path,
+                  "fp", labels, 2)
+    finally:
+        RoundLabels.set = real_set
+    assert len(kept) == 3 and len(kept[0][0])
+    same = [torch.equal(strong, kept[0][0]) and torch.equal(targets, kept[0][1]) for strong, targets in kept[1:]]
+    assert all(same) if form == "paper" else not all(same)

@@ -32,12 +32,13 @@ from scan.algo.neighbors import knn_search, l2_normalize
 from scan.core.registry import Registry
 
 
-def knn_affinity(features: np.ndarray, k: int) -> sparse.csr_matrix:
+def knn_affinity(features: np.ndarray, k: int, symmetric: str = "sum") -> sparse.csr_matrix:
     """Symmetric sparse affinity W (N, N) of the k-nearest-neighbour graph.
 
     With x̂ the L2-normalised features and NN_k(i) the k most similar other samples,
-    A_ij = max(0, x̂_i·x̂_j) if j ∈ NN_k(i) else 0, and W = A + Aᵀ (so W_ij > 0 when either
-    sample is among the other's neighbours). The diagonal is zero.
+    A_ij = max(0, x̂_i·x̂_j) if j ∈ NN_k(i) else 0, and W = A + Aᵀ (symmetric="sum": mutual neighbours
+    count twice) or W = max(A, Aᵀ) ("max": the SPC authors' code, W_ij = s(z_i, z_j) as in their eq. 7);
+    either way W_ij > 0 when either sample is among the other's neighbours. The diagonal is zero.
     """
     n = features.shape[0]
     sims, idx = knn_search(l2_normalize(features), min(k + 1, n))   # k + 1: the query itself comes back too
@@ -48,7 +49,7 @@ def knn_affinity(features: np.ndarray, k: int) -> sparse.csr_matrix:
     a = sparse.csr_matrix((np.maximum(sims[valid], 0.0).astype(np.float64), (rows[valid], idx[valid])),
                           shape=(n, n))
     a.eliminate_zeros()
-    return (a + a.T).tocsr()
+    return (a + a.T if symmetric == "sum" else a.maximum(a.T)).tocsr()
 
 
 def normalize_affinity(w: sparse.spmatrix) -> sparse.csr_matrix:
@@ -147,15 +148,22 @@ class PseudoLabels(NamedTuple):
     labels: np.ndarray         # (N,) int: the column each sample is ranked in, S's hard label
 
 
+# refine.form: ours, or the SPC authors' code (scan.train.refine: their S is also fixed after the first round)
+FORMS = ("ours", "paper")
+
+
 def hierarchical_pseudo_labels(features: np.ndarray, probs: np.ndarray, threshold: float = 0.95,
                                top_fraction: float = 0.03, k: int = 20, mu: float = 0.01,
                                max_iter: int = 20, weak_labels: str = "soft",
-                               rank_by: str = "propagated") -> PseudoLabels:
-    """SPC's strong/weak split: S′ by confidence δ, propagation, and the per-class top-r filter."""
+                               rank_by: str = "propagated", form: str = "ours") -> PseudoLabels:
+    """SPC's strong/weak split: S′ by confidence δ, propagation, and the per-class top-r filter.
+
+    form="paper" follows the authors' code where it differs from ours: the graph is max(A, Aᵀ), and the
+    top-r ranking reads the propagated rows L2-normalised (ours: rows summing to one, as W's targets are)."""
     strong_prime, y = initial_labels(probs, threshold)
-    p = propagate_labels(knn_affinity(features, k), y, mu, max_iter)
+    p = propagate_labels(knn_affinity(features, k, "max" if form == "paper" else "sum"), y, mu, max_iter)
     columns = RANK_COLUMNS.get(rank_by)(p, probs)
-    keep = top_per_class(p, top_fraction)
+    keep = top_per_class(l2_normalize(p) if form == "paper" else p, top_fraction)
     strong = strong_prime & keep[np.arange(len(p)), columns]
     return PseudoLabels(strong_prime, strong, WEAK_LABELS.get(weak_labels)(p), columns)
 

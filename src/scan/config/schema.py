@@ -196,6 +196,9 @@ class RefineConfig(TrainingConfig):
     # a sample is ranked in by the top-r filter, argmax P (propagated) or argmax Q (predicted)
     weak_labels: str = "soft"
     rank_by: str = "propagated"
+    # paper: the SPC authors' code where it differs from ours: graph max(A, Aᵀ) (ours A + Aᵀ), propagated rows
+    # L2-normalised before the top-r ranking (ours: summing to one), S fixed after the first round (ours: rebuilt)
+    form: str = _f("ours", choices=("ours", "paper"))
     epochs: int = _f(50, lo=0)
     batch_size: int = _f(256, lo=2)             # for S and for W
     optimizer: str = _f("sgd", choices=("sgd", "adam", "adamw"))

@@ -119,6 +119,14 @@ class RoundLabels:
         self.weak_targets = targets[self.weak]
         self.records.append(record)
 
+    def keep_strong_set(self, pl: PseudoLabels) -> PseudoLabels:
+        """`pl` with this round's S and S labels replaced by the current ones (W: every other sample)."""
+        strong = np.zeros(len(pl.strong), dtype=bool)
+        strong[self.strong.numpy()] = True
+        labels = pl.labels.copy()
+        labels[strong] = self.strong_targets.numpy()
+        return pl._replace(strong=strong, labels=labels)
+
     def state_dict(self):
         return dict(vars(self))
 
@@ -165,7 +173,9 @@ def train_spc(model: ClusteringModel, inputs: Inputs, n: int, r: RefineConfig, r
         # the graph and the propagation: once (rank 0 under torchrun), shared with every rank
         pl = on_main(lambda: hierarchical_pseudo_labels(features, probs, r.threshold, r.top_fraction,
                                                         r.num_neighbors, r.mu, r.cg_iterations, r.weak_labels,
-                                                        r.rank_by))
+                                                        r.rank_by, r.form))
+        if r.form == "paper" and state.records:   # the authors fix S (and its labels) after the first round
+            pl = state.keep_strong_set(pl)
         record = {"round": len(state.records) + 1, "epoch": epoch + 1,
                   **pseudo_label_stats(pl, probs, labels, num_classes)}
         state.set(pl, record)

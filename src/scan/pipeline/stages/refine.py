@@ -34,4 +34,6 @@ def stage_refine(run: Run) -> dict:
 
 register_stage(Stage("refine", stage_refine, needs=("cluster", "selflabel"), sections=("seed", "refine", "augment"),
                      enabled=lambda cfg: cfg.refine.method != "none", writes_model=True,
+                     # our form is what runs before the setting existed computed: their fingerprints stay valid
+                     ignores=lambda cfg: ("refine.form",) if cfg.refine.form == "ours" else (),
                      description="SPC refinement (--refine spc)"))
