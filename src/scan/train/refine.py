@@ -7,11 +7,13 @@ strongly augmented W, soft targets). The pseudo-labels are part of the epoch che
 interrupted run resumes with the labels of its round rather than recomputing them from a
 half-trained model.
 
-Choices the SPC paper leaves open, and ours (settings where two readings are plausible):
-- W's labels: soft P_i (`refine.weak_labels: soft`); `hard` trains W on onehot(argmax P_i).
-  Soft keeps the propagation's doubt about a weak sample in the mixup target.
-- Seeding W: the non-confident samples start propagation from their own predictions Q_i,
-  not from zero, so an isolated sample keeps its network label instead of becoming uniform.
+Where we differ from the SPC paper or its code, or it is silent (docs/recipes.md has the table):
+- W's labels: soft P_i (`refine.weak_labels: soft`); `hard` (the paper's eq. 10) trains W on
+  onehot(argmax P_i). Soft keeps the propagation's doubt about a weak sample in the mixup target.
+- Seeding W: the non-confident samples start propagation from their own predictions Q_i (as the
+  paper), not from zero, so an isolated sample keeps its network label instead of becoming uniform.
+- `refine.form: paper` follows the authors' code: graph max(A, Aᵀ), L2-normalised rows ranked, S fixed
+  after the first round (ours: A + Aᵀ, rows summing to one, S rebuilt every round).
 - The top-r column: the class propagation gives a sample (`refine.rank_by: propagated`);
   `predicted` ranks it in the network's class argmax Q_i (its S′ label).
 - λ_M = 1 (`refine.mix_weight`) and μ = 0.01 (`refine.mu`, γ ≈ 0.99): the usual label
