@@ -10,8 +10,6 @@ count, ACC/NMI/ARI of our final model and of each recipe, and the seconds after 
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import sys
 import time
@@ -22,22 +20,17 @@ from sklearn.cluster import KMeans
 
 sys.path.insert(0, str(Path(__file__).parent))
 from datasets import build  # noqa: E402
+from runs_common import parse_args, scan  # noqa: E402
 
 from scan.algo.metrics import evaluate_clustering  # noqa: E402
 from scan.algo.neighbors import l2_normalize  # noqa: E402
 from scan.algo.num_clusters import spectral_embedding, spectral_partition  # noqa: E402
-from scan.cli import main as _scan_main  # noqa: E402
 from scan.use.inference import open_trained_run  # noqa: E402
 
 SETS = ("photo-patches", "photo-crops-80", "digits", "fashion-2k", "shapes", "fashion-long-tailed",
         "digits-fashion-20")
 SCORES = ("acc", "nmi", "ari")
 
-
-def scan(args: list[str]) -> int:
-    """`scan ARGS` in this process, its summary lines on stderr: stdout is this benchmark's JSON."""
-    with contextlib.redirect_stdout(sys.stderr):
-        return _scan_main(args)
 
 
 def photo_crops(root: Path, per_kind: int = 10) -> Path:
@@ -107,14 +100,7 @@ def one_set(name: str, path: Path, root: Path, overrides: list[str]) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
-    p.add_argument("--root", default="bench-frozen", help="run directories go here (ROOT/runs)")
-    p.add_argument("--data-dir", help="where the data sets are built (default ROOT/data)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = p.parse_args()
-    root = Path(args.root)
-    data_dir = Path(args.data_dir) if args.data_dir else root / "data"
+    args, root, data_dir = parse_args(__doc__.splitlines()[0], SETS, "bench-frozen")
     paths = build(data_dir, [s for s in args.sets if s != "photo-crops-80"])
     paths["photo-crops-80"] = photo_crops(data_dir)
     out = {"overrides": args.overrides, "sets": {}}

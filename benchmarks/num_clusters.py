@@ -13,8 +13,6 @@ Run directories are kept under --root/runs: a rerun reuses their pretext (and fe
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import sys
 import time
@@ -26,21 +24,16 @@ from sklearn.metrics import silhouette_score
 
 sys.path.insert(0, str(Path(__file__).parent))
 from datasets import build  # noqa: E402
+from runs_common import parse_args, scan  # noqa: E402
 
 from scan.algo.neighbors import l2_normalize  # noqa: E402
 from scan.algo.num_clusters import default_range  # noqa: E402
-from scan.cli import main as _scan_main  # noqa: E402
 from scan.use.inference import open_trained_run  # noqa: E402
 
 SETS = ("digits", "digits-3", "digits-5", "digits-long-tailed", "fashion-2k", "fashion-long-tailed", "shapes",
         "digits-fashion-20", "photo-patches")
 SCORES = ("acc", "nmi", "ari")
 
-
-def scan(args: list[str]) -> int:
-    """`scan ARGS` in this process, its summary lines on stderr: stdout is this benchmark's JSON."""
-    with contextlib.redirect_stdout(sys.stderr):
-        return _scan_main(args)
 
 
 def silhouette_choice(features: np.ndarray, candidates, seed: int = 0) -> int:
@@ -101,14 +94,8 @@ def _labels(run_dir: Path) -> np.ndarray:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
-    p.add_argument("--root", default="bench-num-clusters", help="run directories go here (ROOT/runs)")
-    p.add_argument("--data-dir", help="where the data sets are built (default ROOT/data)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = p.parse_args()
-    root = Path(args.root)
-    paths = build(Path(args.data_dir) if args.data_dir else root / "data", args.sets)
+    args, root, data_dir = parse_args(__doc__.splitlines()[0], SETS, "bench-num-clusters")
+    paths = build(data_dir, args.sets)
     out = {"overrides": args.overrides, "range": f"{default_range(10**9)[0]}..min(50, N/20)", "sets": {}}
     for name in args.sets:
         out["sets"][name] = one_set(name, paths[name], root, args.overrides)
