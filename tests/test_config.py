@@ -19,7 +19,7 @@ def test_unknown_key_is_rejected_with_suggestion():
     ("cluster.entropy_weight=-1", "cluster.entropy_weight must be >= 0.0, got -1.0"),
     ("selflabel.threshold=1.0", "selflabel.threshold must be < 1.0"),
     ("pretext.lr=0", "pretext.lr must be > 0.0"),
-    ("mine.num_neighbors=0", "mine.num_neighbors must be >= 1"),
+    ("mine.num_neighbors=-1", "mine.num_neighbors must be >= 0"),
     ("cluster.optimizer=lamb", "cluster.optimizer must be one of sgd, adam, adamw"),
     ("cluster.epochs=ten", "cluster.epochs must be an integer"),
     (f"seed={2 ** 70}", "seed must be <= 4294967295"),       # torch and scikit-learn cannot take it
