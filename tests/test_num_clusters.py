@@ -127,3 +127,13 @@ def test_size_prior_setting_reaches_the_cluster_loss(mined_run, tmp_path, monkey
     assert seen and all(p is not None and p.shape == (run.num_clusters,) for p in seen)
     assert record["size_prior"] == pytest.approx(seen[0].tolist())
     assert sum(record["size_prior"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_choose_stage_alone_on_a_run_with_a_given_number_says_how_to_use_it(mined_run, tmp_path, capsys):
+    import shutil
+
+    from conftest import one_error_line, run_cli
+    shutil.copytree(mined_run, tmp_path / "run")
+    assert run_cli("choose", "--run-dir", tmp_path / "run") == 2
+    one_error_line(capsys, "data.num_clusters is 10", "--num-clusters auto")
+    assert not (tmp_path / "run" / "choose").exists()

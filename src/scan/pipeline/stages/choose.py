@@ -8,6 +8,7 @@ import time
 from scan.algo.num_clusters import candidate_range, choose_num_clusters
 from scan.config import AUTO, MineConfig
 from scan.core.distributed import on_main
+from scan.core.errors import StageError
 from scan.pipeline.run import Run, mining_inputs, record_run_config, say
 from scan.pipeline.stage import Stage, register_stage
 from scan.train.mining import mining_space
@@ -16,6 +17,9 @@ from scan.train.mining import mining_space
 def stage_choose(run: Run) -> dict:
     """Choose the number of clusters (scan.algo.num_clusters.choose_num_clusters). Runs once, on rank 0,
     under torchrun."""
+    if run.cfg.data.num_clusters != AUTO:   # asked for alone (scan choose) on a run with a given number
+        raise StageError(f"data.num_clusters is {run.num_clusters}: the choose stage runs with --num-clusters auto "
+                         f"(the default for data without labels)")
     if (record := run.done("choose")) is not None:
         return record
     return on_main(lambda: _choose(run))
