@@ -129,3 +129,15 @@ def test_init_checkpoint_errors_name_the_setting(tmp_path):
     torch.save({"fc.weight": torch.zeros(2)}, tmp_path / "empty.pt")
     with pytest.raises(ConfigError, match="lacks .* backbone weights"):
         load_backbone_weights(build_backbone("resnet18", 3), str(tmp_path / "empty.pt"))
+
+
+def test_full_imagenet_config_starts_on_a_fake_tree_of_every_class_folder(tmp_path, tiny_overrides):
+    """imagenet1k reads every class folder (here 3), clusters with the heads only and evaluates them."""
+    root = write_tree(tmp_path / "imagenet", list(UNLISTED) + ["n05555555"], per_class=4)
+    backbone = build_backbone("resnet_small", 3, width=8)
+    torch.save({"state_dict": backbone.state_dict()}, tmp_path / "init.pth")
+    cfg = load_config("imagenet1k", tiny_overrides + [
+        f"data.path={root}", "data.image_size=16", "model.backbone=resnet_small", "cluster.batch_size=4",
+        "mine.num_neighbors=2", f"model.init_checkpoint={tmp_path / 'init.pth'}"])
+    metrics = run_pipeline(open_run(cfg, tmp_path / "run"))
+    assert metrics["num_clusters"] == 3 and metrics["final_stage"] == "cluster"

@@ -70,6 +70,9 @@ PUBLISHED = {
     "imagenet50": IMAGENET,
     # the paper's cluster batch is 512 / 1024 / 1024 for ImageNet-50 / 100 / 200
     "imagenet100": {**IMAGENET, "cluster.batch_size": 1024}, "imagenet200": {**IMAGENET, "cluster.batch_size": 1024},
+    # full ImageNet: batch 4096, lr 30, K = 20, reported after the clustering step (heads only)
+    "imagenet1k": {**IMAGENET, "cluster.batch_size": 4096, "cluster.lr": 30.0, "mine.num_neighbors": 20,
+                   "selflabel.enabled": False, "data.dataset": "imagenet"},
 }
 OURS = {         # the CPU configs keep our settings for items 1-6
     "mine.features": "backbone", "augment.strong_strength": "scan-cpu", "data.pretext_split": None,
