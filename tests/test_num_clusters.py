@@ -137,3 +137,23 @@ def test_the_choose_stage_alone_on_a_run_with_a_given_number_says_how_to_use_it(
     assert run_cli("choose", "--run-dir", tmp_path / "run") == 2
     one_error_line(capsys, "data.num_clusters is 10", "--num-clusters auto")
     assert not (tmp_path / "run" / "choose").exists()
+
+
+def test_a_known_size_prior_is_normalised_and_must_fit_the_clusters():
+    from scan.algo.num_clusters import SIZE_PRIORS
+    from scan.core.errors import ConfigError
+    given = SIZE_PRIORS.get("given")
+    assert given(None, 3, 0, (300, 100, 100)) == pytest.approx([0.6, 0.2, 0.2])
+    with pytest.raises(ConfigError, match="3 positive numbers"):
+        given(None, 3, 0, (1, 2))
+    assert SIZE_PRIORS.get("uniform")(None, 3, 0, ()) is None
+
+
+def test_given_prior_shares_reach_the_cluster_stage(mined_run, tmp_path):
+    from conftest import copy_run
+
+    from scan.pipeline.stages.cluster import stage_cluster
+    shares = ",".join(["2"] + ["1"] * 9)   # TINY digits: 10 clusters
+    run = copy_run(mined_run, tmp_path, ["cluster.size_prior=given", f"cluster.prior_shares=[{shares}]",
+                                         "cluster.epochs=1"])
+    assert stage_cluster(run)["size_prior"] == pytest.approx([2 / 11] + [1 / 11] * 9)

@@ -171,7 +171,16 @@ def merge_tree(assignments: np.ndarray, neighbors: np.ndarray, num_clusters: int
     return steps
 
 
-def graph_size_prior(neighbors: np.ndarray, num_clusters: int, seed: int = 0) -> np.ndarray:
+def given_size_prior(neighbors: np.ndarray, num_clusters: int, seed: int = 0, shares=()) -> np.ndarray:
+    """(C,) the cluster shares the user knows (cluster.prior_shares, any positive scale), normalised to sum 1."""
+    if len(shares) != num_clusters or min(shares, default=0) <= 0:
+        raise ConfigError(f"cluster.size_prior=given needs cluster.prior_shares: {num_clusters} positive numbers, one "
+                          f"per cluster (any scale, e.g. class counts), got {list(shares)}")
+    values = np.asarray(shares, dtype=np.float64)
+    return (values / values.sum()).astype(np.float32)
+
+
+def graph_size_prior(neighbors: np.ndarray, num_clusters: int, seed: int = 0, shares=()) -> np.ndarray:
     """(C,) cluster shares the kNN graph suggests, for the KL-to-a-prior entropy term (cluster.size_prior=graph):
     the sizes of its spectral partition into C, mixed with 10% of the uniform shares so no cluster is ruled out."""
     part = spectral_partition(spectral_embedding(neighbors, num_clusters), num_clusters, seed)
@@ -179,7 +188,9 @@ def graph_size_prior(neighbors: np.ndarray, num_clusters: int, seed: int = 0) ->
     return (0.9 * shares + 0.1 / num_clusters).astype(np.float32)
 
 
-# cluster.size_prior: the cluster shares the SCAN entropy term pulls towards; None = uniform (plain entropy)
+# cluster.size_prior: the cluster shares the SCAN entropy term pulls towards, from (neighbours, C, seed,
+# cluster.prior_shares); None = uniform (the plain entropy term)
 SIZE_PRIORS: Registry = Registry("cluster.size_prior")
-SIZE_PRIORS.add("uniform", lambda neighbors, num_clusters, seed: None)
+SIZE_PRIORS.add("uniform", lambda neighbors, num_clusters, seed, shares: None)
 SIZE_PRIORS.add("graph", graph_size_prior)
+SIZE_PRIORS.add("given", given_size_prior)

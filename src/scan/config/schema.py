@@ -139,8 +139,10 @@ class ChooseConfig:
 class ClusterConfig(TrainingConfig):
     entropy_weight: float = _f(5.0, lo=0.0)
     # the cluster sizes the entropy term pulls towards (scan.algo.num_clusters.SIZE_PRIORS): uniform = SCAN's
-    # entropy; graph = the KL-to-a-prior form with the shares of the kNN graph's spectral partition (long tails)
+    # entropy; graph = the KL-to-a-prior form with the shares of the kNN graph's spectral partition (long tails);
+    # given = the same with cluster.prior_shares, cluster sizes known in advance
     size_prior: str = "uniform"
+    prior_shares: tuple[float, ...] = _f((), lo=0.0, lo_open=True)   # size_prior=given: one share per cluster
     num_heads: int = _f(10, lo=1, hi=1000)
     update_backbone: bool = True
     augment: str = _f("strong", choices=("strong", "simclr", "weak", "none"))

@@ -46,7 +46,7 @@ def stage_cluster(run: Run) -> dict:
     c = run.cfg.cluster
     neighbors = torch.from_numpy(np.load(require(run.path("mine", "neighbors.npy"), "mine")))
     start = time.time()
-    prior = SIZE_PRIORS.get(c.size_prior)(neighbors.numpy(), run.num_clusters, run.cfg.seed)
+    prior = SIZE_PRIORS.get(c.size_prior)(neighbors.numpy(), run.num_clusters, run.cfg.seed, c.prior_shares)
     prior = None if prior is None else torch.from_numpy(prior)
     heldout = heldout_neighbors(run) if c.head_choice == "per_epoch" else None
     kept, scores = None, []
@@ -191,5 +191,6 @@ register_stage(Stage("cluster", stage_cluster, needs=("mine",), sections=("seed"
                      # one restart is the single training the stage always ran, the uniform size prior the plain
                      # entropy term it always used: earlier run directories stay valid
                      ignores=lambda cfg: (("cluster.restarts",) if cfg.cluster.restarts == 1 else ())
-                     + (("cluster.size_prior",) if cfg.cluster.size_prior == "uniform" else ()),
+                     + (("cluster.size_prior",) if cfg.cluster.size_prior == "uniform" else ())
+                     + (("cluster.prior_shares",) if cfg.cluster.size_prior != "given" else ()),
                      description="SCAN heads: neighbours agree, entropy keeps every cluster"))
