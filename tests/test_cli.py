@@ -26,7 +26,8 @@ SRC = str(Path(scan.__file__).resolve().parents[1])
 # (min_cluster_keep=0: self-labelling never stops early, so every epoch is a row)
 EPOCHS = {"pretext": 2, "cluster": 3, "selflabel": 1}
 TINY_RUN = ["model.width=8", "pretext.epochs=2", "pretext.batch_size=128", "cluster.epochs=3", "cluster.num_heads=3",
-            "selflabel.epochs=1", "selflabel.threshold=0.5", "selflabel.min_cluster_keep=0", "mine.num_neighbors=5"]
+            "selflabel.epochs=1", "selflabel.threshold=0.5", "selflabel.min_cluster_keep=0", "mine.num_neighbors=5",
+            "cluster.restarts=1"]
 
 
 def sets(overrides) -> list[str]:
