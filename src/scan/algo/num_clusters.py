@@ -19,7 +19,7 @@ from scipy.sparse.linalg import eigsh
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
-from scan.algo.neighbors import l2_normalize, mine_neighbors
+from scan.algo.neighbors import l2_normalize, mine_neighbors, neighbor_agreement
 from scan.core.errors import ConfigError
 from scan.core.registry import Registry
 
@@ -46,10 +46,9 @@ def neighbor_modularity(assignments: np.ndarray, neighbors: np.ndarray) -> float
     a = np.asarray(assignments)
     nb = np.asarray(neighbors)
     c = int(a.max()) + 1
-    agree = float((a[nb] == a[:, None]).mean())
     p = np.bincount(a, minlength=c) / len(a)
     q = np.bincount(a[nb].ravel(), minlength=c) / nb.size
-    return agree - float(p @ q)
+    return neighbor_agreement(a, nb) - float(p @ q)
 
 
 def knn_graph(neighbors: np.ndarray) -> sp.csr_matrix:

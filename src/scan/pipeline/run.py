@@ -190,7 +190,7 @@ def mining_inputs(run: Run, split: str, chosen: bool = True) -> MiningInputs:
     features = read_features(run, split)
     projection = features_path(run, split, "_projection")
     return MiningInputs(features, data.images, lambda: load_backbone(run), run.cfg,
-                        run.num_clusters if chosen else None, mined_neighbor_count(run) if chosen else 0, run.rt,
+                        run.num_clusters if chosen else None, mined_neighbor_count(run) if chosen else None, run.rt,
                         data.labels, lambda m: say(run.rt, m),
                         projection_path=run.path("pretext", "projection.pt"),
                         load_projection=(lambda: read_features(run, split, "_projection")) if projection.is_file() else None)

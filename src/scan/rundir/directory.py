@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scan.config import AUTO, Config, config_from_dict, read_config, save_config
+from scan.config import Config, config_from_dict, read_config, save_config
 from scan.core.checkpoint import FORMAT_VERSION, TEMP_PATTERN, atomic_write_json, read_json, write_error
 from scan.core.errors import ArtifactError, ConfigError, RunError
 
@@ -190,8 +190,7 @@ def record_config(run, model_stages: tuple[str, ...]) -> None:
     """
     snapshot = {"config": json.loads(json.dumps(run.cfg.to_dict())), "data": run.info}
     # with data.num_clusters=auto a model's fingerprint needs the choice: the choose stage records them once made
-    chosen = run.info["num_clusters"] != AUTO or run.record("choose") is not None
-    for stage in model_stages if chosen else ():
+    for stage in model_stages if run.num_clusters_known else ():
         keep = {run.fingerprint(stage), (run.record(stage) or {}).get("fingerprint")}
         folder = run.path(stage)
         for old in folder.glob("config-*.json") if folder.is_dir() else ():
@@ -280,9 +279,7 @@ def check_neighbors(run, num_train: int) -> None:
     path = run.path("mine", "neighbors.npy")
     if record is None or not path.exists():
         return
-    if run.info["num_clusters"] == AUTO and run.record("choose") is None:
-        return   # its fingerprint needs the number of clusters, which the choose stage has yet to choose
-    if record.get("fingerprint") != run.fingerprint("mine"):
+    if not run.num_clusters_known or record.get("fingerprint") != run.fingerprint("mine"):
         return
     try:
         neighbors = np.load(path, mmap_mode="r", allow_pickle=False)   # checked in place, not loaded

@@ -38,7 +38,7 @@ class MiningInputs:
     load_backbone: Callable[[], nn.Module]    # the pretext backbone, loaded only by miners that need it
     cfg: Config
     num_clusters: int | None                  # None before data.num_clusters=auto is chosen (the choose stage)
-    num_neighbors: int                        # K: mine.num_neighbors, at most N / 2C (algo.neighbors.neighbor_count)
+    num_neighbors: int | None                 # K: mine.num_neighbors, at most N / 2C (neighbor_count); None like C
     rt: Runtime
     labels: np.ndarray | None = None          # ground truth, only to report purity
     say: Callable[[str], None] = print

@@ -48,6 +48,12 @@ class RunContext:
         return self.run_dir.joinpath(*parts)
 
     @property
+    def num_clusters_known(self) -> bool:
+        """False while data.num_clusters=auto waits for the choose stage: until then nothing whose fingerprint
+        depends on C (mine, the models) can be checked or recorded."""
+        return self.info["num_clusters"] != AUTO or self.record("choose") is not None
+
+    @property
     def num_clusters(self) -> int:
         """C: data.json's, or the choose stage's choice where that says auto (data.num_clusters=auto)."""
         count = self.info["num_clusters"]
