@@ -1,8 +1,27 @@
 import io
+import os
 import shutil
 from contextlib import redirect_stdout
 
 import pytest
+
+# pytest-xdist runs the suite in several worker processes (pyproject's addopts): each takes its share of
+# the cores, and idle OpenMP threads sleep instead of spinning on cores the other workers need. Set
+# before any test module imports torch, and inherited by the `scan` subprocesses the tests start.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """Tests spread over the workers one by one (`--dist loadgroup`), except those sharing a module-scoped
+    fixture (a trained run, a torchrun launch): they stay on one worker, so the fixture is built once."""
+    for item in items:
+        fixtures = getattr(item, "_fixtureinfo", None)
+        if fixtures and any(defs[-1].scope == "module" for defs in fixtures.name2fixturedefs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 # Tiny settings so a whole pipeline runs in seconds on 2 CPU cores.
 TINY = ["model.width=8", "pretext.epochs=2", "pretext.batch_size=128", "cluster.epochs=2",

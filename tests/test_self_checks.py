@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import copy_run
 
 import scan.pipeline as pipeline
 from scan.algo.checks import baseline_check, cluster_check, pretext_check, selflabel_check, size_balance
@@ -122,11 +123,11 @@ def test_mine_features_setting_reaches_the_miner(tmp_path, tiny_overrides):
     assert np.allclose(np.linalg.norm(both, axis=1), 1)   # two unit blocks, scaled by 1/sqrt(2)
 
 
-def test_a_cluster_stage_that_cannot_learn_says_so(tmp_path, tiny_overrides, caplog):
+def test_a_cluster_stage_that_cannot_learn_says_so(mined_run, tmp_path, tiny_overrides, caplog):
     """lr 1e-9: the heads stay uniform; the retries at 10x and 100x cannot help; the run says so."""
     overrides = tiny_overrides + ["cluster.lr=0.000000001", "selflabel.enabled=false"]
     with caplog.at_level(logging.WARNING, logger="scan"):
-        metrics = run_pipeline(open_run(load_config("digits", overrides), tmp_path / "run"))
+        metrics = run_pipeline(copy_run(mined_run, tmp_path, overrides[len(tiny_overrides):]))
     check = metrics["checks"]["cluster"]
     assert check["status"] == "failed"
     assert [a["lr"] for a in check["attempts"]] == pytest.approx([1e-9, 1e-8, 1e-7])
@@ -140,7 +141,7 @@ def test_a_cluster_stage_that_cannot_learn_says_so(tmp_path, tiny_overrides, cap
     assert "cluster: failed" in html and "k-means on raw pixels" in html and "raise cluster.lr" in html
 
 
-def test_the_cluster_stage_rescues_itself_with_a_higher_learning_rate(tmp_path, tiny_overrides, monkeypatch):
+def test_the_cluster_stage_rescues_itself_with_a_higher_learning_rate(mined_run, tmp_path, monkeypatch):
     seen_lrs = []
     real_build, real_check = cluster_stage.build_optimizer, cluster_stage.cluster_check
 
@@ -155,9 +156,7 @@ def test_the_cluster_stage_rescues_itself_with_a_higher_learning_rate(tmp_path, 
         result = real_check(consistency, confidence, c)
         return {**result, "status": "failed"} if len(calls) == 1 else {**result, "status": "ok"}
 
-    cfg = load_config("digits", tiny_overrides + ["cluster.lr=0.0002"])
-    run = open_run(cfg, tmp_path / "run")
-    run_pipeline(run, ("pretext", "mine"))
+    run = copy_run(mined_run, tmp_path, ["cluster.lr=0.0002"])
     monkeypatch.setattr(cluster_stage, "build_optimizer", recording_build)
     monkeypatch.setattr(cluster_stage, "cluster_check", first_fails)
     record = run_pipeline(run, ("cluster",))
@@ -166,8 +165,8 @@ def test_the_cluster_stage_rescues_itself_with_a_higher_learning_rate(tmp_path, 
     assert not list(run.path("cluster").rglob("checkpoint.pt"))
 
 
-def test_every_evaluation_reports_kmeans_on_pixels_and_label_free_scores(tmp_path, tiny_overrides):
-    metrics = run_pipeline(open_run(load_config("digits", tiny_overrides), tmp_path / "run"))
+def test_every_evaluation_reports_kmeans_on_pixels_and_label_free_scores(trained_run):
+    metrics = json.loads((trained_run / "metrics.json").read_text())
     assert 0.5 < metrics["kmeans_pixels"]["acc"] < 0.95          # k-means on digits pixels: ~0.8
     for name in ("ours", "kmeans_pixels", "kmeans_features"):
         assert set(metrics["unsupervised"][name]) >= {"neighbor_agreement", "size_balance"}
@@ -175,11 +174,12 @@ def test_every_evaluation_reports_kmeans_on_pixels_and_label_free_scores(tmp_pat
     assert metrics["checks"]["baseline"]["neighbor_agreement"] == metrics["unsupervised"]["ours"]["neighbor_agreement"]
 
 
-def test_using_a_trained_run_imports_no_training_code(tmp_path, tiny_overrides):
+def test_using_a_trained_run_imports_no_training_code(trained_run, tmp_path):
     """predict, report and export use the final model without the stage modules, losses, pretext or SPC code."""
+    import shutil
     import subprocess
     import sys
-    run_pipeline(open_run(load_config("digits", tiny_overrides), tmp_path / "run"))
+    shutil.copytree(trained_run, tmp_path / "run")
     from PIL import Image
     (tmp_path / "new").mkdir()
     for i, image in enumerate(np.random.default_rng(0).integers(0, 255, size=(3, 8, 8), dtype=np.uint8)):
