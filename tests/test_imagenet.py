@@ -27,12 +27,17 @@ def write_tree(root, wnids, per_class=2, side=12, splits=("train", "val")):
 
 
 def test_shipped_class_lists_are_nested_unique_wordnet_ids():
-    assert imagenet_subsets() == ["imagenet100", "imagenet200", "imagenet50"]
+    sizes = {"imagenet-dogs15": 15, "imagenet10": 10, "imagenet100": 100, "imagenet200": 200, "imagenet50": 50}
+    assert imagenet_subsets() == sorted(sizes)
     lists = {name: [wnid for wnid, _ in read_class_list(name)] for name in imagenet_subsets()}
     for name, wnids in lists.items():
-        assert len(wnids) == len(set(wnids)) == int(name[len("imagenet"):])
+        assert len(wnids) == len(set(wnids)) == sizes[name]
         assert all(re.fullmatch(r"n\d{8}", w) for w in wnids)
     assert set(lists["imagenet50"]) < set(lists["imagenet100"]) < set(lists["imagenet200"])
+    # DAC's two sets: the Maltese dog is in both; every Dogs-15 class is a dog (WordNet IDs n02085620-n02113978)
+    assert set(lists["imagenet10"]) & set(lists["imagenet-dogs15"]) == {"n02085936"}
+    assert all("n02085620" <= w <= "n02113978" for w in lists["imagenet-dogs15"])
+    assert read_class_list("imagenet10")[3] == ("n02690373", "airliner")
 
 
 def test_subset_loader_picks_exactly_the_listed_classes_and_decodes_lazily(tmp_path):

@@ -42,6 +42,9 @@ PUBLISHED = {
     "imagenet100-manyclass": {**MANY_CLASS, "data.dataset": "imagenet100"},
     "imagenet200-manyclass": {**MANY_CLASS, "data.dataset": "imagenet200"},
     "imagenet1k-manyclass": {**MANY_CLASS, "data.dataset": "imagenet"},
+    "imagenet10-manyclass": {**MANY_CLASS, "data.dataset": "imagenet10"},
+    "imagenet-dogs15-manyclass": {**MANY_CLASS, "data.dataset": "imagenet-dogs15"},
+    "stl10-manyclass": {**MANY_CLASS, "data.dataset": "stl10", "data.image_size": 96, "mine.num_neighbors": 20},
 }
 # what our CPU defaults keep (the other side of the README table)
 OUR_DEFAULTS = {"refine.rounds": 1, "refine.weak_labels": "soft", "refine.rank_by": "propagated",
@@ -181,10 +184,13 @@ TINY_MANY_CLASS = ["data.image_size=16", "model.backbone=resnet_small", "model.w
                    "cluster.batch_size=64", "mine.num_neighbors=3", "mine.head_epochs=1", "quiet=true"]
 
 
-@pytest.mark.parametrize("name, classes", [("imagenet50-manyclass", None), ("imagenet1k-manyclass", 3)])
+@pytest.mark.parametrize("name, subset, classes", [("imagenet50-manyclass", "imagenet50", None),
+                                                   ("imagenet1k-manyclass", "imagenet50", 3),
+                                                   ("imagenet10-manyclass", "imagenet10", None),
+                                                   ("imagenet-dogs15-manyclass", "imagenet-dogs15", None)])
 def test_many_class_config_runs_on_a_fake_tree_with_the_mlp_head_from_the_projection(tmp_path, monkeypatch,
-                                                                                    name, classes):
-    wnids = [wnid for wnid, _ in read_class_list("imagenet50")][:classes]
+                                                                                    name, subset, classes):
+    wnids = [wnid for wnid, _ in read_class_list(subset)][:classes]
     root = write_tree(tmp_path / "imagenet", wnids)                    # 2 train + 2 val images per class
     heads = []
     original = mining.train_brief_head
@@ -202,6 +208,18 @@ def test_many_class_config_runs_on_a_fake_tree_with_the_mlp_head_from_the_projec
     assert len(heads) == 1 and torch.equal(heads[0]["0.weight"], projection["0.weight"])
     mine_done = json.loads((tmp_path / "run" / "mine" / "done.json").read_text())
     assert mine_done["method"] == "multiview" and mine_done["head"].startswith("mlp")
+
+
+def test_stl10_many_class_config_merges_train_and_test_and_mines_with_several_views(tmp_path):
+    root = write_stl10(tmp_path / "data", n_train=24, n_test=8, n_unlabeled=4)
+    # width 16: at width 8, 96-px colour images crash torch 2.13's CPU channels-last backward (heap corruption)
+    cfg = load_config("stl10-manyclass", TINY_MANY_CLASS + [f"data.path={root}", "model.width=16"])
+    metrics = run_pipeline(open_run(cfg, tmp_path / "run"))
+    assert metrics["num_eval"] == 24 + 8 and metrics["num_clusters"] == 10    # train + test, evaluated on all
+    assert metrics["final_stage"] == "cluster"
+    pretext = json.loads((tmp_path / "run" / "pretext" / "done.json").read_text())
+    assert pretext["num_images"] == 24 + 8                                     # not the unlabeled part
+    assert json.loads((tmp_path / "run" / "mine" / "done.json").read_text())["method"] == "multiview"
 
 
 def test_the_multiview_miner_fingerprint_covers_the_augmentations_it_applies(mined_run, tmp_path):

@@ -160,7 +160,8 @@ _IMAGENET_FOLDERS = {"train": "train", "test": "val"}   # the public labelled he
 
 
 def imagenet_subsets() -> list[str]:
-    """Names of the shipped class lists (class_lists/imagenet*.txt): imagenet50, imagenet100, imagenet200."""
+    """Names of the shipped class lists (class_lists/imagenet*.txt): SCAN's imagenet50, imagenet100 and
+    imagenet200, and the imagenet10 and imagenet-dogs15 of the many-class variant's tables."""
     return sorted(p.name[:-4] for p in resources.files("scan.data").joinpath("class_lists").iterdir()
                   if p.name.startswith("imagenet") and p.name.endswith(".txt"))
 
@@ -207,7 +208,7 @@ def _register_imagenet_subsets() -> None:
     for subset in imagenet_subsets():
         def load(request: LoadRequest, subset=subset) -> ImageDataset:
             return _imagenet_dataset(request, read_class_list(subset))
-        load.__doc__ = f"The {subset} classes of the SCAN paper from an ImageNet-style tree, decoded lazily."
+        load.__doc__ = f"The {subset} classes (class_lists/{subset}.txt) of an ImageNet-style tree, decoded lazily."
         register_dataset(subset)(load)
 
 
