@@ -7,9 +7,12 @@ other view and a queue of past target projections, which suits data with many cl
 
     L = ½ InfoNCE(l_a, h_b, {h⁻}) + ½ InfoNCE(l_b, h_a, {h⁻}).
 
-The two views come from different mixes (`pretext.views`, scan.nets.augment_views): by default both
-are a SimCLR crop with colour jitter followed by RandAugment ops and only view b adds Cutout;
-`randaugment` drops the SimCLR part, as the many-class paper's views.
+The two views come from `pretext.views` (scan.nets.augment_views): by default both are a SimCLR crop
+with colour jitter, as SimCLR's and MoCo's; `randaugment` are the many-class paper's RandAugment ops
+with Cutout on view b. The target starts as a random network, whose projections of two views of one
+image are barely closer than those of two images: views that leave little of the image (RandAugment ops
+and Cutout on top of the crop, on 8x8 digits) give the loss nothing to learn from, and it stays at
+log(queue size).
 """
 from __future__ import annotations
 
