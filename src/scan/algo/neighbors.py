@@ -82,8 +82,9 @@ def select_multiview(candidates: np.ndarray, features: np.ndarray, strong_featur
                      keep_strong: int, q: int) -> np.ndarray:
     """Multi-view neighbours (N, q) chosen among each sample's plain-feature kNN `candidates` (N, 4q).
 
-    1. keep the `keep_strong` (2q) candidates j nearest to a strongly augmented view of the
-       sample: highest cosine s_i·f_j between its view's features s_i and their features f_j (N, D);
+    1. keep the `keep_strong` (2q) candidates j nearest to an augmented view of the sample (the
+       pretext's view b: a view its features are invariant to): highest cosine s_i·f_j between its
+       view's features s_i and their features f_j (N, D);
     2. of those, keep the q with the highest cluster agreement p_i·p_j of the softmax
        probabilities (N, C) of weakly augmented views.
     The result is a subset of each row's candidates, so it never holds the sample itself when

@@ -1,8 +1,8 @@
 """Neighbour mining strategies, chosen by `mine.method` through a registry.
 
 knn        the K = q nearest neighbours in pretext feature space (SCAN).
-multiview  the many-class variant: 4q plain-feature neighbours → the 2q nearest to a strongly
-           augmented view of the sample in feature space → the q with the highest cluster
+multiview  the many-class variant: 4q plain-feature neighbours → the 2q nearest to an augmented
+           view of the sample (the pretext's view b) in feature space → the q with the highest cluster
            probability agreement under a clustering head applied to a weakly augmented view.
            The head (`mine.head`, MINING_HEADS) is linear, or the paper's MLP whose first layer
            starts as the pretext projection's first layer; either trains briefly on frozen features.
@@ -25,7 +25,8 @@ from scan.config import Config
 from scan.core.checkpoint import load_state_dict, seed_everything
 from scan.core.errors import ArtifactError, StageError
 from scan.core.registry import Registry
-from scan.nets.augment import StrongAugment, WeakAugment
+from scan.nets.augment import WeakAugment
+from scan.nets.augment_views import build_views
 from scan.train.engine import Runtime, minibatches, optimizer_step, predict_in_batches
 
 HEAD_BATCH_SIZE = 256     # the brief head trains on pre-computed features: batches are cheap
@@ -146,9 +147,11 @@ def mine_multiview(inputs: MiningInputs) -> tuple[np.ndarray, dict]:
     wide = min(4 * q, n - 1)
     candidates = mine_neighbors(mining_space(inputs), wide)          # (N, 4q), most similar first
     plain = candidates[:, :q]                                         # what knn returns (up to ties)
-    size = int(inputs.images.shape[-1])
+    size, channels = int(inputs.images.shape[-1]), int(inputs.images.shape[1])
     backbone = rt.prepare(inputs.load_backbone()).eval()
-    strong, weak = StrongAugment(cfg.augment, size), WeakAugment(cfg.augment, size)
+    # the augmented view is the pretext's own (view b of pretext.views: the paper's RandAugment + Cutout, or the
+    # SimCLR crop): features trained to be invariant to it still point at the image
+    strong, weak = build_views(cfg.pretext.views, cfg.augment, size, channels)[1], WeakAugment(cfg.augment, size)
     strong_features = predict_in_batches(lambda x: backbone(strong(x)), inputs.images, rt).numpy()
     inputs.say(f"mine: no clustering head exists yet; training a {m.head} one for {m.head_epochs} epochs with the "
                f"SCAN loss on the plain {q}-NN pairs (frozen backbone) to rank the multi-view candidates")
