@@ -40,6 +40,41 @@ def test_choice_finds_separated_groups(groups):
     assert choice["stability"][c] > 0.99   # separated groups are found again on every subsample
 
 
+def test_choice_does_not_depend_on_the_seed():
+    assert {choose_num_clusters(_blobs(7), default_range(600), 10, seed=s)["num_clusters"] for s in (1, 2)} == {7}
+
+
+def test_subsample_neighbours_are_a_search_on_the_subsample():
+    """Cut from one search of the whole set with 2K neighbours, a subsample's K nearest neighbours (in its own
+    numbering) are those a new search on the subsample finds; None when some image kept fewer than K."""
+    from scan.algo.num_clusters import subsample_neighbors
+    x = _blobs(5, n=300)
+    reserve = mine_neighbors(x, 20)
+    rows = np.sort(np.random.default_rng(0).choice(300, 240, replace=False))
+    assert np.array_equal(subsample_neighbors(reserve, rows, 10), mine_neighbors(x[rows], 10))
+    assert subsample_neighbors(reserve, rows[:20], 10) is None       # 20 of 300 kept: too few of each 20
+
+
+def test_choice_searches_the_neighbours_once(monkeypatch):
+    """One neighbour search (2K of them) serves the whole graph and every subsample's; the choice is the one
+    that searching every subsample again gives."""
+    import scan.algo.num_clusters as nc
+    x = _blobs(4, n=300)
+    searched = []
+    real_search = nc.mine_neighbors
+
+    def search(features, k):
+        searched.append((len(features), k))
+        return real_search(features, k)
+    monkeypatch.setattr(nc, "mine_neighbors", search)
+    once = choose_num_clusters(x, range(2, 7), 10, seed=0)
+    assert searched == [(300, 20)]
+    monkeypatch.setattr(nc, "subsample_neighbors", lambda neighbors, rows, k: None)   # search each subsample
+    again = choose_num_clusters(x, range(2, 7), 10, seed=0)
+    assert searched[1:] == [(300, 20)] + [(240, 10)] * nc.SUBSAMPLES
+    assert once["curve"] == pytest.approx(again["curve"], abs=1e-9)
+
+
 def test_choice_stays_in_the_range():
     assert choose_num_clusters(_blobs(7), range(2, 5), 10, seed=0)["num_clusters"] in (2, 3, 4)
 

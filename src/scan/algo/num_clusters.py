@@ -10,6 +10,10 @@ weighted by stability: the agreement (adjusted Rand index) of the partition with
 random subsamples, high for boundaries between kinds and low for an arbitrary cut through one.
 The partitions are spectral clusterings of the graph (k-means on the row-normalised leading
 eigenvectors): one eigen-decomposition serves every C in the range.
+
+The subsamples' kNN graphs are cut from one search of the whole set: a subsample's K nearest neighbours
+are the first K that it kept of an image's 2K, so one search serves the whole choice (the search is
+most of the time on high-dimensional features).
 """
 from __future__ import annotations
 
@@ -29,6 +33,9 @@ MIN_CLUSTER_SIZE = 20
 # the stability half of the criterion: partitions of this many random subsamples of this share of the images
 SUBSAMPLES = 3
 SUBSAMPLE_SHARE = 0.8
+# the neighbours searched per image, as a multiple of K, from which every subsample's K are taken: an image
+# keeps each with probability SUBSAMPLE_SHARE, so fewer than K of 2K survive with probability ~1e-6 (K = 20)
+NEIGHBOR_RESERVE = 2
 # score = modularity x stability ** STABILITY_POWER: the square root keeps stability from overruling the
 # modularity of small kinds, whose clusters recur less exactly (measured: benchmarks/num_clusters.py)
 STABILITY_POWER = 0.5
@@ -81,6 +88,23 @@ def spectral_partition(embedding: np.ndarray, num_clusters: int, seed: int) -> n
     return KMeans(num_clusters, n_init=3, random_state=seed).fit(fit).predict(rows)
 
 
+def subsample_neighbors(neighbors: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray | None:
+    """(len(rows), k) the k nearest neighbours of each kept image among the kept ones, in `rows` numbering.
+
+    neighbors (N, K') every image's neighbours in the whole set, nearest first; rows: the kept images,
+    sorted. An image's nearest kept neighbours are the first kept ones in its full list, so this equals a
+    new search on the subsample (up to ties), without the search. None when some image kept fewer than k
+    of its K' (then search again)."""
+    position = np.full(len(neighbors), -1, dtype=np.int64)
+    position[rows] = np.arange(len(rows))
+    mapped = position[neighbors[rows]]                       # (M, K') -1 where the neighbour was dropped
+    kept = mapped >= 0
+    if kept.sum(1).min() < k:
+        return None
+    first = np.argsort(~kept, axis=1, kind="stable")[:, :k]  # the kept columns, in their order
+    return np.take_along_axis(mapped, first, axis=1)
+
+
 def default_range(num_images: int, low: int = 2, high: int | None = None) -> range:
     """The candidate numbers of clusters: low .. high, high by default min(MAX_CLUSTERS, N / MIN_CLUSTER_SIZE)."""
     top = high if high is not None else min(MAX_CLUSTERS, num_images // MIN_CLUSTER_SIZE)
@@ -115,17 +139,21 @@ def choose_num_clusters(features: np.ndarray, candidates, num_neighbors: int = 2
     Returns {"num_clusters", "curve": {C: score}, "modularity": {C: ...}, "stability": {C: ...}, "criterion"}.
     """
     candidates = sorted(set(int(c) for c in candidates))
-    neighbors = mine_neighbors(features, num_neighbors)
+    n = len(features)
+    reserve = mine_neighbors(features, min(NEIGHBOR_RESERVE * num_neighbors, n - 1))   # nearest first
+    neighbors = reserve[:, :num_neighbors]
     embedding = spectral_embedding(neighbors, max(candidates))
     full = {c: spectral_partition(embedding, c, seed) for c in candidates}
     modularity = {c: neighbor_modularity(full[c], neighbors) for c in candidates}
     rng = np.random.default_rng(seed)
     agreement = {c: [] for c in candidates}
-    n = len(features)
     for _ in range(subsamples):
         rows = np.sort(rng.choice(n, int(SUBSAMPLE_SHARE * n), replace=False))
-        part_embedding = spectral_embedding(mine_neighbors(features[rows], min(num_neighbors, len(rows) - 1)),
-                                            max(candidates))
+        k = min(num_neighbors, len(rows) - 1)
+        part_neighbors = subsample_neighbors(reserve, rows, k)
+        if part_neighbors is None:
+            part_neighbors = mine_neighbors(features[rows], k)
+        part_embedding = spectral_embedding(part_neighbors, max(candidates))
         for c in candidates:
             agreement[c].append(adjusted_rand_score(full[c][rows], spectral_partition(part_embedding, c, seed)))
     stability = {c: float(np.mean(agreement[c])) if agreement[c] else 1.0 for c in candidates}
