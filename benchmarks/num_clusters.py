@@ -10,9 +10,17 @@ seconds the choice took against the whole run, and the smallest class's best clu
     python benchmarks/num_clusters.py [--sets digits digits-3 ...] [--root bench-num-clusters] [--set K=V ...]
 
 Run directories are kept under --root/runs: a rerun reuses their pretext (and feature caches).
+
+    python benchmarks/num_clusters.py --choice-seeds 0 1 2 [--sets ...] [--root ...]
+
+repeats only the choice, with each seed, on the features of the run directories a full benchmark left
+(no training; seconds per set): how much of the chosen C is the seed's (its subsamples and k-means starts).
+Prints {set: {"true_c", "chosen_c": {seed: C}, "seconds": {seed: s}}} and how many (set, seed) pairs
+chose within the tolerance.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -93,7 +101,43 @@ def _labels(run_dir: Path) -> np.ndarray:
     return np.asarray(open_trained_run(run_dir, "cpu", with_data=True).train.labels)
 
 
+def choice_over_seeds(name: str, root: Path, seeds: list[int]) -> dict:
+    """The choice stage's computation again on a benchmarked run's features, once per seed."""
+    from scan.algo.num_clusters import candidate_range, choose_num_clusters
+    from scan.config import MineConfig
+    from scan.train.mining import MiningInputs, mining_space
+    run = open_trained_run(root / "runs" / name, "cpu", with_data=True)
+    cfg = run.cfg
+    space = mining_space(MiningInputs(np.load(run.path("features", "train.npy")), run.train.images,
+                                      lambda: None, cfg, None, None, run.rt))
+    candidates = candidate_range(len(space), cfg.choose.min_clusters, cfg.choose.max_clusters)
+    k = min(cfg.mine.num_neighbors or MineConfig.num_neighbors, len(space) - 1)
+    out = {"true_c": int(np.max(run.train.labels)) + 1, "chosen_c": {}, "seconds": {}}
+    for seed in seeds:
+        start = time.time()
+        out["chosen_c"][seed] = choose_num_clusters(space, candidates, k, seed)["num_clusters"]
+        out["seconds"][seed] = round(time.time() - start, 1)
+    return out
+
+
+def seeds_main(seeds: list[int]) -> None:
+    args, root, _ = parse_args(__doc__.splitlines()[0], SETS, "bench-num-clusters")
+    out = {"seeds": seeds, "sets": {}}
+    for name in args.sets:
+        out["sets"][name] = choice_over_seeds(name, root, seeds)
+        print(json.dumps({name: out["sets"][name]}), file=sys.stderr, flush=True)
+    rows = out["sets"].values()
+    out["summary"] = {"chosen_within_20pct": sum(_close(c, r["true_c"]) for r in rows for c in r["chosen_c"].values()),
+                      "runs": sum(len(r["chosen_c"]) for r in rows)}
+    print(json.dumps(out, indent=2))
+
+
 def main() -> None:
+    seeds = argparse.ArgumentParser(add_help=False)
+    seeds.add_argument("--choice-seeds", type=int, nargs="+")
+    known, sys.argv[1:] = seeds.parse_known_args()   # the rest is the common command line (runs_common)
+    if known.choice_seeds:
+        return seeds_main(known.choice_seeds)
     args, root, data_dir = parse_args(__doc__.splitlines()[0], SETS, "bench-num-clusters")
     paths = build(data_dir, args.sets)
     out = {"overrides": args.overrides, "range": f"{default_range(10**9)[0]}..min(50, N/20)", "sets": {}}
