@@ -28,6 +28,14 @@ def test_pretext_check_fails_when_the_loss_barely_falls():
     assert ok["status"] == "ok" and ok["drop"] == pytest.approx(0.4)
 
 
+def test_pretext_check_measures_the_fall_from_the_peak_not_from_a_filling_queue():
+    # BYOL-queue on digits: epoch 1 scores against a queue still filling (5.04), then log(queue) ~ 7.2
+    queue = pretext_check([{"loss": 5.04}, {"loss": 7.2}, {"loss": 6.0}, {"loss": 5.7}])
+    assert queue["status"] == "ok" and queue["drop"] == pytest.approx(1 - 5.7 / 7.2)
+    stuck = pretext_check([{"loss": 5.04}, {"loss": 7.27}, {"loss": 7.26}, {"loss": 7.25}])
+    assert stuck["status"] == "failed" and stuck["peak_loss"] == 7.27     # 0.3% below the peak
+
+
 def test_cluster_check_flags_the_uniform_prediction():
     c = 10
     assert cluster_check(math.log(c) * 0.95, 0.12, c)["status"] == "failed"

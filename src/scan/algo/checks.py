@@ -33,14 +33,19 @@ def report(stage: str, check: dict) -> dict:
 
 
 def pretext_check(history: list[dict]) -> dict:
-    """Did the pretext loss fall? Compares the last epoch's mean loss with the first's."""
+    """Did the pretext loss fall? Compares the last epoch's mean loss with the highest before it.
+
+    The highest, not the first: a method scored against a queue of past keys (MoCo, BYOL-queue) has
+    few negatives while the queue fills, so its first epoch's loss is the lowest of the run.
+    """
     losses = [h["loss"] for h in history if "loss" in h]
     if len(losses) < 2:
         return verdict("ok", "too few epochs to judge the pretext loss", epochs=len(losses))
-    drop = 1 - losses[-1] / losses[0] if losses[0] > 0 else 0.0
-    facts = {"first_loss": losses[0], "last_loss": losses[-1], "drop": drop}
+    peak = max(losses[:-1])
+    drop = 1 - losses[-1] / peak if peak > 0 else 0.0
+    facts = {"peak_loss": peak, "last_loss": losses[-1], "drop": drop}
     if drop < PRETEXT_MIN_DROP:
-        return verdict("failed", f"the pretext loss fell only {100 * drop:.1f}% ({losses[0]:.3f} -> {losses[-1]:.3f}): "
+        return verdict("failed", f"the pretext loss fell only {100 * drop:.1f}% ({peak:.3f} -> {losses[-1]:.3f}): "
                                  "the features are close to those of a random network.",
                        "raise pretext.lr or pretext.epochs (the automatic defaults use Adam 1e-3).", **facts)
     return verdict("ok", f"the pretext loss fell {100 * drop:.0f}%", **facts)

@@ -101,8 +101,9 @@ class PretextConfig(TrainingConfig):
     queue_size: int = _f(65536, lo=1)        # MoCo/BYOL-queue negatives, capped at the data-set size
     ema_momentum: float | None = _f(None, lo=0.0, hi=1.0)   # None: MoCo 0.999 (fixed), BYOL m_base 0.996 (→ 1)
     cached_views: int = _f(0, lo=0, hi=100)          # pretrained only: also cache features of V augmented views per image
-    # byol_queue only, its two views (scan.nets.augment_views.PRETEXT_VIEWS): simclr = crop/jitter/grey + RandAugment
-    # (+ Cutout on view b); randaugment = the many-class paper's RandAugment (+ Cutout on view b) alone
+    # byol_queue's two views, also embedded by the multiview miner (scan.nets.augment_views.PRETEXT_VIEWS):
+    # simclr = the SimCLR crop/flip/jitter/grey for both; randaugment = the many-class paper's RandAugment ops
+    # alone, Cutout on view b
     views: str = "simclr"
     # the pretext's own seed; None: the run's `seed`. Set it to keep one trained pretext while the
     # later stages run under several seeds (how the SCAN paper reports the spread of its clustering step)
