@@ -17,11 +17,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
     """Tests spread over the workers one by one (`--dist loadgroup`), except those sharing a module-scoped
-    fixture (a trained run, a torchrun launch): they stay on one worker, so the fixture is built once."""
+    fixture (a trained run, a torchrun launch): they stay on one worker, so the fixture is built once.
+    One group per fixture, not per module, so a module's two expensive fixtures can build side by side."""
     for item in items:
         fixtures = getattr(item, "_fixtureinfo", None)
-        if fixtures and any(defs[-1].scope == "module" for defs in fixtures.name2fixturedefs.values()):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+        shared = sorted(name for name, defs in (fixtures.name2fixturedefs.items() if fixtures else ())
+                        if defs[-1].scope == "module")
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}.{shared[0]}"))
 
 # Tiny settings so a whole pipeline runs in seconds on 2 CPU cores.
 TINY = ["model.width=8", "pretext.epochs=2", "pretext.batch_size=128", "cluster.epochs=2",

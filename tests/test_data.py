@@ -39,7 +39,8 @@ def solid(color, size=(12, 10)) -> np.ndarray:
 
 def test_registry_lists_every_format_and_rejects_unknown_names():
     assert set(list_datasets()) == {"digits", "fashion-mnist", "mnist", "idx", "cifar10", "cifar100-20",
-                                    "stl10", "folder", "npz", "imagenet", "imagenet50", "imagenet100", "imagenet200"}
+                                    "stl10", "folder", "npz", "imagenet", "imagenet50", "imagenet100", "imagenet200",
+                                    "imagenet10", "imagenet-dogs15"}
     with pytest.raises(DataError, match=r"unknown dataset 'tinyimagenet'.*cifar10.*stl10"):
         load_dataset("tinyimagenet")
 
