@@ -3,8 +3,11 @@
 For each data set: `scan run --data X --pretrained efficientnet_lite0` (features embedded once and kept
 in the run directory, so a rerun only retrains the heads), then on the very features it cached:
 k-means, and spectral clustering of the same kNN graph the run mined (the graph half of UMAP -> k-means),
-plus UMAP -> k-means itself when umap-learn is installed. Prints, as JSON per set: neighbour purity and
-count, ACC/NMI/ARI of our final model and of each recipe, and the seconds after the embedding.
+plus UMAP -> k-means itself when umap-learn is installed (`pip install umap-learn`; its first call in a
+process also JIT-compiles numba code: see umap_seconds). Prints, as JSON per set: neighbour purity and
+count, ACC/NMI/ARI of our final model and of each recipe, the seconds after the embedding, and a label-free
+choice between ours, k-means and UMAP -> k-means: the partition with the highest modularity on the run's
+kNN graph (mine/neighbors.npy; scan.algo.num_clusters.neighbor_modularity), and whether it has the best NMI.
 
     python benchmarks/frozen_features.py [--sets ...] [--root bench-frozen] [--data-dir DIR] [--set K=V ...]
 """
@@ -24,7 +27,7 @@ from runs_common import parse_args, scan  # noqa: E402
 
 from scan.algo.metrics import evaluate_clustering  # noqa: E402
 from scan.algo.neighbors import l2_normalize  # noqa: E402
-from scan.algo.num_clusters import spectral_embedding, spectral_partition  # noqa: E402
+from scan.algo.num_clusters import neighbor_modularity, spectral_embedding, spectral_partition  # noqa: E402
 from scan.use.inference import open_trained_run  # noqa: E402
 
 SETS = ("photo-patches", "photo-crops-80", "digits", "fashion-2k", "shapes", "fashion-long-tailed",
@@ -85,13 +88,25 @@ def one_set(name: str, path: Path, root: Path, overrides: list[str]) -> dict:
     neighbors = np.load(run_dir / "mine" / "neighbors.npy")
     mine = json.loads((run_dir / "mine" / "done.json").read_text())
     recipes_start = time.time()
+    kmeans_pred = KMeans(k, n_init=10, random_state=seed).fit_predict(l2_normalize(features))
     out = {"images": len(labels), "clusters": k, "num_neighbors": mine["num_neighbors"],
            "neighbor_purity": round(mine.get("purity", float("nan")), 4),
            "ours": {s: round(metrics[metrics["final_stage"]][s], 4) for s in SCORES},
-           "kmeans": _scores(KMeans(k, n_init=10, random_state=seed).fit_predict(l2_normalize(features)), labels),
+           "kmeans": _scores(kmeans_pred, labels),
            "spectral_knn": _scores(spectral_partition(spectral_embedding(neighbors, k), k, seed), labels)}
+    umap_start = time.time()
     umap_pred = umap_kmeans(features, k, seed)
     out["umap_kmeans"] = None if umap_pred is None else _scores(umap_pred, labels)
+    out["umap_seconds"] = None if umap_pred is None else round(time.time() - umap_start, 1)
+    ours_pred = np.load(run_dir / "predictions.npy")   # the eval split's clusters: here every image, in-sample
+    candidates = {"ours": ours_pred, "kmeans": kmeans_pred} if len(ours_pred) == len(labels) else {"kmeans": kmeans_pred}
+    if umap_pred is not None:
+        candidates["umap_kmeans"] = umap_pred
+    modularity = {c: round(neighbor_modularity(p, neighbors), 4) for c, p in candidates.items()}
+    pick = max(modularity, key=modularity.get)
+    best_nmi = max(out[c]["nmi"] for c in candidates)
+    # ties go to the first candidate: ours
+    out["label_free"] = {"modularity": modularity, "pick": pick, "pick_nmi_regret": round(best_nmi - out[pick]["nmi"], 4)}
     stage_seconds = metrics["seconds"]
     out["seconds_after_embedding"] = round(sum(v for s, v in stage_seconds.items() if s != "pretext"), 1)
     out["recipes_seconds"] = round(time.time() - recipes_start, 1)
