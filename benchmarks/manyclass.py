@@ -10,7 +10,6 @@ mined, plain kNN on the same features, and the 5 nearest in the pretext features
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from runs_common import scan  # noqa: E402
+from runs_common import parse_seed_args, scan  # noqa: E402
 
 from scan.algo.neighbors import mine_neighbors, neighbor_purity  # noqa: E402
 from scan.data import load_dataset  # noqa: E402
@@ -49,11 +48,7 @@ def one_seed(root: Path, seed: int, overrides: list[str], train_labels: np.ndarr
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--root", default="bench-manyclass")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = p.parse_args()
+    args = parse_seed_args(__doc__.splitlines()[0], "bench-manyclass")
     labels = np.asarray(load_dataset("digits", split="train").labels)
     runs = []
     for seed in range(args.seeds):

@@ -9,13 +9,15 @@ nothing either way).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from runs_common import parse_seed_args  # noqa: E402
 
 STAGES = ("cluster", "selflabel")
 
@@ -36,11 +38,7 @@ def run(root: Path, processes: int, seed: int, overrides: list[str]) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--root", default="bench-processes")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = p.parse_args()
+    args = parse_seed_args(__doc__.splitlines()[0], "bench-processes")
     root = Path(args.root)
     results: dict = {"overrides": args.overrides, "runs": {}}
     for processes in (1, 2):

@@ -16,6 +16,15 @@ def scan(args: list[str]) -> int:
         return _scan_main(args)
 
 
+def parse_seed_args(description: str, root: str) -> argparse.Namespace:
+    """--seeds N (seeds 0..N-1), --root (where the run directories go), --set KEY=VALUE."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--root", default=root)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return p.parse_args()
+
+
 def parse_args(description: str, sets: tuple[str, ...], root: str) -> tuple[argparse.Namespace, Path, Path]:
     """--sets, --root (run directories in ROOT/runs), --data-dir (default ROOT/data), --set KEY=VALUE;
     returns (args, root, data folder)."""
