@@ -7,6 +7,7 @@ counting backend that hands back the traced graph (inductor needs ~1 min per mod
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
@@ -75,7 +76,7 @@ def test_the_cuda_path_trains_every_stage_on_the_cpu(tmp_path, tiny_overrides, m
                                                       fused_optimizers, one_thread):
     monkeypatch.setattr(scan.pipeline.run, "Runtime",
                         functools.partial(Runtime, autocast_dtype=torch.bfloat16, force_channels_last=True))
-    cfg = load_config("digits", tiny_overrides + ["selflabel.optimizer=sgd"])
+    cfg = load_config("digits", tiny_overrides + ["selflabel.optimizer=sgd", "model.width=16"])
     run = open_run(cfg, tmp_path / "run")
     assert run.rt.precision is torch.bfloat16 and run.rt.force_channels_last
     metrics = run_pipeline(run)
@@ -96,19 +97,34 @@ def test_the_cuda_path_trains_every_stage_on_the_cpu(tmp_path, tiny_overrides, m
 def test_the_cpu_default_stays_full_precision_with_the_per_parameter_optimizer(conv_calls):
     rt = Runtime(torch.device("cpu"))
     assert rt.precision is None
-    model = rt.prepare(tiny_model(width=8))
-    assert rt.channels_last   # every convolution >= 8 channels wide: safe on the CPU
+    model = rt.prepare(tiny_model(width=16))
+    assert rt.channels_last   # every convolution >= 16 channels wide: safe on the CPU
     with rt.autocast():
         model(rt.batch(torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)))
     assert set(conv_calls) == {(False, torch.bfloat16, True, True, torch.float32)}   # bf16 = the CPU's unused default
     opt = build_optimizer(model.parameters(), "adam", 1e-3, 0.0)
     assert opt.defaults["fused"] is None and opt.defaults["foreach"] is None
 
-    narrow = tiny_model(width=4)
+    narrow = tiny_model(width=8)   # its backward corrupts the heap on 48-px images in channels-last
     Runtime(torch.device("cpu")).prepare(narrow)
     assert not narrow.backbone.trunk.layers[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    with pytest.raises(ValueError, match="narrower than 8 channels"):
+    with pytest.raises(ValueError, match="narrower than 16 channels"):
         Runtime(torch.device("cpu"), force_channels_last=True).prepare(narrow)
+
+
+def test_a_narrow_backbone_on_larger_images_trains_without_corrupting_memory():
+    """resnet_small at width 8 on 48-px images: in channels-last, torch 2.13's CPU backward corrupts the heap
+    (the process dies: segfault, 'double free'); `prepare` must keep such a model in the plain layout.
+    In a subprocess, so that a crash fails this test instead of killing the suite."""
+    import subprocess
+    import sys
+    code = ("import torch; from scan.nets.models import resnet_small; from scan.train.engine import Runtime\n"
+            "rt = Runtime(torch.device('cpu')); m = rt.prepare(resnet_small(3, width=8))\n"
+            "for _ in range(10): m(rt.batch(torch.randint(0, 256, (28, 3, 48, 48), dtype=torch.uint8))).square().sum().backward()\n"
+            "print(rt.channels_last)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0 and done.stdout.strip() == "False", (done.returncode, done.stderr[-500:])
 
 
 @pytest.mark.parametrize("name, flag", [("adam", "fused"), ("adamw", "fused"), ("sgd", "foreach")])

@@ -212,8 +212,7 @@ def test_many_class_config_runs_on_a_fake_tree_with_the_mlp_head_from_the_projec
 
 def test_stl10_many_class_config_merges_train_and_test_and_mines_with_several_views(tmp_path):
     root = write_stl10(tmp_path / "data", n_train=24, n_test=8, n_unlabeled=4)
-    # width 16: at width 8, 96-px colour images crash torch 2.13's CPU channels-last backward (heap corruption)
-    cfg = load_config("stl10-manyclass", TINY_MANY_CLASS + [f"data.path={root}", "model.width=16"])
+    cfg = load_config("stl10-manyclass", TINY_MANY_CLASS + [f"data.path={root}"])
     metrics = run_pipeline(open_run(cfg, tmp_path / "run"))
     assert metrics["num_eval"] == 24 + 8 and metrics["num_clusters"] == 10    # train + test, evaluated on all
     assert metrics["final_stage"] == "cluster"
