@@ -103,3 +103,13 @@ def test_multiview_miner_augments_with_the_pretexts_own_view(tmp_path, tiny_over
     stage_pretext(run)
     stage_mine(run)
     assert len(used) == 1 and used[0][0] == views and isinstance(used[0][1], kind)
+
+
+def test_the_strong_strength_retrains_byol_queue_only_when_its_views_use_it():
+    """The SimCLR-crop views read no augment.strong_strength: changing it keeps the pretext; the paper's
+    RandAugment views read it: changing it trains the pretext again."""
+    from scan.pipeline.stage import get_stage
+    pretext = get_stage("pretext")
+    for views, ignored in (("simclr", True), ("randaugment", False)):
+        cfg = load_config("digits", ["pretext.method=byol_queue", f"pretext.views={views}"])
+        assert ("augment.strong_strength" in pretext.ignores(cfg)) is ignored, views

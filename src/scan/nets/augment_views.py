@@ -32,9 +32,17 @@ def randaugment_views(cfg: AugmentConfig, image_size: int, channels: int) -> tup
     return StrongAugment(no_cutout, image_size), StrongAugment(cfg, image_size)
 
 
+randaugment_views.uses_strong_augment = True   # reads augment.strong_strength (views_use_strong_augment)
+
+
 @PRETEXT_VIEWS.register("simclr")
 def simclr_views(cfg: AugmentConfig, image_size: int, channels: int) -> tuple[nn.Module, nn.Module]:
     return SimCLRAugment(cfg, image_size, channels), SimCLRAugment(cfg, image_size, channels)
+
+
+def views_use_strong_augment(name: str) -> bool:
+    """Whether the views `name` are built from StrongAugment, and so read augment.strong_strength."""
+    return getattr(PRETEXT_VIEWS.get(name), "uses_strong_augment", False)
 
 
 def build_views(name: str, cfg: AugmentConfig, image_size: int, channels: int) -> tuple[nn.Module, nn.Module]:

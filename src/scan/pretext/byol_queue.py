@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scan.algo.losses import info_nce
-from scan.nets.augment_views import build_views
+from scan.nets.augment_views import build_views, views_use_strong_augment
 from scan.nets.averaging import ema_update, frozen_copy, momentum_schedule
 from scan.nets.models import ContrastiveModel, mlp
 from scan.pretext.methods import method_default, register_pretext
@@ -30,7 +30,8 @@ from scan.pretext.queue import NegativeQueue
 
 @register_pretext("byol_queue")
 class BYOLQueue(nn.Module):
-    strong_augment = True   # its views are built from StrongAugment (augment.strong_strength)
+    # whether its views read augment.strong_strength: only the paper's RandAugment views do
+    strong_augment = staticmethod(lambda pretext: views_use_strong_augment(pretext.views))
 
     def __init__(self, backbone, cfg, image_size: int, channels: int, num_samples: int):
         super().__init__()

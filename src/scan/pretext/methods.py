@@ -17,9 +17,13 @@ def build_pretext(name: str, backbone, cfg, image_size: int, channels: int, num_
     return METHODS.get(name)(backbone, cfg, image_size, channels, num_samples)
 
 
-def reads_strong_augment(name: str) -> bool:
-    """Whether the method's views use the strong augmentation (a class attribute `strong_augment`)."""
-    return name in METHODS and getattr(METHODS.get(name), "strong_augment", False)
+def reads_strong_augment(pretext) -> bool:
+    """Whether the configured method's views use the strong augmentation: its class attribute
+    `strong_augment`, a bool or a function of the pretext section (views chosen by `pretext.views`)."""
+    if pretext.method not in METHODS:
+        return False
+    reads = getattr(METHODS.get(pretext.method), "strong_augment", False)
+    return bool(reads(pretext) if callable(reads) else reads)
 
 
 def method_default(value, default):

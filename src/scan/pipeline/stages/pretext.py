@@ -106,7 +106,7 @@ def _ignored_by_pretext(cfg) -> tuple[str, ...]:
     method augments with it (only self-labelling does for SimCLR/MoCo/RotNet), so that changing them
     does not retrain the pretext."""
     ignored = () if cfg.pretext.seed is None else ("seed",)
-    return ignored + (() if reads_strong_augment(cfg.pretext.method) else ("augment.strong_strength",))
+    return ignored + (() if reads_strong_augment(cfg.pretext) else ("augment.strong_strength",))
 
 
 register_stage(Stage("pretext", stage_pretext, sections=("seed", "model", "augment", "pretext"),
