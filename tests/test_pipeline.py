@@ -218,11 +218,11 @@ def test_pretext_seed_keeps_one_pretext_while_later_stages_follow_the_run_seed(m
     assert stage_basis(pinned, "cluster")["settings"]["seed"] == 5
     # without pretext.seed the run's seed trains the pretext
     assert copy_run(mined_run, tmp_path / "c", ["seed=5"]).fingerprint("pretext") != base.fingerprint("pretext")
-    # SimCLR never sees the strong augmentation; a BYOL-queue pretext does
+    # SimCLR never sees the strong augmentation; a BYOL-queue pretext with the paper's RandAugment views does
     paper = copy_run(mined_run, tmp_path / "d", ["augment.strong_strength=paper"])
     assert paper.fingerprint("pretext") == base.fingerprint("pretext")
     assert paper.fingerprint("selflabel") != base.fingerprint("selflabel")
-    byol = ["pretext.method=byol_queue", "quiet=true"]
+    byol = ["pretext.method=byol_queue", "pretext.views=randaugment", "quiet=true"]
     prints = {open_run(load_config("digits", byol + extra), tmp_path / f"byol{i}").fingerprint("pretext")
               for i, extra in enumerate(([], ["augment.strong_strength=paper"]))}
     assert len(prints) == 2
