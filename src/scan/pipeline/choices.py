@@ -6,6 +6,7 @@ The registries live in the layers below this one, so this is the lowest place th
 """
 from __future__ import annotations
 
+from scan.algo.candidates import CANDIDATES
 from scan.algo.num_clusters import SIZE_PRIORS
 from scan.algo.propagation import RANK_COLUMNS, WEAK_LABELS
 from scan.config import Config, read_config
@@ -39,6 +40,8 @@ def check_choices(cfg: Config) -> None:
     MINING_HEADS.check(cfg.mine.head)
     STRENGTHS.check(cfg.augment.strong_strength)
     SIZE_PRIORS.check(cfg.cluster.size_prior)
+    for name in cfg.cluster.candidates:
+        CANDIDATES.check(name)
     _check_self_pairs(cfg, frozen)
 
 

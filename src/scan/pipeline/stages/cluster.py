@@ -1,7 +1,10 @@
 """Stage 3, cluster: heads trained with the SCAN loss so that an image and its neighbours agree;
 the head with the lowest loss is kept (after the last epoch on the training neighbours, or with
 cluster.head_choice=per_epoch the lowest of every epoch on held-out neighbours), and a training
-that never left the uniform prediction is retried at a higher learning rate. Writes cluster/model.pt."""
+that never left the uniform prediction is retried at a higher learning rate. With cluster.candidates, the kept
+head's partition then competes with recipes on the same features (k-means, UMAP -> k-means): the one with the
+highest modularity on the mined kNN graph wins, and the head learns a recipe's win by cross-entropy, so every
+later stage starts from it. Writes cluster/model.pt."""
 from __future__ import annotations
 
 import logging
@@ -9,9 +12,12 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from scan.algo.candidates import compute_candidates, pick_partition, umap_available
 from scan.algo.checks import cluster_check, report
 from scan.algo.losses import scan_loss, scan_loss_over_pairs
+from scan.algo.metrics import cluster_to_class
 from scan.algo.neighbors import mine_neighbors
 from scan.algo.num_clusters import SIZE_PRIORS
 from scan.core.checkpoint import atomic_torch_save, seed_everything
@@ -20,6 +26,7 @@ from scan.pipeline.run import Run, head_probs, mining_inputs, require, say
 from scan.pipeline.stage import Stage, register_stage
 from scan.train.best_weights import BestWeights
 from scan.train.engine import build_optimizer, minibatches, optimizer_step, run_epochs
+from scan.train.features import read_features
 from scan.train.mining import mining_space
 
 log = logging.getLogger("scan")
@@ -30,6 +37,8 @@ RESCUE_LR_FACTORS = (10.0, 100.0)
 RESCUE_MAX_LR = 1e-2
 # restart r seeds its training with seed + 1 + attempt + r * RESTART_SEED_STEP (restart 0: as without restarts)
 RESTART_SEED_STEP = 1000
+# the head's fit to a winning recipe's partition seeds its batches with seed + CANDIDATE_SEED_OFFSET
+CANDIDATE_SEED_OFFSET = 5
 
 
 def stage_cluster(run: Run) -> dict:
@@ -58,11 +67,16 @@ def stage_cluster(run: Run) -> dict:
             kept = trial
     model, best, check = kept["model"], kept["best"], kept["check"]
     model.keep_head(best)
+    choice = None
+    if c.candidates:
+        choice = follow_best_candidate(run, model, kept["kept_probs"].argmax(1).numpy(), neighbors.numpy())
     atomic_torch_save(run.path("cluster", "model.pt"), model.state_dict())
     extra = {"seconds": time.time() - start, "head_losses": kept["losses"].tolist(), "best_head": best,
              "history": kept["history"], "head_choice": c.head_choice, "check": report("cluster", check)}
     if prior is not None:
         extra["size_prior"] = prior.tolist()
+    if choice is not None:
+        extra["candidates"] = choice
     if c.restarts > 1:
         extra["restarts"], extra["kept_restart"] = scores, kept["restart"]
         say(run.rt, f"cluster: restarts 0-{c.restarts - 1} ended at losses "
@@ -110,6 +124,79 @@ def _train_with_rescue(run: Run, neighbors: torch.Tensor, heldout: torch.Tensor 
     # only the kept head's probabilities travel on: all heads' of two restarts would double the memory
     return {"model": model, "history": history, "lowest": lowest, "kept_probs": probs[best], "losses": losses,
             "best": best, "check": check, "score": score, "restart": restart}
+
+
+def follow_best_candidate(run: Run, model, ours: np.ndarray, neighbors: np.ndarray) -> dict:
+    """Let the kept head's partition `ours` (N,) of the training images compete with the recipes of
+    cluster.candidates on the same features; the partition with the highest modularity on the kNN graph
+    `neighbors` (N, K) wins (ties: ours). A recipe's win is fitted into the head (`fit_to_partition`).
+    Returns the record: every candidate's modularity, the pick, recipes that could not run here, seconds,
+    and after a fit the share of training images the head assigns as the recipe does."""
+    c = run.cfg.cluster
+    start = time.time()
+    features = read_features(run, "train")
+    recipes, skipped = compute_candidates(c.candidates, features, run.num_clusters, run.cfg.seed)
+    pick, scores = pick_partition({"ours": ours, **recipes}, neighbors)
+    record = {"modularity": {name: round(score, 4) for name, score in scores.items()}, "pick": pick,
+              "skipped": skipped, "seconds": time.time() - start}
+    if pick != "ours":
+        # the recipe's clusters renumbered to match the head's (Hungarian): the head learns what differs, not a
+        # permutation of what it already predicts
+        target = cluster_to_class(recipes[pick], ours, run.num_clusters, run.num_clusters)[recipes[pick]]
+        losses = fit_to_partition(run, model, target)
+        fitted = head_probs(run, model, "train")[0].argmax(1).numpy()
+        record.update(fit_loss={"first_pass": losses[0], "last_pass": losses[-1], "passes": len(losses)},
+                      fit_agreement=round(float((fitted == target).mean()), 4), seconds=time.time() - start)
+    unavailable = f" ({', '.join(skipped)} could not run here: pip install 'scan-clustering[umap]')" if skipped else ""
+    fitted = f"; the head learnt it ({record['fit_agreement']:.1%} agreement)" if pick != "ours" else ""
+    say(run.rt, "cluster: modularity on the kNN graph: " + ", ".join(f"{n} {v:.4f}" for n, v in scores.items())
+        + f"; kept {pick}{fitted}{unavailable}")
+    return record
+
+
+def fit_to_partition(run: Run, model, labels: np.ndarray) -> list[float]:
+    """Train the kept head (and the backbone, if cluster.update_backbone) by cross-entropy to assign the
+    training images as `labels` (N,) does: cluster.candidate_steps batches of their strong view (the
+    unaugmented cached features on the frozen path without cached views). Returns the mean loss of every
+    pass over the data."""
+    cfg, rt, c = run.cfg, run.rt, run.cfg.cluster
+    seed_everything(cfg.seed + CANDIDATE_SEED_OFFSET)
+    targets = torch.from_numpy(labels).to(rt.device)
+    optimizer = build_optimizer(run.source.trainable(model, c.update_backbone), c.optimizer, c.lr, c.weight_decay,
+                                c.momentum)
+    logits_of = parallel(model, run.source.weak_strong_logits(model), cfg.sync_batchnorm)   # DDP under torchrun
+    n = len(labels)
+    batch_size = min(c.batch_size, n)
+    losses, steps, epoch = [], 0, 0
+    while steps < c.candidate_steps:
+        model.train()
+        if not c.update_backbone:
+            model.backbone.eval()
+        total, batches = 0.0, minibatches(n, batch_size)[:c.candidate_steps - steps]
+        for idx in batches:
+            strong_logits = logits_of(idx)[1]
+            total += optimizer_step(optimizer, F.cross_entropy(strong_logits.float(), targets[idx.to(rt.device)]),
+                                    "cluster", epoch)
+        steps, epoch = steps + len(batches), epoch + 1
+        losses.append(total / len(batches))
+    return losses
+
+
+def _candidate_inputs(run: Run) -> tuple:
+    """C, and whether umap-learn can compute the umap_kmeans candidate (installing it changes the result)."""
+    wants_umap = "umap_kmeans" in run.cfg.cluster.candidates
+    return (run.num_clusters,) + (("umap-learn", umap_available()) if wants_umap else ())
+
+
+def _ignored_by_cluster(cfg) -> tuple[str, ...]:
+    """Settings at the values that compute what runs made before they existed computed: one restart is the
+    single training the stage always ran, the uniform size prior the plain entropy term it always used, no
+    candidates the heads alone; earlier run directories stay valid."""
+    c = cfg.cluster
+    return ((("cluster.restarts",) if c.restarts == 1 else ())
+            + (("cluster.size_prior",) if c.size_prior == "uniform" else ())
+            + (("cluster.prior_shares",) if c.size_prior != "given" else ())
+            + (("cluster.candidates", "cluster.candidate_steps") if not c.candidates else ()))
 
 
 def heldout_neighbors(run: Run) -> torch.Tensor:
@@ -187,10 +274,5 @@ def _warn_collapse(run: Run, pred: torch.Tensor, stage: str) -> None:
 
 
 register_stage(Stage("cluster", stage_cluster, needs=("mine",), sections=("seed", "cluster", "augment"),
-                     inputs=lambda run: (run.num_clusters,), writes_model=True,
-                     # one restart is the single training the stage always ran, the uniform size prior the plain
-                     # entropy term it always used: earlier run directories stay valid
-                     ignores=lambda cfg: (("cluster.restarts",) if cfg.cluster.restarts == 1 else ())
-                     + (("cluster.size_prior",) if cfg.cluster.size_prior == "uniform" else ())
-                     + (("cluster.prior_shares",) if cfg.cluster.size_prior != "given" else ()),
+                     inputs=_candidate_inputs, writes_model=True, ignores=_ignored_by_cluster,
                      description="SCAN heads: neighbours agree, entropy keeps every cluster"))

@@ -57,6 +57,8 @@ def _evaluate(run: Run) -> dict:
     train_probs = probs if run.eval is run.train else head_probs(run, model, "train")[0].numpy()
     records = {stage: record for stage in stage_names()[:-1] if (record := run.record(stage))}
     metrics.update(_label_free(run, train_probs, kmeans_train, pixels, records))
+    if "candidates" in records.get("cluster", {}):   # the partitions that competed, and which one won
+        metrics["candidates"] = records["cluster"]["candidates"]
     if run.cfg.data.num_clusters == AUTO:   # why this C: the criterion per candidate (scan.algo.num_clusters)
         choice = records["choose"]
         metrics["num_clusters_choice"] = {key: choice[key] for key in ("num_clusters", "criterion", "curve",

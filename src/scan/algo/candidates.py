@@ -1,0 +1,78 @@
+"""Partitions that compete with the SCAN heads' on the same features, and the label-free choice between them.
+
+On a frozen network's features two short recipes are strong rivals of the heads (issue 27): k-means on the
+L2-normalised features, and UMAP -> k-means (umap-learn's documented clustering recipe: a 10-d embedding with
+min_dist 0 and 30 neighbours, then k-means). The cluster stage computes the recipes named in
+`cluster.candidates` next to its heads' partition and keeps the partition with the highest modularity on the
+mined kNN graph (`scan.algo.num_clusters.neighbor_modularity`): the graph the heads were trained to agree
+with, so the choice needs no labels. On the seven frozen-feature benchmark sets that choice took the partition
+with the best NMI every time (benchmarks/frozen_features.py).
+
+    CANDIDATES.get("kmeans")(features, k, seed)   # (N,) cluster of every row, or None where it cannot run
+    pick_partition({"ours": a, "kmeans": b}, neighbors)   # ("kmeans", {"ours": 0.61, "kmeans": 0.64})
+"""
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from typing import Callable
+
+import numpy as np
+from sklearn.cluster import KMeans
+
+from scan.algo.baselines import kmeans_assign
+from scan.algo.num_clusters import neighbor_modularity
+from scan.core.registry import Registry
+
+# cluster.candidates: (features (N, D), k, seed) -> (N,) int clusters, or None when the recipe cannot run
+# here (an optional package is missing, too few rows)
+CANDIDATES: Registry[Callable] = Registry("cluster.candidates")
+UMAP_NEIGHBORS, UMAP_DIMS = 30, 10   # umap-learn's clustering recipe
+
+
+@CANDIDATES.register("kmeans")
+def kmeans_candidate(features: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """k-means (10 restarts) on the L2-normalised features: the evaluate stage's `kmeans` baseline."""
+    return kmeans_assign(features, None, k, seed)[0]
+
+
+def umap_available() -> bool:
+    """Whether umap-learn is installed (the `umap` extra), without importing it (numba makes that slow)."""
+    return importlib.util.find_spec("umap") is not None
+
+
+@CANDIDATES.register("umap_kmeans")
+def umap_kmeans_candidate(features: np.ndarray, k: int, seed: int) -> np.ndarray | None:
+    """k-means (10 restarts) on a 10-d UMAP embedding (30 neighbours, min_dist 0) of the features; None
+    without umap-learn (`pip install 'scan-clustering[umap]'`) or with too few rows for the embedding."""
+    if len(features) <= UMAP_DIMS + 2:
+        return None
+    try:
+        import umap
+    except ImportError:
+        return None
+    with warnings.catch_warnings():   # "n_jobs overridden to 1 by setting random_state": seeded on purpose
+        warnings.simplefilter("ignore")
+        embedding = umap.UMAP(n_neighbors=min(UMAP_NEIGHBORS, len(features) - 1), min_dist=0.0,
+                              n_components=UMAP_DIMS, random_state=seed).fit_transform(features)
+    return KMeans(k, n_init=10, random_state=seed).fit_predict(embedding)
+
+
+def compute_candidates(names, features: np.ndarray, k: int, seed: int) -> tuple[dict[str, np.ndarray], list[str]]:
+    """({name: (N,) clusters} of the recipes that ran, [names of those that could not run here])."""
+    partitions, skipped = {}, []
+    for name in names:
+        labels = CANDIDATES.get(name)(features, k, seed)
+        if labels is None:
+            skipped.append(name)
+        else:
+            partitions[name] = np.asarray(labels, dtype=np.int64)
+    return partitions, skipped
+
+
+def pick_partition(partitions: dict[str, np.ndarray], neighbors: np.ndarray) -> tuple[str, dict[str, float]]:
+    """(name of the partition with the highest modularity on the kNN graph `neighbors` (N, K), {name: modularity}).
+
+    Ties go to the partition listed first (the heads' own, by the cluster stage's order)."""
+    scores = {name: neighbor_modularity(labels, neighbors) for name, labels in partitions.items()}
+    return max(scores, key=scores.get), scores
