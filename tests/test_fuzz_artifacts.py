@@ -73,7 +73,7 @@ def test_a_randomly_damaged_artifact_never_gives_a_traceback_or_a_write_outside_
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "victim.bin").write_bytes(b"not ours")
-    files = sorted(p for p in run.rglob("*") if p.is_file() and p.suffix in (".json", ".pt", ".npy", ".yaml", ".csv"))
+    files = sorted(p for p in run.rglob("*") if p.is_file() and p.suffix in (".json", ".pt", ".npy", ".npz", ".yaml", ".csv"))
     damages = _damages(rng, outside)
     path = rng.choice(files)
     name = rng.choice([d for d in damages if _applies(d, path)])

@@ -420,3 +420,36 @@ def test_map_of_repeated_images_puts_each_repeat_on_one_point():
     xy = embed_2d(x, 0)
     assert np.allclose(xy[20:], xy[0]) and not np.allclose(xy[1], xy[0])
     assert np.array_equal(embed_2d(x[:20], 0), xy[:20])   # the distinct images land where they would alone
+
+
+def test_the_map_layout_is_kept_while_the_features_are_unchanged(tmp_path, monkeypatch):
+    """`scan name` and `scan report` on an unchanged model reuse the t-SNE layout (most of a report's time);
+    other features, another seed, or a damaged or foreign file give a fresh layout, never an error."""
+    from scan.report import map as report_map
+    x = np.random.default_rng(0).normal(size=(40, 16)).astype(np.float32)
+    keep = tmp_path / "report_map.npz"
+    calls = []
+    real = report_map.embed_2d
+    monkeypatch.setattr(report_map, "embed_2d", lambda f, s: calls.append(len(f)) or real(f, s))
+    first = report_map.embed_2d_kept(x, 0, keep)
+    assert calls == [40] and keep.is_file()
+    assert np.array_equal(report_map.embed_2d_kept(x.copy(), 0, keep), first) and calls == [40]   # kept
+    report_map.embed_2d_kept(x[:30], 0, keep)                        # other features: computed and replaced
+    report_map.embed_2d_kept(x[:30], 1, keep)                        # another seed
+    assert calls == [40, 30, 30]
+    for junk in (b"", b"PK\x03\x04 not a zip", b"\x93NUMPY junk"):
+        keep.write_bytes(junk)
+        assert np.array_equal(report_map.embed_2d_kept(x, 0, keep), first)
+    assert calls == [40, 30, 30, 40, 40, 40]
+    assert np.array_equal(report_map.embed_2d_kept(x, 0, None), first) and len(calls) == 7   # None: not kept
+
+
+def test_naming_clusters_reuses_the_runs_map(trained, monkeypatch):
+    """The report of a finished run keeps its map; naming a cluster re-renders without a new t-SNE."""
+    from scan.report import map as report_map
+    run = trained["run"]
+    assert (run / "report_map.npz").is_file()                   # `scan run` wrote the report and its map
+    monkeypatch.setattr(report_map, "embed_2d", lambda *a: pytest.fail("the map was computed again"))
+    assert scan("name", run, "1=ones")[0] == 0 and scan("report", run)[0] == 0
+    assert "ones" in (run / "report.html").read_text()
+    assert scan("name", run, "1=")[0] == 0

@@ -4,12 +4,17 @@ click pins the preview (the behaviour is in scan.report.script).
 """
 from __future__ import annotations
 
+import io
+import zipfile
 from html import escape
+from pathlib import Path
 
 import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
+from scan.core.checkpoint import atomic_write_bytes
+from scan.core.hashing import bytes_hash, stable_hash
 from scan.report.charts import cluster_color, short, svg
 
 MAP_MAX_POINTS = 2000   # t-SNE time grows ~N log N: 2,000 points take ~10 s on one core
@@ -47,6 +52,30 @@ def embed_2d(features: np.ndarray, seed: int) -> np.ndarray:
         xy = tsne.fit_transform(x)
     xy = xy - xy.min(0)
     return xy / np.maximum(xy.max(0), 1e-12)
+
+
+def embed_2d_kept(features: np.ndarray, seed: int, keep: Path | None) -> np.ndarray:
+    """embed_2d, kept in the .npz `keep` under a key of the features' bytes, the seed and the map's settings.
+
+    t-SNE is most of a report's time, and `scan name` / `scan report` on an unchanged model see the very same
+    features: they reuse the layout (the dots also stay where the user saw them). A key that differs (a
+    retrained model), a damaged or foreign file, or keep=None computes it afresh; a stale file is replaced.
+    """
+    key = stable_hash(bytes_hash(np.ascontiguousarray(features, dtype=np.float32)), seed, PCA_DIMS, TSNE_STEPS)
+    if keep is not None and Path(keep).is_file():
+        try:
+            with np.load(keep, allow_pickle=False) as kept:
+                xy = kept["xy"]
+                if str(kept["key"]) == key and xy.shape == (len(features), 2) and np.isfinite(xy).all():
+                    return xy.astype(np.float64)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass   # not ours to trust: recomputed and replaced below
+    xy = embed_2d(features, seed)
+    if keep is not None:
+        buffer = io.BytesIO()
+        np.savez(buffer, key=np.array(key), xy=xy)
+        atomic_write_bytes(Path(keep), buffer.getvalue())
+    return xy
 
 
 def map_card(indices: np.ndarray, xy: np.ndarray, pred: np.ndarray, titles: list[str], total: int,

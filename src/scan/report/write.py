@@ -23,7 +23,7 @@ from scan.core.checkpoint import atomic_write_text
 from scan.core.errors import RunError
 from scan.report.charts import bar_chart, cluster_color, dendrogram, heatmap, line_chart
 from scan.report.cluster import ClusterContext, cluster_card, merge_hints
-from scan.report.map import embed_2d, map_card, map_sample
+from scan.report.map import embed_2d_kept, map_card, map_sample
 from scan.report.page import PIXELATED_BELOW, ImageTable, member_list, page
 from scan.report.trust import trust_card
 from scan.rundir.trained import TrainedRun
@@ -31,6 +31,7 @@ from scan.use.inference import TrainOutputs, cluster_title, load_names, open_tra
 
 REPORT_FILE = "report.html"
 PAGES_DIR = "report_pages"
+MAP_FILE = "report_map.npz"   # the map's layout, reused while the model's features are unchanged
 ONE_FILE_MAX = 2000         # up to this many images, every member's thumbnail is in report.html
 MEMBERS_PER_SCREEN = 60     # thumbnails shown at once in a member grid
 MEMBERS_PER_FILE = 1000     # larger runs: members split into files of this many (~1.5 MB each)
@@ -56,6 +57,7 @@ class ReportData:
     eval_labels: np.ndarray | None = None
     curves: dict[str, list[float]] = field(default_factory=dict)   # stage -> loss per epoch
     entropy_weight: float | None = None      # the cluster stage's, to explain its negative loss
+    map_file: Path | None = None             # where the map's layout is kept between renders (None: not kept)
     neighbors: np.ndarray | None = None      # (N, K) mined neighbours: merge hints count crossing pairs
     extra_columns: dict[str, np.ndarray] = field(default_factory=dict)   # more per-image values to show
     # (N,) how far to trust each assignment (scan.algo.ood: agreement of the nearest training images);
@@ -149,7 +151,7 @@ def report_data(run: TrainedRun, outputs: TrainOutputs) -> ReportData:
         ([str(k) for k in range(run.info["num_classes"])] if run.info["num_classes"] else None),
         eval_pred=_eval_predictions(run, outputs), eval_labels=run.eval.labels,
         curves=_loss_histories(run), entropy_weight=run.cfg.cluster.entropy_weight,
-        neighbors=_neighbors(neighbors_file), trust=trust.confidence,
+        neighbors=_neighbors(neighbors_file), trust=trust.confidence, map_file=Path(run.run_dir) / MAP_FILE,
         extra_columns={"probability": outputs.probs.max(1), "ood_score": trust.ood_score,
                        "unknown": unknown.astype(np.float32)})
 
@@ -281,6 +283,7 @@ def render_report(data: ReportData) -> dict[str, str]:
     one_file = len(pred) <= ONE_FILE_MAX
     members = {c: (m := np.flatnonzero(pred == c))[np.argsort(-confidence[m], kind="stable")] for c in range(k)}
     on_map = map_sample(len(pred), data.seed)
+    xy = embed_2d_kept(data.features[on_map], data.seed, data.map_file)
     ctx = ClusterContext(pred, confidence, data.features, titles, data.labels, data.class_names or [], pixelated)
     hints = merge_hints(data.features, pred, k, data.neighbors)
     cards, shown = [], [on_map]
@@ -305,7 +308,7 @@ def render_report(data: ReportData) -> dict[str, str]:
             f'<p class="sub">SCAN unsupervised image classification · {len(pred):,} images · generated {stamp}</p>'
             f'</div></header><main class="wrap">{trust_card(data.metrics)}{_summary(data)}{_metrics_table(data)}'
             f'<div class="card"><h2>Clusters</h2><nav class="chips">{chips}</nav>{hint}</div>'
-            f'{map_card(on_map, embed_2d(data.features[on_map], data.seed), pred, titles, len(pred), pixelated)}'
+            f'{map_card(on_map, xy, pred, titles, len(pred), pixelated)}'
             f'<div class="grid2"><div class="card"><h2>Cluster sizes</h2>{bar_chart(sizes, titles)}</div>'
             f'{_confusion(data, titles)}</div>{_structure(data, titles)}{_curves(data)}{"".join(cards)}</main>'
             f'<footer>Prototypes are the members closest to the mean feature of the cluster\'s most confident '
