@@ -19,12 +19,18 @@ def pytest_collection_modifyitems(items):
     """Tests spread over the workers one by one (`--dist loadgroup`), except those sharing a module-scoped
     fixture (a trained run, a torchrun launch): they stay on one worker, so the fixture is built once.
     One group per fixture, not per module, so a module's two expensive fixtures can build side by side."""
+    groups = {}
     for item in items:
         fixtures = getattr(item, "_fixtureinfo", None)
         shared = sorted(name for name, defs in (fixtures.name2fixturedefs.items() if fixtures else ())
                         if defs[-1].scope == "module")
         if shared:
-            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}.{shared[0]}"))
+            groups[item] = f"{item.module.__name__}.{shared[0]}"
+            item.add_marker(pytest.mark.xdist_group(groups[item]))
+    # The longest first (tests marked slow, with the rest of their group): the workers then finish together
+    # instead of one starting a minute-long test when the others have run out of work.
+    slow = {groups.get(item, item) for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: groups.get(item, item) not in slow)
 
 # Tiny settings so a whole pipeline runs in seconds on 2 CPU cores.
 TINY = ["model.width=8", "pretext.epochs=2", "pretext.batch_size=128", "cluster.epochs=2",

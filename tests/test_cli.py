@@ -132,6 +132,7 @@ def read_metrics(run: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_metrics_csv_has_one_row_per_epoch_and_stage(logged_run):
     rows = logged_run["rows"]
     for stage, epochs in EPOCHS.items():

@@ -154,6 +154,7 @@ def two_process_results(tmp_path_factory):
     return torch.load(out, weights_only=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_processes_with_half_batches_train_exactly_as_one_process(name, two_process_results):
     one_losses, one_state = train_case(name)

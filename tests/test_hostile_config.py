@@ -142,6 +142,7 @@ def test_few_images_get_fewer_neighbours_instead_of_an_error(tmp_path, capsys):
     assert "2 neighbours per image, not mine.num_neighbors=20" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_hand_set_world_size_without_torchrun_says_what_it_waits_for_and_gives_up(tmp_path):
     """WORLD_SIZE=2 set by hand and nobody else coming: rank 0 (which would host the rendezvous) and rank 1
     (which would connect to it) each say what they wait for, then stop after $SCAN_JOIN_TIMEOUT seconds with

@@ -91,6 +91,7 @@ def test_merge_tree_joins_the_nearer_pair_first():
     assert steps[0]["gain"] > steps[1]["gain"]
 
 
+@pytest.mark.slow
 def test_recluster_reuses_pretext_and_neighbours(trained_run, tmp_path, capsys):
     """`scan recluster RUN --num-clusters 5`: a new run directory whose pretext and neighbours are RUN's
     (not trained or mined again), clustered into 5; RUN itself is untouched."""

@@ -143,6 +143,7 @@ TINY_REFINE = ["refine.epochs=2", "refine.rounds=2", "refine.threshold=0.3", "re
 TINY_SPC_FLOOR, TINY_STRONG_FLOOR = 0.17, 0.28
 
 
+@pytest.mark.slow
 def test_cli_run_with_spc_refinement_reports_rounds(trained_run, tmp_path, tiny_overrides, capsys):
     # every stage before refine is the shared TINY run's (same settings, so the CLI skips them)
     shutil.copytree(trained_run, tmp_path / "r")

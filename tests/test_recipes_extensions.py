@@ -167,6 +167,7 @@ def test_digits_spc_refines_in_rounds_instead_of_self_labelling(tmp_path, tiny_o
     assert [r["epoch"] for r in done["rounds"]] == [1, 2]    # labels rebuilt at every round
 
 
+@pytest.mark.slow
 def test_stl10_spc_runs_on_fake_binary_files(tmp_path):
     root = write_stl10(tmp_path / "data", n_train=24, n_test=8, n_unlabeled=4)
     cfg = load_config("stl10-spc", FEW_STEPS + [f"data.path={root}", "refine.batch_size=8", "cluster.batch_size=8"])

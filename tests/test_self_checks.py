@@ -182,6 +182,7 @@ def test_every_evaluation_reports_kmeans_on_pixels_and_label_free_scores(trained
     assert metrics["checks"]["baseline"]["neighbor_agreement"] == metrics["unsupervised"]["ours"]["neighbor_agreement"]
 
 
+@pytest.mark.slow
 def test_using_a_trained_run_imports_no_training_code(trained_run, tmp_path):
     """predict, report and export use the final model without the stage modules, losses, pretext or SPC code."""
     import shutil
