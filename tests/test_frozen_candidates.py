@@ -15,6 +15,7 @@ from scan.algo.candidates import CANDIDATES, compute_candidates, pick_partition
 from scan.algo.metrics import cluster_accuracy
 from scan.algo.neighbors import mine_neighbors
 from scan.cli import main
+from scan.config import ConfigError
 from scan.pipeline import load_config
 from scan.pipeline.resolve import pretrained_overrides
 from scan.pipeline.stage import stage_settings
@@ -51,6 +52,12 @@ def test_without_umap_learn_the_umap_recipe_is_skipped(monkeypatch):
     features, _ = _blobs()
     partitions, skipped = compute_candidates(("kmeans", "umap_kmeans"), features, 3, 0)
     assert list(partitions) == ["kmeans"] and skipped == ["umap_kmeans"]
+
+
+def test_a_recipe_that_cannot_run_gives_none_and_a_misspelt_one_is_refused_at_load():
+    assert CANDIDATES.get("umap_kmeans")(np.zeros((12, 4), np.float32), 2, 0) is None   # too few rows to embed
+    with pytest.raises(ConfigError, match="cluster.candidates 'kmean' is unknown .did you mean 'kmeans'"):
+        load_config("digits", ["cluster.candidates=[kmean]"])
 
 
 def test_the_frozen_path_lets_both_recipes_compete_and_the_default_lets_none():
