@@ -41,14 +41,19 @@ def test_the_partition_with_the_highest_modularity_wins_and_ties_go_to_the_first
     assert pick_partition({"ours": (right + 1) % 3, "kmeans": right}, neighbors)[0] == "ours"
 
 
-def test_without_umap_learn_the_umap_recipe_is_skipped(monkeypatch):
+@pytest.fixture
+def no_umap(monkeypatch):
+    """umap-learn made unimportable, as where the `umap` extra is not installed."""
     real_import = builtins.__import__
 
-    def no_umap(name, *args, **kwargs):
+    def blocked(name, *args, **kwargs):
         if name == "umap" or name.startswith("umap."):
             raise ImportError("No module named 'umap'")
         return real_import(name, *args, **kwargs)
-    monkeypatch.setattr(builtins, "__import__", no_umap)
+    monkeypatch.setattr(builtins, "__import__", blocked)
+
+
+def test_without_umap_learn_the_umap_recipe_is_skipped(no_umap):
     features, _ = _blobs()
     partitions, skipped = compute_candidates(("kmeans", "umap_kmeans"), features, 3, 0)
     assert list(partitions) == ["kmeans"] and skipped == ["umap_kmeans"]
@@ -144,16 +149,9 @@ def test_the_umap_recipe_is_part_of_the_fingerprint_inputs(monkeypatch, mined_ru
 
 
 @needs_weights
-def test_on_frozen_features_the_run_follows_kmeans_when_it_wins_even_without_umap(tmp_path, monkeypatch):
+def test_on_frozen_features_the_run_follows_kmeans_when_it_wins_even_without_umap(tmp_path, no_umap):
     """Heads that train for no epoch lose to k-means on EfficientNet features of three colours; umap-learn is
     made unimportable, so k-means alone competes, and the final predictions are k-means' (ACC 1.0)."""
-    real_import = builtins.__import__
-
-    def no_umap(name, *args, **kwargs):
-        if name == "umap" or name.startswith("umap."):
-            raise ImportError("No module named 'umap'")
-        return real_import(name, *args, **kwargs)
-    monkeypatch.setattr(builtins, "__import__", no_umap)
     rng = np.random.default_rng(0)
     labels = np.arange(30) % 3
     images = (rng.integers(0, 60, size=(30, 12, 12, 3)) + np.eye(3)[labels][:, None, None] * 190).astype(np.uint8)
