@@ -1,6 +1,7 @@
 import io
 import os
 import shutil
+import sys
 from contextlib import redirect_stdout
 
 import pytest
@@ -31,6 +32,15 @@ def pytest_collection_modifyitems(items):
     # instead of one starting a minute-long test when the others have run out of work.
     slow = {groups.get(item, item) for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: groups.get(item, item) not in slow)
+
+@pytest.fixture(autouse=True)
+def _umap_only_where_asked(request, monkeypatch):
+    """umap-learn unimportable, as without the `umap` extra, except in tests marked `umap`: its first embedding
+    in a process compiles numba code for ~10 s, which every frozen-feature run of the suite would pay for a
+    candidate (cluster.candidates) that the tests marked `umap` cover."""
+    if request.node.get_closest_marker("umap") is None:
+        monkeypatch.setitem(sys.modules, "umap", None)
+
 
 # Tiny settings so a whole pipeline runs in seconds on 2 CPU cores.
 TINY = ["model.width=8", "pretext.epochs=2", "pretext.batch_size=128", "cluster.epochs=2",
