@@ -118,15 +118,11 @@ def run_cli(*args: str) -> dict:
 def logged_run(tmp_path_factory):
     """A tiny digits run with TensorBoard logs, then a rerun with one cluster setting changed."""
     pytest.importorskip("tensorboard")
-    from sklearn.datasets import load_digits
-    base = tmp_path_factory.mktemp("logs")
-    run, data = base / "run", base / "digits.npz"
-    digits = load_digits()   # 400 of them: the logs count epochs, which do not depend on the number of images
-    np.savez(data, images=np.uint8(digits.images[:400] * 255 / 16), labels=digits.target[:400])
-    first = run_cli("run", "--data", str(data), "--run-dir", str(run), "--log", "tensorboard", *sets(TINY_RUN))
+    run = tmp_path_factory.mktemp("logs") / "run"
+    first = run_cli("run", "--run-dir", str(run), "--log", "tensorboard", *sets(TINY_RUN))
     assert first["code"] == 0, first["stderr"][-2000:]
     rows = read_metrics(run)
-    second = run_cli("run", "--data", str(data), "--run-dir", str(run), *sets(TINY_RUN + ["cluster.epochs=2"]))
+    second = run_cli("run", "--run-dir", str(run), *sets(TINY_RUN + ["cluster.epochs=2"]))
     assert second["code"] == 0, second["stderr"][-2000:]
     return {"run": run, "first": first, "rows": rows, "second": second}
 
