@@ -59,6 +59,17 @@ def test_without_umap_learn_the_umap_recipe_is_skipped(no_umap):
     assert list(partitions) == ["kmeans"] and skipped == ["umap_kmeans"]
 
 
+@pytest.mark.umap
+def test_the_umap_recipe_recovers_separated_groups_and_repeats_itself():
+    """The one test that embeds with umap-learn (elsewhere the suite makes it unimportable: conftest)."""
+    pytest.importorskip("umap")
+    features, labels = _blobs(n=120, groups=4)
+    partitions, skipped = compute_candidates(("umap_kmeans",), features, 4, 0)
+    found = partitions["umap_kmeans"]
+    assert skipped == [] and found.shape == (120,) and cluster_accuracy(found, labels) == 1.0
+    assert np.array_equal(CANDIDATES.get("umap_kmeans")(features, 4, 0), found)   # seeded: the same again
+
+
 def test_a_recipe_that_cannot_run_gives_none_and_a_misspelt_one_is_refused_at_load():
     assert CANDIDATES.get("umap_kmeans")(np.zeros((12, 4), np.float32), 2, 0) is None   # too few rows to embed
     with pytest.raises(ConfigError, match="cluster.candidates 'kmean' is unknown .did you mean 'kmeans'"):
