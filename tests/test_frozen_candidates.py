@@ -63,8 +63,15 @@ def test_without_umap_learn_the_umap_recipe_is_skipped(no_umap):
 def test_the_umap_recipe_recovers_separated_groups_and_repeats_itself():
     """The one test that embeds with umap-learn (elsewhere the suite makes it unimportable: conftest)."""
     pytest.importorskip("umap")
+    import torch
     features, labels = _blobs(n=120, groups=4)
-    partitions, skipped = compute_candidates(("umap_kmeans",), features, 4, 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # as OMP_NUM_THREADS=1 asks: numba's OpenMP layer raised it to all cores
+    try:
+        partitions, skipped = compute_candidates(("umap_kmeans",), features, 4, 0)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     found = partitions["umap_kmeans"]
     assert skipped == [] and found.shape == (120,) and cluster_accuracy(found, labels) == 1.0
     assert np.array_equal(CANDIDATES.get("umap_kmeans")(features, 4, 0), found)   # seeded: the same again

@@ -18,6 +18,7 @@ import warnings
 from typing import Callable
 
 import numpy as np
+import torch
 from sklearn.cluster import KMeans
 
 from scan.algo.baselines import kmeans_assign
@@ -60,10 +61,17 @@ def umap_kmeans_candidate(features: np.ndarray, k: int, seed: int) -> np.ndarray
     count = min(UMAP_NEIGHBORS, n - 1)
     similarities, indices = knn_search(l2_normalize(features), count)   # (N, count) each, self first
     graph = (indices.astype(np.int32), np.maximum(1.0 - similarities, 0.0).astype(np.float32), None)
-    with warnings.catch_warnings():   # "n_jobs overridden to 1 by setting random_state": seeded on purpose
-        warnings.simplefilter("ignore")
-        embedding = umap.UMAP(n_neighbors=count, min_dist=0.0, n_components=UMAP_DIMS, metric="cosine",
-                              precomputed_knn=graph, random_state=seed).fit_transform(features)
+    threads = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings():   # "n_jobs overridden to 1 by setting random_state": seeded on purpose
+            warnings.simplefilter("ignore")
+            embedding = umap.UMAP(n_neighbors=count, min_dist=0.0, n_components=UMAP_DIMS, metric="cosine",
+                                  precomputed_knn=graph, random_state=seed).fit_transform(features)
+    finally:
+        # numba's OpenMP layer sets the process's OpenMP thread count to all cores, and torch shares it: the
+        # training after this would run on more threads than OMP_NUM_THREADS asked for, and its sums would
+        # no longer match those of a run resumed in a fresh process (measured: pretext features off by 4e-3)
+        torch.set_num_threads(threads)
     return KMeans(k, n_init=10, random_state=seed).fit_predict(embedding)
 
 
