@@ -220,7 +220,9 @@ def _env():
 
 def _torchrun(out: Path, *launch: str, extra: tuple[str, ...] = ()) -> list[str]:
     sets = [a for o in TINY + list(extra) for a in ("--set", o)]
-    return [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "scan", "run", "--out", str(out), *sets]
+    # --no-report: these tests read predictions and metrics, and the report's t-SNE map is seconds per run
+    return [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "scan", "run", "--no-report", "--out",
+            str(out), *sets]
 
 
 def _single_node(out: Path, port: int, *extra: str) -> list[str]:
@@ -259,7 +261,7 @@ def test_two_nodes_through_the_rendezvous_cluster_digits_like_one_process(two_no
     two = json.loads((out / "metrics.json").read_text())
     assert "cluster acc" in stdout                     # rank 0 printed the summary
     single = tmp_path / "single"
-    subprocess.run([sys.executable, "-m", "scan", "run", "--out", str(single),
+    subprocess.run([sys.executable, "-m", "scan", "run", "--no-report", "--out", str(single),
                     *[a for o in TINY for a in ("--set", o)]], env=_env(), check=True, capture_output=True)
     one = json.loads((single / "metrics.json").read_text())
     assert two["cluster"]["acc"] == pytest.approx(one["cluster"]["acc"], abs=0.15)

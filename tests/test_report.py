@@ -453,3 +453,17 @@ def test_naming_clusters_reuses_the_runs_map(trained, monkeypatch):
     assert scan("name", run, "1=ones")[0] == 0 and scan("report", run)[0] == 0
     assert "ones" in (run / "report.html").read_text()
     assert scan("name", run, "1=")[0] == 0
+
+
+def test_no_report_skips_only_the_report_which_scan_report_writes_later(trained, tmp_path):
+    from conftest import TINY
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    for made in ("report.html", "report_map.npz", "assignments.csv"):
+        (run / made).unlink()
+    args = ["run", "--data", trained["base"] / "photos", "--num-clusters", 10, "--labels-from-folders",
+            "--out", run, "--set", "data.image_size=16", "--no-report"]
+    code, stdout = scan(*args, *[a for o in TINY for a in ("--set", o)])
+    assert code == 0 and len(stdout.splitlines()) == 1 and "report:" not in stdout   # the summary line alone
+    assert (run / "assignments.csv").is_file() and not (run / "report.html").exists()
+    assert scan("report", run)[0] == 0 and (run / "report.html").is_file()

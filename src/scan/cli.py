@@ -80,6 +80,9 @@ def _add_run_options(p: argparse.ArgumentParser, extra: tuple[str, ...] = ALL_OP
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or status lines")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbones (sets compile: true)")
     p.add_argument("--restart", action="store_true", help="ignore finished stages and checkpoints; start afresh")
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="skip report.html after evaluate, e.g. for many runs on a cluster (`scan report RUN_DIR` "
+                        "writes it later); assignments.csv is still written")
 
 
 def default_run_dir(cfg, args) -> Path:
@@ -105,7 +108,8 @@ def cmd_stages(args, stages) -> int:
         from scan.use.inference import finished_run, write_train_assignments
         trained = finished_run(run, metrics)
         write_train_assignments(trained)
-        print(f"report: {write_run_report(trained)}")
+        if args.report:
+            print(f"report: {write_run_report(trained)}")
     return 0
 
 
