@@ -122,7 +122,7 @@ def logged_run(tmp_path_factory):
     first = run_cli("run", "--run-dir", str(run), "--log", "tensorboard", *sets(TINY_RUN))
     assert first["code"] == 0, first["stderr"][-2000:]
     rows = read_metrics(run)
-    second = run_cli("run", "--run-dir", str(run), *sets(TINY_RUN + ["cluster.epochs=2"]))
+    second = run_cli("run", "--run-dir", str(run), "--no-report", *sets(TINY_RUN + ["cluster.epochs=2"]))
     assert second["code"] == 0, second["stderr"][-2000:]
     return {"run": run, "first": first, "rows": rows, "second": second}
 
