@@ -107,6 +107,18 @@ def test_estimate_counts_images_through_the_backbone():
     assert restarted["cluster"] == pytest.approx(3 * est["cluster"]) and restarted["pretext"] == est["pretext"]
 
 
+def test_the_frozen_path_estimate_counts_the_heads_and_the_umap_candidate(monkeypatch):
+    import scan.pipeline.defaults as defaults
+    cfg = load_config("pretrained")
+    assert "umap_kmeans" in cfg.cluster.candidates
+    monkeypatch.setattr(defaults, "umap_available", lambda: True)
+    est = estimate_seconds(cfg, 10_000, 0, rate=100.0)
+    assert est["pretext"] == pytest.approx(1.5 * 10_000 / 100)
+    assert est["cluster"] == pytest.approx(17 + 10 + 22)   # heads, numba's compile, the embedding (measured)
+    monkeypatch.setattr(defaults, "umap_available", lambda: False)   # without the `umap` extra: the heads alone
+    assert estimate_seconds(cfg, 10_000, 0, rate=100.0)["cluster"] == pytest.approx(17)
+
+
 def test_cli_prints_the_chosen_defaults_and_a_time_estimate(tmp_path, capsys):
     images = np.random.default_rng(0).integers(0, 255, size=(40, 10, 10), dtype=np.uint8)
     np.savez(tmp_path / "pile.npz", images=images)
