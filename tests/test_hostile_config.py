@@ -157,7 +157,7 @@ def test_a_hand_set_world_size_without_torchrun_says_what_it_waits_for_and_gives
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         env = {**os.environ, "WORLD_SIZE": "2", "RANK": rank, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "SCAN_JOIN_TIMEOUT": "2"}
+               "SCAN_JOIN_TIMEOUT": "1"}
         env.pop("TORCHELASTIC_RUN_ID", None)
         ranks[rank] = port, subprocess.Popen([sys.executable, "-m", "scan", "run", "--out", str(tmp_path / "run"),
                                               "--device", "cpu"], env=env, stderr=subprocess.PIPE, text=True)
@@ -165,9 +165,9 @@ def test_a_hand_set_world_size_without_torchrun_says_what_it_waits_for_and_gives
         _, err = proc.communicate(timeout=120)
         lines = err.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 2, err
-        assert f"RANK={rank} of WORLD_SIZE=2 without torchrun: waiting up to 2 s for the other 1 process(es)" in lines[0]
+        assert f"RANK={rank} of WORLD_SIZE=2 without torchrun: waiting up to 1 s for the other 1 process(es)" in lines[0]
         assert f"127.0.0.1:{port}" in lines[0] and "unset WORLD_SIZE and RANK" in lines[0]
-        assert lines[1].startswith("scan: error: ") and "did not join" in lines[1] and "within 2 s" in lines[1]
+        assert lines[1].startswith("scan: error: ") and "did not join" in lines[1] and "within 1 s" in lines[1]
     assert not (tmp_path / "run").exists()
 
 
