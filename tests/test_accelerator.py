@@ -196,7 +196,7 @@ def test_compile_flag_compiles_every_training_backbone_and_its_models_load_uncom
                                                                                     monkeypatch):
     counting = CountingCompile()
     monkeypatch.setattr(torch, "compile", counting)
-    args = ["run", "--compile", "--out", str(tmp_path / "run")]
+    args = ["run", "--compile", "--no-report", "--out", str(tmp_path / "run")]   # the report is not looked at
     for o in tiny_overrides + ["selflabel.enabled=false"]:
         args += ["--set", o]
     assert main(args) == 0
