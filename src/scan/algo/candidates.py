@@ -19,7 +19,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
 
 from scan.algo.baselines import kmeans_assign
 from scan.algo.neighbors import knn_search, l2_normalize
@@ -72,7 +71,7 @@ def umap_kmeans_candidate(features: np.ndarray, k: int, seed: int) -> np.ndarray
         # training after this would run on more threads than OMP_NUM_THREADS asked for, and its sums would
         # no longer match those of a run resumed in a fresh process (measured: pretext features off by 4e-3)
         torch.set_num_threads(threads)
-    return KMeans(k, n_init=10, random_state=seed).fit_predict(embedding)
+    return kmeans_assign(embedding, None, k, seed, normalize=False)[0]   # the embedding's own geometry
 
 
 def compute_candidates(names, features: np.ndarray, k: int, seed: int) -> tuple[dict[str, np.ndarray], list[str]]:

@@ -61,7 +61,7 @@ def embed_2d_kept(features: np.ndarray, seed: int, keep: Path | None) -> np.ndar
     features: they reuse the layout (the dots also stay where the user saw them). A key that differs (a
     retrained model), a damaged or foreign file, or keep=None computes it afresh; a stale file is replaced.
     """
-    key = stable_hash(bytes_hash(np.ascontiguousarray(features, dtype=np.float32)), seed, PCA_DIMS, TSNE_STEPS)
+    key = stable_hash(bytes_hash(features.astype(np.float32, copy=False)), seed, PCA_DIMS, TSNE_STEPS)
     if keep is not None and Path(keep).is_file():
         try:
             with np.load(keep, allow_pickle=False) as kept:
