@@ -93,13 +93,15 @@ def test_the_frozen_path_lets_both_recipes_compete_and_the_default_lets_none():
     assert {"candidates", "candidate_steps"} <= set(stage_settings(chosen, "cluster")["cluster"])
 
 
+PLANTED_WIN = ["cluster.epochs=0", "cluster.candidates=[kmeans]", "cluster.lr=0.01", "cluster.candidate_steps=40",
+               "cluster.update_backbone=false", "selflabel.enabled=false"]
+
+
 @pytest.fixture
 def planted_win(mined_run, tmp_path, monkeypatch):
     """A run whose heads train for no epoch (so stay near uniform) beside k-means on the same features, which
     must win on the kNN graph; records what the recipes were asked for and what they returned."""
-    run = copy_run(mined_run, tmp_path, ["cluster.epochs=0", "cluster.candidates=[kmeans]", "cluster.lr=0.01",
-                                         "cluster.candidate_steps=40", "cluster.update_backbone=false",
-                                         "selflabel.enabled=false"])
+    run = copy_run(mined_run, tmp_path, PLANTED_WIN)
     calls = []
 
     def spy(names, features, k, seed):
@@ -146,6 +148,39 @@ def test_candidate_steps_reaches_the_fit(planted_win, monkeypatch):
     monkeypatch.setattr(cluster, "optimizer_step", counting)
     cluster.stage_cluster(run)
     assert len(steps) == 40   # cluster.epochs=0: every step is the fit's
+
+
+def test_a_fit_stopped_midway_resumes_from_its_last_pass_to_the_same_model(planted_win, mined_run, tmp_path,
+                                                                           monkeypatch):
+    """The fit is a training like the others (the stages' epoch loop): a stop after some of its passes resumes
+    from its checkpoint under cluster/fit/ and ends where an uninterrupted fit ends; the checkpoint goes."""
+    import torch
+    run, _ = planted_win
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    reference = copy_run(mined_run, whole, PLANTED_WIN)
+    cluster.stage_cluster(reference)
+    per_pass = len(run.train) // run.cfg.cluster.batch_size
+    assert 40 % per_pass and 40 // per_pass >= 2     # the last pass is a part one, and a stop can fall between
+    real, steps = cluster.optimizer_step, []
+
+    def stopping(optimizer, loss, stage, epoch):
+        if len(steps) == per_pass + 1:                # the second step of the second pass: the first is checkpointed
+            raise RuntimeError("stopped")
+        steps.append(epoch)
+        return real(optimizer, loss, stage, epoch)
+    monkeypatch.setattr(cluster, "optimizer_step", stopping)
+    with pytest.raises(RuntimeError, match="stopped"):
+        cluster.stage_cluster(run)
+    assert steps == [0] * per_pass + [1] and run.path("cluster", "fit", "checkpoint.pt").is_file()
+    resumed = []
+    monkeypatch.setattr(cluster, "optimizer_step", lambda *a: resumed.append(a[3]) or real(*a))
+    cluster.stage_cluster(run)
+    assert resumed == list(np.repeat(np.arange(40 // per_pass + 1), per_pass)[per_pass:40])   # from the second pass
+    ours, theirs = (torch.load(r.path("cluster", "model.pt"), weights_only=True) for r in (run, reference))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    done = json.loads(run.path("cluster", "done.json").read_text())["candidates"]
+    assert done["fit_loss"]["passes"] == -(-40 // per_pass) and not run.path("cluster", "fit", "checkpoint.pt").exists()
 
 
 def test_the_choice_reads_only_what_the_cluster_fingerprint_covers(mined_run, tmp_path):

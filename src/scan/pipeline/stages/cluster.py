@@ -85,9 +85,11 @@ def stage_cluster(run: Run) -> dict:
         lowest = kept["lowest"]
         extra["kept"] = {"epoch": lowest.epoch, "head": lowest.detail, "heldout_loss": lowest.score}
     _warn_collapse(run, kept["kept_probs"].argmax(1), "cluster")
-    for pattern in ("retry*/checkpoint.pt", "restart*/checkpoint.pt") if is_main() else ():
+    for pattern in ("retry*/checkpoint.pt", "restart*/checkpoint.pt", "fit/checkpoint.pt") if is_main() else ():
         for leftover in run.path("cluster").glob(pattern):
             leftover.unlink()
+            if not any(leftover.parent.iterdir()):   # the folder held only the checkpoint
+                leftover.parent.rmdir()
     return run.finish("cluster", **extra)
 
 
@@ -157,8 +159,9 @@ def follow_best_candidate(run: Run, model, ours: np.ndarray, neighbors: np.ndarr
 def fit_to_partition(run: Run, model, labels: np.ndarray) -> list[float]:
     """Train the kept head (and the backbone, if cluster.update_backbone) by cross-entropy to assign the
     training images as `labels` (N,) does: cluster.candidate_steps batches of their strong view (the
-    unaugmented cached features on the frozen path without cached views). Returns the mean loss of every
-    pass over the data."""
+    unaugmented cached features on the frozen path without cached views), in passes over the data that the
+    stages' epoch loop checkpoints under cluster/fit/ (progress and metrics.csv as "cluster-fit"). Returns the
+    mean loss of every pass."""
     cfg, rt, c = run.cfg, run.rt, run.cfg.cluster
     seed_everything(cfg.seed + CANDIDATE_SEED_OFFSET)
     targets = torch.from_numpy(labels).to(rt.device)
@@ -167,19 +170,24 @@ def fit_to_partition(run: Run, model, labels: np.ndarray) -> list[float]:
     logits_of = parallel(model, run.source.weak_strong_logits(model), cfg.sync_batchnorm)   # DDP under torchrun
     n = len(labels)
     batch_size = min(c.batch_size, n)
-    losses, steps, epoch = [], 0, 0
-    while steps < c.candidate_steps:
+    per_pass = n // batch_size                # minibatches' count: full batches only
+    passes = -(-c.candidate_steps // per_pass)
+
+    def epoch_fn(epoch, tick):
         model.train()
         if not c.update_backbone:
             model.backbone.eval()
-        total, batches = 0.0, minibatches(n, batch_size)[:c.candidate_steps - steps]
+        total, batches = 0.0, minibatches(n, batch_size)[:c.candidate_steps - epoch * per_pass]
         for idx in batches:
             strong_logits = logits_of(idx)[1]
             total += optimizer_step(optimizer, F.cross_entropy(strong_logits.float(), targets[idx.to(rt.device)]),
                                     "cluster", epoch)
-        steps, epoch = steps + len(batches), epoch + 1
-        losses.append(total / len(batches))
-    return losses
+            tick()
+        return {"loss": total / len(batches)}
+
+    history = run_epochs("cluster-fit", run.path("cluster", "fit"), passes, per_pass,
+                         {"model": model, "opt": optimizer}, epoch_fn, run.fingerprint("cluster") + "-fit", rt)
+    return [h["loss"] for h in history]
 
 
 def _candidate_inputs(run: Run) -> tuple:
