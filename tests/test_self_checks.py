@@ -127,7 +127,10 @@ def test_cli_prints_the_chosen_defaults_and_a_time_estimate(tmp_path, capsys):
             "--set", "mine.num_neighbors=3", "--set", "model.width=4"]
     assert main(args) == 0
     err = capsys.readouterr().err
-    assert "chose defaults from the data" in err and "mine.features=backbone+pixels" in err
+    chose = next(line for line in err.splitlines() if "chose defaults from the data" in line)
+    assert "mine.features=backbone+pixels" in chose and "pretext.batch_size=40" in chose
+    # what the user set is not listed as chosen (it is what runs)
+    assert "pretext.epochs" not in chose and "cluster.epochs" not in chose and "model.width" not in chose
     assert "estimated time: pretext" in err and "images/s through the backbone" in err
 
 

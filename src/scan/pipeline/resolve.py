@@ -126,8 +126,10 @@ def build_config(args):
     cfg = load_config(None, user)
     user = merge(_photo_default(cfg, args, user), user)
     resolved, data, auto = resolve_config(None, user)
-    if auto:
-        _say(cfg, "no --config given; chose defaults from the data: " + ", ".join(f"{k}={v}" for k, v in flatten(auto)))
+    given = dict(flatten(user))
+    chosen = [f"{k}={v}" for k, v in flatten(auto) if k not in given]   # a --set of the user's wins: not "chosen"
+    if chosen:
+        _say(cfg, "no --config given; chose defaults from the data: " + ", ".join(chosen))
     if not cfg.quiet and getattr(args, "estimate", True):
         _print_estimate(resolved, data)
     return resolved, data
