@@ -3,7 +3,13 @@ import numpy as np
 import pytest
 
 from scan.algo.neighbors import mine_neighbors
-from scan.algo.num_clusters import choose_num_clusters, default_range, merge_tree, neighbor_modularity
+from scan.algo.num_clusters import (
+    choice_neighbors,
+    choose_num_clusters,
+    default_range,
+    merge_tree,
+    neighbor_modularity,
+)
 
 
 def test_modularity_by_hand():
@@ -28,6 +34,55 @@ def _blobs(groups: int, n: int = 600, dim: int = 16, seed: int = 0) -> np.ndarra
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(groups, dim)) * 3
     return (centers[rng.integers(0, groups, n)] + rng.normal(size=(n, dim))).astype(np.float32)
+
+
+def test_the_choice_graph_is_no_wider_than_the_smallest_clusters_the_range_allows():
+    assert choice_neighbors(80, 12, 20) == 80 // 12 == 6        # a small folder, the range raised to 12
+    assert choice_neighbors(80, 4, 20) == 20                    # its default range (80 / 20 = 4): K kept
+    assert choice_neighbors(2000, 50, 20) == 20 and choice_neighbors(999, 49, 20) == 20   # the default range
+    assert choice_neighbors(100, 60, 20) == 2                   # never below 2
+    assert choice_neighbors(30, 2, 40) == 15
+
+
+def _small_kinds(seed: int, kinds: int = 8, each: int = 10, noise: float = 0.3) -> np.ndarray:
+    """`kinds` tight groups of exactly `each` points (16-d): a small folder of small, distinct kinds."""
+    rng = np.random.default_rng(seed)
+    return (np.repeat(rng.normal(size=(kinds, 16)) * 3, each, axis=0)
+            + noise * rng.normal(size=(kinds * each, 16))).astype(np.float32)
+
+
+def test_small_kinds_are_found_when_the_graph_fits_them():
+    """8 kinds of 10 (range 2..12, five draws): 20 neighbours span two or more kinds and the choice merges them
+    (3-4 clusters); a graph of N / 12 = 6 neighbours finds 8 (7 once: two kinds close in that draw)."""
+    wide = [choose_num_clusters(_small_kinds(s), range(2, 13), 20, seed=0)["num_clusters"] for s in range(5)]
+    fit = [choose_num_clusters(_small_kinds(s), range(2, 13), choice_neighbors(80, 12, 20), seed=0)["num_clusters"]
+           for s in range(5)]
+    assert max(wide) <= 5 and sum(c == 8 for c in fit) >= 4 and min(fit) >= 7 and max(fit) <= 9, (wide, fit)
+
+
+def test_a_graph_in_separate_parts_does_not_stop_the_choice(monkeypatch):
+    """Kinds so far apart that a 6-neighbour graph falls into parts stalled ARPACK (error 3) on a subsample:
+    the embedding falls back to the dense solver, which gives the same leading space."""
+    import scan.algo.num_clusters as nc
+    assert nc.choose_num_clusters(_small_kinds(0), range(2, 13), 6, seed=0)["num_clusters"] == 8   # raised before
+    neighbors = mine_neighbors(_blobs(3, n=200), 10)
+    sparse = nc.spectral_embedding(neighbors, 3)
+
+    def stalled(*args, **kwargs):
+        raise nc.ArpackError(3)
+    monkeypatch.setattr(nc, "eigsh", stalled)
+    dense = nc.spectral_embedding(neighbors, 3)
+    # the same subspace (eigenvectors up to sign and rotation): each projects fully onto the other
+    projection = np.linalg.svd(sparse.T @ dense, compute_uv=False)
+    assert dense.shape == sparse.shape and projection == pytest.approx(np.ones(3), abs=1e-3)
+
+
+def test_an_agreement_below_chance_counts_as_none(monkeypatch):
+    """A subsample partition that agrees less than chance (ARI < 0) weighs the score by 0, not by a complex root."""
+    import scan.algo.num_clusters as nc
+    monkeypatch.setattr(nc, "adjusted_rand_score", lambda a, b: -0.1)
+    choice = nc.choose_num_clusters(_blobs(3, n=200), range(2, 5), 10, seed=0)
+    assert choice["curve"] == {2: 0.0, 3: 0.0, 4: 0.0} and choice["num_clusters"] == 2   # a tie: the smaller C
 
 
 @pytest.mark.parametrize("groups", [3, 7, 12])
@@ -173,6 +228,35 @@ def test_the_choose_stage_alone_on_a_run_with_a_given_number_says_how_to_use_it(
     assert run_cli("choose", "--run-dir", tmp_path / "run") == 2
     one_error_line(capsys, "data.num_clusters is 10", "--num-clusters auto")
     assert not (tmp_path / "run" / "choose").exists()
+
+
+def test_the_choose_stage_passes_the_capped_graph_and_says_when_the_default_range_is_short(mined_run, tmp_path,
+                                                                                          monkeypatch, capsys):
+    from conftest import copy_run
+
+    import scan.algo.num_clusters as nc
+    import scan.pipeline.stages.choose as choose_stage
+    seen = []
+
+    def fake_choice(space, candidates, k, seed):   # the criterion is tested above: here what the stage gives it
+        seen.append((len(space), list(candidates), k))
+        return {"num_clusters": 3, "criterion": "spy",
+                **{key: {c: 0.5 for c in candidates} for key in ("curve", "modularity", "stability")}}
+    monkeypatch.setattr(choose_stage, "choose_num_clusters", fake_choice)
+    raised = copy_run(mined_run, tmp_path / "raised", ["data.num_clusters=auto", "choose.max_clusters=200",
+                                                       "mine.num_neighbors=20", "quiet=false"])
+    n = len(raised.train)
+    assert choose_stage.stage_choose(raised)["neighbors"] == n // 200 < 20
+    assert seen == [(n, list(range(2, 201)), n // 200)]
+    said = capsys.readouterr().err
+    assert f"C = 2..200; {n // 200} neighbours" in said and "raise choose.max_clusters" not in said
+    # the default range stops at N / 20 below 50 clusters (here made to, by a higher cap): the line says why
+    monkeypatch.setattr(nc, "MAX_CLUSTERS", 1000)
+    monkeypatch.setattr(choose_stage, "MAX_CLUSTERS", 1000)
+    short = copy_run(mined_run, tmp_path / "short", ["data.num_clusters=auto", "mine.num_neighbors=20", "quiet=false"])
+    choose_stage.stage_choose(short)
+    assert seen[1] == (n, list(range(2, n // 20 + 1)), 20)
+    assert "at most one cluster per 20 images; for smaller kinds raise choose.max_clusters" in capsys.readouterr().err
 
 
 def test_a_known_size_prior_is_normalised_and_must_fit_the_clusters():

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.sparse.linalg import eigsh
+from scipy.linalg import eigh
+from scipy.sparse.linalg import ArpackError, eigsh
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
@@ -40,6 +41,8 @@ NEIGHBOR_RESERVE = 2
 # modularity of small kinds, whose clusters recur less exactly (measured: benchmarks/num_clusters.py)
 STABILITY_POWER = 0.5
 PARTITION_FIT_ROWS = 3000
+# the spectral embedding falls back to a dense eigen-solver up to this many images (a 4000 x 4000 matrix: 128 MB)
+DENSE_EIGEN_LIMIT = 4000
 
 
 def neighbor_modularity(assignments: np.ndarray, neighbors: np.ndarray) -> float:
@@ -72,8 +75,19 @@ def spectral_embedding(neighbors: np.ndarray, dims: int) -> np.ndarray:
     a = knn_graph(neighbors)
     scale = sp.diags(1.0 / np.sqrt(np.asarray(a.sum(1)).ravel()))
     n = a.shape[0]
-    values, vectors = eigsh(scale @ a @ scale, k=min(dims, n - 1), which="LA", tol=1e-4,
-                            v0=np.full(n, 1 / np.sqrt(n)))
+    k = min(dims, n - 1)
+    matrix = scale @ a @ scale
+    try:
+        values, vectors = eigsh(matrix, k=k, which="LA", tol=1e-4, v0=np.full(n, 1 / np.sqrt(n)))
+    except ArpackError:
+        # kinds so well apart that the graph falls into separate parts give the eigenvalue 1 once per part, a
+        # multiplicity on which ARPACK's restarts can stall ("no shifts could be applied"): solve it densely
+        # where that is cheap, else with a wider Krylov space
+        if n <= DENSE_EIGEN_LIMIT:
+            values, vectors = eigh(matrix.toarray(), subset_by_index=[n - k, n - 1])
+        else:
+            values, vectors = eigsh(matrix, k=k, which="LA", tol=1e-4, v0=np.full(n, 1 / np.sqrt(n)),
+                                    ncv=min(n, 4 * k + 1))
     return vectors[:, np.argsort(-values)].astype(np.float32)
 
 
@@ -109,6 +123,15 @@ def default_range(num_images: int, low: int = 2, high: int | None = None) -> ran
     """The candidate numbers of clusters: low .. high, high by default min(MAX_CLUSTERS, N / MIN_CLUSTER_SIZE)."""
     top = high if high is not None else min(MAX_CLUSTERS, num_images // MIN_CLUSTER_SIZE)
     return range(low, max(low, top) + 1)
+
+
+def choice_neighbors(num_images: int, max_clusters: int, requested: int) -> int:
+    """The K of the choice's kNN graph: the requested K, at most N / max_clusters, the size of the smallest
+    clusters the range allows (at least 2). A kind of 10 images among 20 neighbours each is linked to its
+    neighbours' kinds and merged with them. The default range (at most N / MIN_CLUSTER_SIZE clusters) allows
+    no cluster under MIN_CLUSTER_SIZE images, so the default K (20) stands; a range raised past it for a small
+    folder (80 photos, up to 12 kinds) gets a graph as local as its smallest kinds."""
+    return max(2, min(requested, num_images // max_clusters, num_images - 1))
 
 
 def candidate_range(num_images: int, low: int = 2, high: int | None = None) -> range:
@@ -157,7 +180,8 @@ def choose_num_clusters(features: np.ndarray, candidates, num_neighbors: int = 2
         for c in candidates:
             agreement[c].append(adjusted_rand_score(full[c][rows], spectral_partition(part_embedding, c, seed)))
     stability = {c: float(np.mean(agreement[c])) if agreement[c] else 1.0 for c in candidates}
-    curve = {c: modularity[c] * stability[c] ** STABILITY_POWER for c in candidates}
+    # an adjusted Rand index below 0 (agreement under chance) counts as none: its root would be complex
+    curve = {c: modularity[c] * max(stability[c], 0.0) ** STABILITY_POWER for c in candidates}
     best = max(candidates, key=lambda c: (curve[c], -c))
     return {"num_clusters": best, "curve": curve, "modularity": modularity, "stability": stability,
             "criterion": "neighbor_modularity x subsample_stability"}

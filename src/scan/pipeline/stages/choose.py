@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import time
 
-from scan.algo.num_clusters import candidate_range, choose_num_clusters
+from scan.algo.num_clusters import (
+    MAX_CLUSTERS,
+    MIN_CLUSTER_SIZE,
+    candidate_range,
+    choice_neighbors,
+    choose_num_clusters,
+)
 from scan.config import AUTO, MineConfig
 from scan.core.distributed import on_main
 from scan.core.errors import StageError
@@ -29,17 +35,20 @@ def _choose(run: Run) -> dict:
     start = time.time()
     space = mining_space(mining_inputs(run, "train", chosen=False))
     candidates = candidate_range(len(space), run.cfg.choose.min_clusters, run.cfg.choose.max_clusters)
-    # the requested K, not the mine stage's cap for the largest candidate (a local graph over-splits);
-    # self-pairs (mine.num_neighbors=0) still need a graph here: the default K
-    k = run.cfg.mine.num_neighbors or MineConfig.num_neighbors
-    choice = choose_num_clusters(space, candidates, min(k, len(space) - 1), run.cfg.seed)
+    # the requested K, not the mine stage's cap for the largest candidate (a local graph over-splits), except
+    # where the range allows smaller clusters than K; self-pairs (mine.num_neighbors=0) still need a graph here
+    k = choice_neighbors(len(space), candidates[-1], run.cfg.mine.num_neighbors or MineConfig.num_neighbors)
+    choice = choose_num_clusters(space, candidates, k, run.cfg.seed)
     seconds = time.time() - start
     count, curve = choice["num_clusters"], choice["curve"]
+    # a small set's default range is short (80 images: 2..4): say so, or 8 kinds of 10 photos end as 3 clusters
+    cut = (f" (at most one cluster per {MIN_CLUSTER_SIZE} images; for smaller kinds raise choose.max_clusters)"
+           if run.cfg.choose.max_clusters is None and candidates[-1] < MAX_CLUSTERS else "")
     say(run.rt, f"choose: {count} clusters (score {curve[count]:.3f} = neighbour modularity "
                 f"{choice['modularity'][count]:.3f} x subsample stability {choice['stability'][count]:.3f}, the "
-                f"highest of C = {candidates[0]}..{candidates[-1]}; {seconds:.1f} s); the curve is in metrics.json "
-                f"and the report")
-    record = run.finish("choose", num_clusters=count, criterion=choice["criterion"], seconds=seconds,
+                f"highest of C = {candidates[0]}..{candidates[-1]}{cut}; {k} neighbours; {seconds:.1f} s); the curve "
+                f"is in metrics.json and the report")
+    record = run.finish("choose", num_clusters=count, criterion=choice["criterion"], neighbors=k, seconds=seconds,
                         **{key: {str(c): v for c, v in choice[key].items()}
                            for key in ("curve", "modularity", "stability")})
     record_run_config(run)   # the models' configuration snapshots, keyed by fingerprints that need the choice
