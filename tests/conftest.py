@@ -42,6 +42,36 @@ def _umap_only_where_asked(request, monkeypatch):
         monkeypatch.setitem(sys.modules, "umap", None)
 
 
+class _AxesLayout:
+    """t-SNE's interface for the report's map, laying the points out on their first two principal axes."""
+
+    def __init__(self, n_components, **settings):
+        self.n_components = n_components
+
+    def fit_transform(self, x):
+        from sklearn.decomposition import PCA
+        return PCA(self.n_components, random_state=0).fit_transform(x)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _maps_without_tsne():
+    """The report's map without t-SNE for the whole session (before any shared run writes a report): a map of
+    1,437 images takes ~3 s of t-SNE, which every report of the suite would pay for a layout that the tests
+    marked `tsne` (and the subprocesses the tests start) compute for real."""
+    from scan.report import map as report_map
+    real = report_map.TSNE
+    report_map.TSNE = _AxesLayout
+    yield real
+    report_map.TSNE = real
+
+
+@pytest.fixture(autouse=True)
+def _tsne_where_asked(request, monkeypatch, _maps_without_tsne):
+    if request.node.get_closest_marker("tsne") is not None:
+        from scan.report import map as report_map
+        monkeypatch.setattr(report_map, "TSNE", _maps_without_tsne)
+
+
 # Tiny settings so a whole pipeline runs in seconds on 2 CPU cores.
 TINY = ["model.width=8", "pretext.epochs=2", "pretext.batch_size=128", "cluster.epochs=2",
         "cluster.num_heads=3", "cluster.restarts=1", "selflabel.epochs=2", "selflabel.threshold=0.5",

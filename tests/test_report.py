@@ -411,9 +411,14 @@ def test_prototypes_are_the_members_closest_to_the_mean_of_the_ten_most_confiden
     assert prototypes(members[8:], confidence, features, 2).tolist() == [10, 8]
 
 
+@pytest.mark.tsne
 def test_map_of_repeated_images_puts_each_repeat_on_one_point():
     """30 identical images crashed t-SNE (a segmentation fault, the whole process); repeats now share a point."""
+    from sklearn.manifold import TSNE
+
+    from scan.report import map as report_map
     from scan.report.map import embed_2d
+    assert report_map.TSNE is TSNE   # the real one here (conftest lays maps out on two axes elsewhere)
     assert np.array_equal(embed_2d(np.zeros((30, 16)), 0), np.zeros((30, 2)))
     x = np.random.default_rng(0).normal(size=(40, 16))
     x[20:] = x[0]
