@@ -228,10 +228,16 @@ def test_colour_photo_folder_gets_pretrained_features_by_default(tmp_path, capsy
         assert shown["pretext"]["method"] == "simclr"
 
 
-@pytest.mark.parametrize("side, colour", [(80, False), (32, True)])
-def test_grey_or_small_images_keep_training_from_scratch(tmp_path, capsys, side, colour):
+@pytest.mark.parametrize("side, colour, seen", [(80, False, "0% in colour, median side 80 px"),
+                                               (32, True, "100% in colour, median side 32 px")])
+def test_grey_or_small_images_keep_training_from_scratch_and_say_how_to_use_pretrained_features(
+        tmp_path, capsys, side, colour, seen):
     shown, err = shown_config(photo_folder(tmp_path / "imgs", side, colour), capsys)
-    assert shown["pretext"]["method"] == "simclr" and "from scratch" not in err
+    assert shown["pretext"]["method"] == "simclr"
+    said = next(line for line in err.splitlines() if "training a network on these images" in line)
+    assert f"holds 12 images, {seen}" in said and "--pretrained efficientnet_lite0" in said
+    _, quiet = shown_config(photo_folder(tmp_path / "imgs", side, colour), capsys, "--set", "quiet=true")
+    assert "training a network" not in quiet   # quiet silences it
 
 
 def test_photos_without_the_weights_train_from_scratch_and_say_why(tmp_path, capsys, monkeypatch):

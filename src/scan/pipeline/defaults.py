@@ -91,19 +91,19 @@ GREY_SPREAD = 6           # mean max-min over R, G, B (0..255) below which an im
 PHOTO_SAMPLE = 32         # files looked at to decide
 
 
-def looks_like_photos(cfg) -> tuple[bool, str]:
+def looks_like_photos(cfg) -> tuple[bool, str | None]:
     """Whether `--data` is a folder of natural colour photos, judged on an even sample of its files:
     most of them in colour and a median shorter side of at least PHOTO_MIN_SIDE px.
 
     A frozen ImageNet network clusters such photos in a minute where training from scratch takes
     most of an hour on a CPU (and does worse); grey or small images (digits, scans, icons) and
     arrays (.npz) are far from ImageNet, so they keep training from scratch. Returns (verdict, a
-    phrase saying what was seen).
+    phrase saying what was seen), the phrase None where there is no folder of readable images to judge.
     """
     path = Path(cfg.data.path).expanduser() if cfg.data.path else None
     if cfg.data.dataset not in ("auto", "folder") or path is None or not path.is_dir() \
             or detect_format(path) != "folder":
-        return False, "not an image folder"
+        return False, None
     files = [f for f in list_files(path) if f.suffix.lower() in IMAGE_EXTENSIONS]
     sample = files[::max(1, len(files) // PHOTO_SAMPLE)][:PHOTO_SAMPLE]
     sides = []
@@ -115,7 +115,7 @@ def looks_like_photos(cfg) -> tuple[bool, str]:
             continue
     crops = [c for c in decode_images(sample, 32) if c is not None]
     if not sides or not crops:
-        return False, "no readable images"
+        return False, None
     spread = [float((c.max(axis=2).astype(np.int16) - c.min(axis=2)).mean()) for c in crops]
     colour = float(np.mean([v >= GREY_SPREAD for v in spread]))
     side = int(np.median(sides))

@@ -81,6 +81,9 @@ def _photo_default(cfg, args, user: dict) -> dict:
         return {}
     photos, why = looks_like_photos(cfg)
     if not photos:
+        if why is not None:   # a folder judged grey or small: say so, it decides minutes against seconds
+            _say(cfg, f"{why}: training a network on these images (grey or small images are far from ImageNet's "
+                      f"photos); --pretrained {PHOTO_BACKBONE} clusters ImageNet features instead")
         return {}
     try:
         pretrained.lite_weights_path(PHOTO_BACKBONE)   # via the module: tests stand in for a missing package
