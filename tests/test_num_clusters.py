@@ -250,12 +250,15 @@ def test_the_choose_stage_passes_the_capped_graph_and_says_when_the_default_rang
     assert seen == [(n, list(range(2, 201)), n // 200)]
     said = capsys.readouterr().err
     assert f"C = 2..200; {n // 200} neighbours" in said and "raise choose.max_clusters" not in said
+    top = copy_run(mined_run, tmp_path / "top", ["data.num_clusters=auto", "choose.max_clusters=3", "quiet=false"])
+    choose_stage.stage_choose(top)   # the spy answers 3: the top of 2..3
+    assert "C = 2..3 (the top of the range: raise choose.max_clusters to score more)" in capsys.readouterr().err
     # the default range stops at N / 20 below 50 clusters (here made to, by a higher cap): the line says why
     monkeypatch.setattr(nc, "MAX_CLUSTERS", 1000)
     monkeypatch.setattr(choose_stage, "MAX_CLUSTERS", 1000)
     short = copy_run(mined_run, tmp_path / "short", ["data.num_clusters=auto", "mine.num_neighbors=20", "quiet=false"])
     choose_stage.stage_choose(short)
-    assert seen[1] == (n, list(range(2, n // 20 + 1)), 20)
+    assert seen[2] == (n, list(range(2, n // 20 + 1)), 20)
     assert "at most one cluster per 20 images; for smaller kinds raise choose.max_clusters" in capsys.readouterr().err
 
 
