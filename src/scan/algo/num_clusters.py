@@ -131,7 +131,7 @@ def choice_neighbors(num_images: int, max_clusters: int, requested: int) -> int:
     neighbours' kinds and merged with them. The default range (at most N / MIN_CLUSTER_SIZE clusters) allows
     no cluster under MIN_CLUSTER_SIZE images, so the default K (20) stands; a range raised past it for a small
     folder (80 photos, up to 12 kinds) gets a graph as local as its smallest kinds."""
-    return max(2, min(requested, num_images // max_clusters, num_images - 1))
+    return max(2, min(requested, num_images // max_clusters))   # max_clusters < N: candidate_range checks it
 
 
 def candidate_range(num_images: int, low: int = 2, high: int | None = None) -> range:

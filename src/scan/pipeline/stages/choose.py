@@ -42,13 +42,13 @@ def _choose(run: Run) -> dict:
     seconds = time.time() - start
     count, curve = choice["num_clusters"], choice["curve"]
     # a small set's default range is short (80 images: 2..4): say so, or 8 kinds of 10 photos end as 3 clusters
-    cut = (f" (at most one cluster per {MIN_CLUSTER_SIZE} images; for smaller kinds raise choose.max_clusters)"
-           if run.cfg.choose.max_clusters is None and candidates[-1] < MAX_CLUSTERS else "")
-    if not cut and count == candidates[-1]:   # the best at the edge: a larger C was never scored
-        cut = " (the top of the range: raise choose.max_clusters to score more)"
+    range_note = (f" (at most one cluster per {MIN_CLUSTER_SIZE} images; for smaller kinds raise choose.max_clusters)"
+                  if run.cfg.choose.max_clusters is None and candidates[-1] < MAX_CLUSTERS else "")
+    if not range_note and count == candidates[-1]:   # the best at the edge: a larger C was never scored
+        range_note = " (the top of the range: raise choose.max_clusters to score more)"
     say(run.rt, f"choose: {count} clusters (score {curve[count]:.3f} = neighbour modularity "
                 f"{choice['modularity'][count]:.3f} x subsample stability {choice['stability'][count]:.3f}, the "
-                f"highest of C = {candidates[0]}..{candidates[-1]}{cut}; {k} neighbours; {seconds:.1f} s); the curve "
+                f"highest of C = {candidates[0]}..{candidates[-1]}{range_note}; {k} neighbours; {seconds:.1f} s); the curve "
                 f"is in metrics.json and the report")
     record = run.finish("choose", num_clusters=count, criterion=choice["criterion"], neighbors=k, seconds=seconds,
                         **{key: {str(c): v for c, v in choice[key].items()}

@@ -174,9 +174,7 @@ def fit_to_partition(run: Run, model, labels: np.ndarray) -> list[float]:
     passes = -(-c.candidate_steps // per_pass)
 
     def epoch_fn(epoch, tick):
-        model.train()
-        if not c.update_backbone:
-            model.backbone.eval()
+        _train_mode(model, c.update_backbone)
         total, batches = 0.0, minibatches(n, batch_size)[:c.candidate_steps - epoch * per_pass]
         for idx in batches:
             strong_logits = logits_of(idx)[1]
@@ -236,9 +234,7 @@ def _train_heads(run: Run, neighbors: torch.Tensor, lr: float, attempt: int, hel
     steps = len(minibatches(n, batch_size))
 
     def epoch_fn(epoch, tick):
-        model.train()
-        if not c.update_backbone:
-            model.backbone.eval()   # frozen: batch-norm statistics must not drift either
+        _train_mode(model, c.update_backbone)
         sums = np.zeros(3)
         for idx in minibatches(n, batch_size):
             nb = neighbors[idx, torch.randint(k, (len(idx),))]
@@ -272,6 +268,13 @@ def _train_heads(run: Run, neighbors: torch.Tensor, lr: float, attempt: int, hel
     if heldout is None or lowest.state is None:   # no epoch ran (cluster.epochs=0): the final choice
         return model, history, None
     return model, history, lowest
+
+
+def _train_mode(model, update_backbone: bool) -> None:
+    """Training mode for the heads; a frozen backbone stays in eval mode (its batch-norm statistics must not drift)."""
+    model.train()
+    if not update_backbone:
+        model.backbone.eval()
 
 
 def _warn_collapse(run: Run, pred: torch.Tensor, stage: str) -> None:
