@@ -33,6 +33,7 @@ def pytest_collection_modifyitems(items):
     slow = {groups.get(item, item) for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: groups.get(item, item) not in slow)
 
+
 @pytest.fixture(autouse=True)
 def _umap_only_where_asked(request, monkeypatch):
     """umap-learn unimportable, as without the `umap` extra, except in tests marked `umap`: its first embedding
