@@ -1,28 +1,26 @@
-"""How many clusters, without labels: the number whose partition the nearest neighbours support and
-that recurs on subsamples; and how the clusters nest.
+"""How many clusters, without labels: the number whose partition the nearest neighbours support best; and
+how the clusters nest.
 
-Two measures per candidate C, multiplied. The modularity of the partition on the directed kNN graph
-(an image points at its K nearest neighbours): the share of neighbour pairs that fall in one cluster,
-less the share a random partition with the same cluster sizes would keep together. Merging two real
-kinds raises the chance share of a large cluster; splitting a kind cuts its inner pairs: both lower
-it. Alone it splits a few big kinds (the gain of halving a cluster grows with its size), so it is
-weighted by stability: the agreement (adjusted Rand index) of the partition with the one found on
-random subsamples, high for boundaries between kinds and low for an arbitrary cut through one.
-The partitions are spectral clusterings of the graph (k-means on the row-normalised leading
-eigenvectors): one eigen-decomposition serves every C in the range.
+The partitions come from one hierarchy: the kNN graph is over-clustered spectrally into the largest
+candidate number (k-means on the row-normalised leading eigenvectors of the graph), and the pieces are joined
+two at a time, the pair the neighbours link most beyond chance first (merge_tree), down to the smallest
+candidate. Pieces of one kind link strongly and join first whatever their sizes, so a small kind keeps a
+cluster of its own while a large one is rejoined; k-means at each C instead cuts kinds to similar sizes (on a
+10:1 long tail it split the large kinds and merged the small ones).
 
-The subsamples' kNN graphs are cut from one search of the whole set: a subsample's K nearest neighbours
-are the first K that it kept of an image's 2K, so one search serves the whole choice (the search is
-most of the time on high-dimensional features).
+Each C is scored by the neighbour modularity at a resolution below one (Reichardt & Bornholdt): the share of
+neighbour pairs that fall in one cluster, less RESOLUTION times the share a random partition with the same
+cluster sizes keeps together. At resolution one the choice cut kinds into pieces (digits 0, 4 and 7 into 5
+clusters): a kNN graph is local, so the pieces of a large kind link little beyond what their sizes predict.
 """
 from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
 from scipy.linalg import eigh
+from scipy.sparse.csgraph import connected_components
 from scipy.sparse.linalg import ArpackError, eigsh
 from sklearn.cluster import KMeans
-from sklearn.metrics import adjusted_rand_score
 
 from scan.algo.neighbors import l2_normalize, mine_neighbors, neighbor_agreement
 from scan.core.errors import ConfigError
@@ -31,34 +29,32 @@ from scan.core.registry import Registry
 # the range C is chosen from when the user gives none: 2 .. min(MAX_CLUSTERS, N / MIN_CLUSTER_SIZE)
 MAX_CLUSTERS = 50
 MIN_CLUSTER_SIZE = 20
-# the stability half of the criterion: partitions of this many random subsamples of this share of the images
-SUBSAMPLES = 3
-SUBSAMPLE_SHARE = 0.8
-# the neighbours searched per image, as a multiple of K, from which every subsample's K are taken: an image
-# keeps each with probability SUBSAMPLE_SHARE, so fewer than K of 2K survive with probability ~1e-6 (K = 20)
-NEIGHBOR_RESERVE = 2
-# score = modularity x stability ** STABILITY_POWER: the square root keeps stability from overruling the
-# modularity of small kinds, whose clusters recur less exactly (measured: benchmarks/num_clusters.py)
-STABILITY_POWER = 0.5
+# score(C) = neighbour agreement - RESOLUTION x chance agreement; measured on 15 feature sets (9 from scratch,
+# 6 pretrained, seeds 0-2; docs/benchmarks.md): 0.8-0.85 choose within tolerance on 33 of 45, 0.7 on 30,
+# 1.0 on 31 (it over-splits small-C sets: digits 0, 4, 7 into 5), 0.6 on 27 (it merges Fashion-MNIST kinds)
+RESOLUTION = 0.8
 PARTITION_FIT_ROWS = 3000
+# the per-candidate values a choice records (choose/done.json, metrics.json, the report's chart)
+CHOICE_CURVES = ("curve", "agreement", "chance")
 # the spectral embedding falls back to a dense eigen-solver up to this many images (a 4000 x 4000 matrix: 128 MB)
 DENSE_EIGEN_LIMIT = 4000
 
 
-def neighbor_modularity(assignments: np.ndarray, neighbors: np.ndarray) -> float:
-    """Modularity of a partition on the directed kNN graph.
+def neighbor_modularity(assignments: np.ndarray, neighbors: np.ndarray, resolution: float = 1.0) -> float:
+    """Modularity of a partition on the directed kNN graph, at a resolution.
 
-    Q = (1 / NK) Σ_i Σ_k [a_i = a_{n_ik}]  −  Σ_c p_c q_c,  with p_c = |{i : a_i = c}| / N the share of
-    images (edge sources) in cluster c and q_c = |{(i, k) : a_{n_ik} = c}| / NK the share of neighbour
-    slots (edge targets) pointing into it. assignments (N,) ints, neighbors (N, K) indices; Q in [-1, 1),
-    0 for a partition that ignores the graph, 1 - 1/C for C equal, fully separated clusters.
+    Q = (1 / NK) Σ_i Σ_k [a_i = a_{n_ik}]  −  γ Σ_c p_c q_c,  with p_c = |{i : a_i = c}| / N the share of
+    images (edge sources) in cluster c, q_c = |{(i, k) : a_{n_ik} = c}| / NK the share of neighbour slots
+    (edge targets) pointing into it, and γ the resolution. assignments (N,) ints, neighbors (N, K) indices.
+    At γ = 1, Q in [-1, 1): 0 for a partition that ignores the graph, 1 - 1/C for C equal, fully separated
+    clusters; a lower γ charges large clusters less.
     """
     a = np.asarray(assignments)
     nb = np.asarray(neighbors)
     c = int(a.max()) + 1
     p = np.bincount(a, minlength=c) / len(a)
     q = np.bincount(a[nb].ravel(), minlength=c) / nb.size
-    return neighbor_agreement(a, nb) - float(p @ q)
+    return neighbor_agreement(a, nb) - resolution * float(p @ q)
 
 
 def knn_graph(neighbors: np.ndarray) -> sp.csr_matrix:
@@ -93,8 +89,7 @@ def spectral_embedding(neighbors: np.ndarray, dims: int) -> np.ndarray:
 
 def spectral_partition(embedding: np.ndarray, num_clusters: int, seed: int) -> np.ndarray:
     """(N,) clusters of the first `num_clusters` spectral coordinates, rows L2-normalised (Ng, Jordan & Weiss):
-    k-means (k-means++, 3 starts) fitted on at most PARTITION_FIT_ROWS of them, which ~200 partitions per
-    choice (4 graphs x 49 values of C) need to stay within seconds for 10k images."""
+    k-means (k-means++, 3 starts) fitted on at most PARTITION_FIT_ROWS of them (seconds for 10k images)."""
     rows = l2_normalize(embedding[:, :num_clusters])
     fit = rows
     if len(rows) > PARTITION_FIT_ROWS:
@@ -102,21 +97,17 @@ def spectral_partition(embedding: np.ndarray, num_clusters: int, seed: int) -> n
     return KMeans(num_clusters, n_init=3, random_state=seed).fit(fit).predict(rows)
 
 
-def subsample_neighbors(neighbors: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray | None:
-    """(len(rows), k) the k nearest neighbours of each kept image among the kept ones, in `rows` numbering.
+def connected_pieces(assignments: np.ndarray, neighbors: np.ndarray) -> np.ndarray:
+    """(N,) the clusters of `assignments` cut into their connected parts on the kNN graph, numbered 0..P−1.
 
-    neighbors (N, K') every image's neighbours in the whole set, nearest first; rows: the kept images,
-    sorted. An image's nearest kept neighbours are the first kept ones in its full list, so this equals a
-    new search on the subsample (up to ties), without the search. None when some image kept fewer than k
-    of its K' (then search again)."""
-    position = np.full(len(neighbors), -1, dtype=np.int64)
-    position[rows] = np.arange(len(rows))
-    mapped = position[neighbors[rows]]                       # (M, K') -1 where the neighbour was dropped
-    kept = mapped >= 0
-    if kept.sum(1).min() < k:
-        return None
-    first = np.argsort(~kept, axis=1, kind="stable")[:, :k]  # the kept columns, in their order
-    return np.take_along_axis(mapped, first, axis=1)
+    The spectral coordinates of a graph in separate parts (kinds so distinct that no neighbour pair joins them)
+    are an arbitrary basis of the parts' indicators, and k-means on them can put two parts in one cluster;
+    no merge can undo that, while parts cut apart here are joined again by the merges where they link."""
+    a = np.asarray(assignments)
+    graph = knn_graph(neighbors).tocoo()
+    inside = a[graph.row] == a[graph.col]
+    within = sp.csr_matrix((graph.data[inside], (graph.row[inside], graph.col[inside])), shape=graph.shape)
+    return connected_components(within, directed=False)[1]
 
 
 def default_range(num_images: int, low: int = 2, high: int | None = None) -> range:
@@ -149,52 +140,44 @@ def candidate_range(num_images: int, low: int = 2, high: int | None = None) -> r
     return candidates
 
 
-def choose_num_clusters(features: np.ndarray, candidates, num_neighbors: int = 20, seed: int = 0,
-                        subsamples: int = SUBSAMPLES) -> dict:
-    """The number of clusters in `candidates` whose partition the neighbours support and that is reproducible.
+def choose_num_clusters(features: np.ndarray, candidates, num_neighbors: int = 20, seed: int = 0) -> dict:
+    """The number of clusters in `candidates` whose partition the nearest neighbours support best.
 
-    For each C the spectral partition of the kNN graph (features (N, D), cosine, `num_neighbors` each) gets
-    score(C) = modularity(C) x stability(C) ** STABILITY_POWER: the neighbour modularity (which alone prefers
-    splitting a few big kinds, its resolution limit) weighted by the mean adjusted Rand index between that
-    partition and the one found the same way on each of `subsamples` random SUBSAMPLE_SHARE of the images (an
-    arbitrary split of one kind does not recur; a boundary between kinds does). The highest score wins; a tie
-    goes to the smaller C.
-    Returns {"num_clusters", "curve": {C: score}, "modularity": {C: ...}, "stability": {C: ...}, "criterion"}.
+    The kNN graph (features (N, D), cosine, `num_neighbors` each) is over-clustered spectrally into the largest
+    candidate, each cluster cut into its connected parts (connected_pieces), and merged down (merge_partitions);
+    each C scores
+    score(C) = agreement(C) − RESOLUTION × chance(C), the neighbour modularity at that resolution, with
+    agreement the share of neighbour pairs inside one cluster and chance = Σ_c p_c q_c the share a partition
+    with the same sizes keeps by chance. The highest score wins; a tie goes to the smaller C.
+    Returns {"num_clusters", "curve": {C: score}, "agreement": {C: ...}, "chance": {C: ...}, "criterion",
+    "assignments": (N,) the chosen partition}.
     """
     candidates = sorted(set(int(c) for c in candidates))
-    n = len(features)
-    reserve = mine_neighbors(features, min(NEIGHBOR_RESERVE * num_neighbors, n - 1))   # nearest first
-    neighbors = reserve[:, :num_neighbors]
-    embedding = spectral_embedding(neighbors, max(candidates))
-    full = {c: spectral_partition(embedding, c, seed) for c in candidates}
-    modularity = {c: neighbor_modularity(full[c], neighbors) for c in candidates}
-    rng = np.random.default_rng(seed)
-    agreement = {c: [] for c in candidates}
-    for _ in range(subsamples):
-        rows = np.sort(rng.choice(n, int(SUBSAMPLE_SHARE * n), replace=False))
-        k = min(num_neighbors, len(rows) - 1)
-        part_neighbors = subsample_neighbors(reserve, rows, k)
-        if part_neighbors is None:
-            part_neighbors = mine_neighbors(features[rows], k)
-        part_embedding = spectral_embedding(part_neighbors, max(candidates))
-        for c in candidates:
-            agreement[c].append(adjusted_rand_score(full[c][rows], spectral_partition(part_embedding, c, seed)))
-    stability = {c: float(np.mean(agreement[c])) if agreement[c] else 1.0 for c in candidates}
-    # an adjusted Rand index below 0 (agreement under chance) counts as none: its root would be complex
-    curve = {c: modularity[c] * max(stability[c], 0.0) ** STABILITY_POWER for c in candidates}
+    neighbors = mine_neighbors(features, num_neighbors)
+    top = candidates[-1]
+    pieces = connected_pieces(spectral_partition(spectral_embedding(neighbors, top), top, seed), neighbors)
+    partitions = merge_partitions(pieces, neighbors, candidates)
+    agreement = {c: neighbor_agreement(partitions[c], neighbors) for c in candidates}
+    chance = {c: agreement[c] - neighbor_modularity(partitions[c], neighbors) for c in candidates}
+    curve = {c: agreement[c] - RESOLUTION * chance[c] for c in candidates}
     best = max(candidates, key=lambda c: (curve[c], -c))
-    return {"num_clusters": best, "curve": curve, "modularity": modularity, "stability": stability,
-            "criterion": "neighbor_modularity x subsample_stability"}
+    return {"num_clusters": best, "curve": curve, "agreement": agreement, "chance": chance,
+            "criterion": f"neighbor_modularity(resolution={RESOLUTION}) of merged spectral pieces",
+            "assignments": partitions[best]}
 
 
 def merge_tree(assignments: np.ndarray, neighbors: np.ndarray, num_clusters: int | None = None) -> list[dict]:
     """The order in which clusters join as their number shrinks: greedy agglomeration on the kNN graph.
 
-    Each step merges the two groups whose union raises the neighbour modularity most (the gain is
-    (E_ab + E_ba) / NK − (p_a q_b + p_b q_a), E_ab the neighbour slots of a pointing into b), so the
-    first merges join the clusters the neighbours link most, beyond what their sizes explain.
-    Returns C − 1 steps {"merge": [group, group], "into": new group id, "gain": ΔQ}; the final clusters
-    are groups 0..C−1 and step s creates group C + s (a SciPy-linkage-like numbering). O(C³) in all.
+    Each step merges the two groups that the neighbours link most beyond chance, as a ratio:
+    link(a, b) = (E_ab + E_ba) / (p_a q_b + p_b q_a), E_ab the share of neighbour slots of a pointing into b,
+    p the groups' shares of images and q of neighbour slots (the denominator is what a partition with these
+    sizes links by chance). A ratio, not the modularity gain E − chance: the gain is least negative for a
+    small group, so a small kind that no neighbour links to anything was merged before the pieces of a large
+    kind (kinds of 500, 150 and 50 points ended with the 50 inside another kind). An empty cluster (chance
+    0) joins first. Returns C − 1 steps {"merge": [group, group], "into": new group id, "link": ratio}; the
+    final clusters are groups 0..C−1 and step s creates group C + s (a SciPy-linkage-like numbering).
+    O(C³) in all.
     """
     a = np.asarray(assignments)
     c = num_clusters or int(a.max()) + 1
@@ -207,12 +190,13 @@ def merge_tree(assignments: np.ndarray, neighbors: np.ndarray, num_clusters: int
     active = np.ones(c, bool)
     steps = []
     for step in range(c - 1):
-        gain = links + links.T - np.outer(p, q) - np.outer(q, p)
-        gain[~active] = -np.inf
-        gain[:, ~active] = -np.inf
-        gain[np.tril_indices(c)] = -np.inf   # each pair once, i < j; ties go to the first pair
-        i, j = np.unravel_index(int(np.argmax(gain)), gain.shape)
-        steps.append({"merge": sorted([group[i], group[j]]), "into": c + step, "gain": float(gain[i, j])})
+        chance = np.outer(p, q) + np.outer(q, p)
+        link = np.divide(links + links.T, chance, out=np.full((c, c), np.inf), where=chance > 0)
+        link[~active] = -np.inf
+        link[:, ~active] = -np.inf
+        link[np.tril_indices(c)] = -np.inf   # each pair once, i < j; ties go to the first pair
+        i, j = np.unravel_index(int(np.argmax(link)), link.shape)
+        steps.append({"merge": sorted([group[i], group[j]]), "into": c + step, "link": float(link[i, j])})
         links[i] += links[j]
         links[:, i] += links[:, j]
         p[i] += p[j]
@@ -220,6 +204,21 @@ def merge_tree(assignments: np.ndarray, neighbors: np.ndarray, num_clusters: int
         active[j] = False
         group[i] = c + step
     return steps
+
+
+def merge_partitions(assignments: np.ndarray, neighbors: np.ndarray, sizes) -> dict[int, np.ndarray]:
+    """{C: (N,) the partition into C clusters} for each C in `sizes` (at most the clusters of `assignments`),
+    joining clusters in merge_tree's order; clusters renumbered 0..C−1 in the order of their smallest group id."""
+    a = np.asarray(assignments)
+    top = int(a.max()) + 1
+    group = a.copy()
+    out = {top: a.copy()} if top in sizes else {}
+    for step in merge_tree(a, neighbors, top):
+        group[np.isin(group, step["merge"])] = step["into"]
+        count = top - (step["into"] - top) - 1
+        if count in sizes:
+            out[count] = np.unique(group, return_inverse=True)[1]
+    return out
 
 
 def given_size_prior(neighbors: np.ndarray, num_clusters: int, seed: int = 0, shares=()) -> np.ndarray:

@@ -229,12 +229,13 @@ def _structure(data: ReportData, titles: list[str]) -> str:
     if choice:
         curve = {int(c): v for c, v in choice["curve"].items()}
         xs = sorted(curve)
-        parts.append(line_chart([curve[c] for c in xs], "modularity × stability", xs, "clusters",
+        parts.append(line_chart([curve[c] for c in xs], "neighbour modularity", xs, "clusters",
                                 choice["num_clusters"]))
         notes.append(f'{choice["num_clusters"]} clusters were chosen without labels: of the numbers tried '
-                     f'({xs[0]}–{xs[-1]}), that partition of the nearest-neighbour graph scores highest on neighbour '
-                     f'modularity (neighbour pairs kept together beyond what cluster sizes alone would) times '
-                     f'stability (the same partition found again on random subsamples of the images). Another '
+                     f'({xs[0]}–{xs[-1]}), that partition of the nearest-neighbour graph keeps the most neighbour '
+                     f'pairs together beyond what its cluster sizes alone would (neighbour modularity). The '
+                     f'partitions are nested: the graph cut into {xs[-1]} pieces, then the most linked pieces joined '
+                     f'two at a time, so a small kind keeps a cluster of its own. Another '
                      f'number: <code>scan recluster {escape(data.run_dir)} --num-clusters C</code> (seconds: it reuses '
                      f'the features and neighbours).')
     if tree and data.num_clusters >= 3:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import time
 
 from scan.algo.num_clusters import (
+    CHOICE_CURVES,
     MAX_CLUSTERS,
     MIN_CLUSTER_SIZE,
+    RESOLUTION,
     candidate_range,
     choice_neighbors,
     choose_num_clusters,
@@ -46,13 +48,12 @@ def _choose(run: Run) -> dict:
                   if run.cfg.choose.max_clusters is None and candidates[-1] < MAX_CLUSTERS else "")
     if not range_note and count == candidates[-1]:   # the best at the edge: a larger C was never scored
         range_note = " (the top of the range: raise choose.max_clusters to score more)"
-    say(run.rt, f"choose: {count} clusters (score {curve[count]:.3f} = neighbour modularity "
-                f"{choice['modularity'][count]:.3f} x subsample stability {choice['stability'][count]:.3f}, the "
+    say(run.rt, f"choose: {count} clusters (score {curve[count]:.3f} = neighbour agreement "
+                f"{choice['agreement'][count]:.3f} - {RESOLUTION} x chance {choice['chance'][count]:.3f}, the "
                 f"highest of C = {candidates[0]}..{candidates[-1]}{range_note}; {k} neighbours; {seconds:.1f} s); the curve "
                 f"is in metrics.json and the report")
     record = run.finish("choose", num_clusters=count, criterion=choice["criterion"], neighbors=k, seconds=seconds,
-                        **{key: {str(c): v for c, v in choice[key].items()}
-                           for key in ("curve", "modularity", "stability")})
+                        **{key: {str(c): v for c, v in choice[key].items()} for key in CHOICE_CURVES})
     record_run_config(run)   # the models' configuration snapshots, keyed by fingerprints that need the choice
     return record
 

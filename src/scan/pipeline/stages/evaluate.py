@@ -10,7 +10,7 @@ import numpy as np
 from scan.algo.baselines import kmeans_assign, pixel_kmeans, unsupervised_scores
 from scan.algo.checks import baseline_check, report
 from scan.algo.metrics import evaluate_clustering
-from scan.algo.num_clusters import merge_tree
+from scan.algo.num_clusters import CHOICE_CURVES, merge_tree
 from scan.config import AUTO
 from scan.core.checkpoint import atomic_save_npy, atomic_write_json
 from scan.core.distributed import on_main
@@ -61,8 +61,7 @@ def _evaluate(run: Run) -> dict:
         metrics["candidates"] = records["cluster"]["candidates"]
     if run.cfg.data.num_clusters == AUTO:   # why this C: the criterion per candidate (scan.algo.num_clusters)
         choice = records["choose"]
-        metrics["num_clusters_choice"] = {key: choice[key] for key in ("num_clusters", "criterion", "curve",
-                                                                       "modularity", "stability")}
+        metrics["num_clusters_choice"] = {key: choice[key] for key in ("num_clusters", "criterion", *CHOICE_CURVES)}
     for stage, record in records.items():
         metrics.setdefault("seconds", {})[stage] = record.get("seconds")
         if "purity" in record:
