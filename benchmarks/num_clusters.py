@@ -14,7 +14,7 @@ Run directories are kept under --root/runs: a rerun reuses their pretext (and fe
     python benchmarks/num_clusters.py --choice-seeds 0 1 2 [--sets ...] [--root ...]
 
 repeats only the choice, with each seed, on the features of the run directories a full benchmark left
-(no training; seconds per set): how much of the chosen C is the seed's (its subsamples and k-means starts).
+(no training; seconds per set): how much of the chosen C is the seed's (the k-means starts of its pieces).
 Prints {set: {"true_c", "chosen_c": {seed: C}, "seconds": {seed: s}}} and how many (set, seed) pairs
 chose within the tolerance.
 """

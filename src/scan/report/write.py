@@ -240,9 +240,9 @@ def _structure(data: ReportData, titles: list[str]) -> str:
                      f'the features and neighbours).')
     if tree and data.num_clusters >= 3:
         parts.append(dendrogram(tree, titles))
-        notes.append('The merge tree joins first the clusters that the most neighbour pairs link: clusters that join '
-                     'low are likely parts of one kind (more clusters than kinds), those that join last are the most '
-                     'distinct.')
+        notes.append('The merge tree joins first the clusters that the most neighbour pairs link for their sizes: '
+                     'clusters that join low are likely parts of one kind (more clusters than kinds), those that join '
+                     'last are the most distinct.')
     if not parts:
         return ""
     return (f'<div class="card"><h2>How many clusters, and how they nest</h2><div class="curves">{"".join(parts)}'
