@@ -154,9 +154,7 @@ def choose_num_clusters(features: np.ndarray, candidates, num_neighbors: int = 2
     """
     candidates = sorted(set(int(c) for c in candidates))
     neighbors = mine_neighbors(features, num_neighbors)
-    top = candidates[-1]
-    pieces = connected_pieces(spectral_partition(spectral_embedding(neighbors, top), top, seed), neighbors)
-    partitions = merge_partitions(pieces, neighbors, candidates)
+    partitions = nested_partitions(neighbors, candidates, seed)
     agreement = {c: neighbor_agreement(partitions[c], neighbors) for c in candidates}
     chance = {c: agreement[c] - neighbor_modularity(partitions[c], neighbors) for c in candidates}
     curve = {c: agreement[c] - RESOLUTION * chance[c] for c in candidates}
@@ -206,6 +204,14 @@ def merge_tree(assignments: np.ndarray, neighbors: np.ndarray, num_clusters: int
     return steps
 
 
+def nested_partitions(neighbors: np.ndarray, sizes, seed: int = 0, top: int | None = None) -> dict[int, np.ndarray]:
+    """{C: (N,) partition} for each C in `sizes`, all from one hierarchy of the kNN graph: its spectral partition
+    into `top` (default the largest C) cut into connected parts (connected_pieces), then merged (merge_partitions)."""
+    top = top or max(sizes)
+    pieces = connected_pieces(spectral_partition(spectral_embedding(neighbors, top), top, seed), neighbors)
+    return merge_partitions(pieces, neighbors, sizes)
+
+
 def merge_partitions(assignments: np.ndarray, neighbors: np.ndarray, sizes) -> dict[int, np.ndarray]:
     """{C: (N,) the partition into C clusters} for each C in `sizes` (at most the clusters of `assignments`),
     joining clusters in merge_tree's order; clusters renumbered 0..C−1 in the order of their smallest group id."""
@@ -232,8 +238,10 @@ def given_size_prior(neighbors: np.ndarray, num_clusters: int, seed: int = 0, sh
 
 def graph_size_prior(neighbors: np.ndarray, num_clusters: int, seed: int = 0, shares=()) -> np.ndarray:
     """(C,) cluster shares the kNN graph suggests, for the KL-to-a-prior entropy term (cluster.size_prior=graph):
-    the sizes of its spectral partition into C, mixed with 10% of the uniform shares so no cluster is ruled out."""
-    part = spectral_partition(spectral_embedding(neighbors, num_clusters), num_clusters, seed)
+    the sizes of its partition into C from the hierarchy the choice of C uses (pieces for the top of the default
+    range, merged), mixed with 10% of the uniform shares so no cluster is ruled out."""
+    top = max(num_clusters, default_range(len(neighbors))[-1])
+    part = nested_partitions(neighbors, [num_clusters], seed, top)[num_clusters]
     shares = np.bincount(part, minlength=num_clusters) / len(part)
     return (0.9 * shares + 0.1 / num_clusters).astype(np.float32)
 
