@@ -164,6 +164,14 @@ def choose_num_clusters(features: np.ndarray, candidates, num_neighbors: int = 2
             "assignments": partitions[best]}
 
 
+def cluster_links(assignments: np.ndarray, neighbors: np.ndarray, num_clusters: int) -> np.ndarray:
+    """(C, C) counts of neighbour slots: entry (a, b) the pairs (i, k) with image i in cluster a and its k-th
+    neighbour in cluster b. assignments (N,) ints < C, neighbors (N, K) indices."""
+    a = np.asarray(assignments)
+    pairs = np.repeat(a, neighbors.shape[1]) * num_clusters + a[np.asarray(neighbors)].ravel()
+    return np.bincount(pairs, minlength=num_clusters * num_clusters).reshape(num_clusters, num_clusters)
+
+
 def merge_tree(assignments: np.ndarray, neighbors: np.ndarray, num_clusters: int | None = None) -> list[dict]:
     """The order in which clusters join as their number shrinks: greedy agglomeration on the kNN graph.
 
@@ -179,9 +187,7 @@ def merge_tree(assignments: np.ndarray, neighbors: np.ndarray, num_clusters: int
     """
     a = np.asarray(assignments)
     c = num_clusters or int(a.max()) + 1
-    links = np.zeros((c, c))
-    np.add.at(links, (np.repeat(a, neighbors.shape[1]), a[neighbors].ravel()), 1.0)
-    links /= neighbors.size
+    links = cluster_links(a, neighbors, c) / neighbors.size
     p = np.bincount(a, minlength=c) / len(a)
     q = links.sum(0)
     group = list(range(c))            # the group id each row of the matrices holds now

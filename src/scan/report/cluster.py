@@ -7,6 +7,7 @@ from html import escape
 
 import numpy as np
 
+from scan.algo.num_clusters import cluster_links
 from scan.report.charts import cluster_color, histogram
 from scan.report.page import thumbs
 
@@ -52,9 +53,8 @@ def merge_hints(features: np.ndarray, pred: np.ndarray, k: int, neighbors: np.nd
     similarity = means @ means.T
     crossing = None
     if neighbors is not None and len(neighbors) == len(pred):
-        # (k, k) counts of (anchor cluster, neighbour cluster) pairs, both directions added
-        pairs = np.bincount(np.repeat(pred, neighbors.shape[1]) * k + pred[neighbors.ravel()], minlength=k * k)
-        crossing = pairs.reshape(k, k) + pairs.reshape(k, k).T
+        links = cluster_links(pred, neighbors, k)   # both directions added
+        crossing = links + links.T
     hints = []
     for c in range(k):
         others = [o for o in np.argsort(-similarity[c], kind="stable") if o != c and sizes[o] and sizes[c]]
