@@ -91,6 +91,17 @@ def test_modularity_at_a_resolution_by_hand():
     assert neighbor_modularity(a, pairs) == neighbor_modularity(a, pairs, resolution=1.0)
 
 
+def test_clusters_are_cut_into_their_connected_parts(monkeypatch):
+    """Cluster 0 holds two parts no neighbour pair joins ({0, 1} and {2, 3}); cluster 1 ({4, 5}) is one part:
+    three pieces, numbered in order. Past the cap on parts per cluster the clusters are kept as they are."""
+    import scan.algo.num_clusters as nc
+    a = np.array([0, 0, 0, 0, 1, 1])
+    neighbors = np.array([[1], [0], [3], [2], [5], [4]])
+    assert nc.connected_pieces(a, neighbors).tolist() == [0, 0, 1, 1, 2, 2]
+    monkeypatch.setattr(nc, "MAX_PIECES_PER_CLUSTER", 1)   # 3 parts > 1 x 2 clusters
+    assert nc.connected_pieces(a, neighbors).tolist() == a.tolist()
+
+
 def test_merged_partitions_follow_the_merge_tree():
     """Four pieces, 0 and 2 linked, 1 and 3 linked (each image points at the other piece of its pair): the
     tree joins 0+2 and 1+3, so the partitions into 3 and 2 are those unions, renumbered from 0."""

@@ -34,6 +34,8 @@ MIN_CLUSTER_SIZE = 20
 # 1.0 on 31 (it over-splits small-C sets: digits 0, 4, 7 into 5), 0.6 on 27 (it merges Fashion-MNIST kinds)
 RESOLUTION = 0.8
 PARTITION_FIT_ROWS = 3000
+# connected_pieces' cap: parts per spectral cluster
+MAX_PIECES_PER_CLUSTER = 4
 # the per-candidate values a choice records (choose/done.json, metrics.json, the report's chart)
 CHOICE_CURVES = ("curve", "agreement", "chance")
 # the spectral embedding falls back to a dense eigen-solver up to this many images (a 4000 x 4000 matrix: 128 MB)
@@ -98,16 +100,20 @@ def spectral_partition(embedding: np.ndarray, num_clusters: int, seed: int) -> n
 
 
 def connected_pieces(assignments: np.ndarray, neighbors: np.ndarray) -> np.ndarray:
-    """(N,) the clusters of `assignments` cut into their connected parts on the kNN graph, numbered 0..P−1.
+    """(N,) the clusters of `assignments` cut into their connected parts on the kNN graph, numbered 0..P−1;
+    `assignments` itself where that would give more than MAX_PIECES_PER_CLUSTER parts per cluster.
 
     The spectral coordinates of a graph in separate parts (kinds so distinct that no neighbour pair joins them)
     are an arbitrary basis of the parts' indicators, and k-means on them can put two parts in one cluster;
-    no merge can undo that, while parts cut apart here are joined again by the merges where they link."""
+    no merge can undo that, while parts cut apart here are joined again by the merges where they link. The cap
+    keeps the merges (O(P³)) within seconds where the graph falls into thousands of parts (bursts of identical
+    photos, each its own part)."""
     a = np.asarray(assignments)
     graph = knn_graph(neighbors).tocoo()
     inside = a[graph.row] == a[graph.col]
     within = sp.csr_matrix((graph.data[inside], (graph.row[inside], graph.col[inside])), shape=graph.shape)
-    return connected_components(within, directed=False)[1]
+    count, parts = connected_components(within, directed=False)
+    return parts if count <= MAX_PIECES_PER_CLUSTER * (int(a.max()) + 1) else a
 
 
 def default_range(num_images: int, low: int = 2, high: int | None = None) -> range:
