@@ -31,7 +31,7 @@ def _blobs(n: int = 90, groups: int = 3, seed: int = 0) -> tuple[np.ndarray, np.
 def test_the_partition_with_the_highest_modularity_wins_and_ties_go_to_the_first():
     features, labels = _blobs()
     neighbors = mine_neighbors(features, 5)
-    right = CANDIDATES.get("kmeans")(features, 3, 0)
+    right = CANDIDATES.get("kmeans")(features, None, 3, 0)
     assert cluster_accuracy(right, labels) == 1.0
     bad = labels.copy()
     bad[: len(bad) // 3] = (bad[: len(bad) // 3] + 1) % 3   # a third of the points planted in the wrong blob
@@ -39,6 +39,18 @@ def test_the_partition_with_the_highest_modularity_wins_and_ties_go_to_the_first
     assert pick == "kmeans" and scores["kmeans"] > scores["ours"]
     # the same partition under other numbers scores the same: the first listed keeps it
     assert pick_partition({"ours": (right + 1) % 3, "kmeans": right}, neighbors)[0] == "ours"
+
+
+def test_the_graph_recipe_is_the_choice_hierarchy_on_the_mined_neighbours():
+    """cluster.candidates=[graph]: the mined kNN graph's partition into k from the hierarchy the choice of C
+    uses (not a search of its own: it reads the neighbours it is given); None with too few images."""
+    from scan.algo.num_clusters import nested_partitions
+    features, labels = _blobs()
+    neighbors = mine_neighbors(features, 5)
+    found = CANDIDATES.get("graph")(None, neighbors, 3, 0)
+    assert cluster_accuracy(found, labels) == 1.0
+    assert np.array_equal(found, nested_partitions(neighbors, [3], 0, 4)[3])   # the top: 90 images / 20 = 4
+    assert CANDIDATES.get("graph")(None, neighbors[:4], 3, 0) is None
 
 
 @pytest.fixture
@@ -55,7 +67,7 @@ def no_umap(monkeypatch):
 
 def test_without_umap_learn_the_umap_recipe_is_skipped(no_umap):
     features, _ = _blobs()
-    partitions, skipped = compute_candidates(("kmeans", "umap_kmeans"), features, 3, 0)
+    partitions, skipped = compute_candidates(("kmeans", "umap_kmeans"), features, None, 3, 0)
     assert list(partitions) == ["kmeans"] and skipped == ["umap_kmeans"]
 
 
@@ -68,17 +80,17 @@ def test_the_umap_recipe_recovers_separated_groups_and_repeats_itself():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # as OMP_NUM_THREADS=1 asks: numba's OpenMP layer raised it to all cores
     try:
-        partitions, skipped = compute_candidates(("umap_kmeans",), features, 4, 0)
+        partitions, skipped = compute_candidates(("umap_kmeans",), features, None, 4, 0)
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
     found = partitions["umap_kmeans"]
     assert skipped == [] and found.shape == (120,) and cluster_accuracy(found, labels) == 1.0
-    assert np.array_equal(CANDIDATES.get("umap_kmeans")(features, 4, 0), found)   # seeded: the same again
+    assert np.array_equal(CANDIDATES.get("umap_kmeans")(features, None, 4, 0), found)   # seeded: the same again
 
 
 def test_a_recipe_that_cannot_run_gives_none_and_a_misspelt_one_is_refused_at_load():
-    assert CANDIDATES.get("umap_kmeans")(np.zeros((12, 4), np.float32), 2, 0) is None   # too few rows to embed
+    assert CANDIDATES.get("umap_kmeans")(np.zeros((12, 4), np.float32), None, 2, 0) is None   # too few rows to embed
     with pytest.raises(ConfigError, match="cluster.candidates 'kmean' is unknown .did you mean 'kmeans'"):
         load_config("digits", ["cluster.candidates=[kmean]"])
 
@@ -104,9 +116,9 @@ def planted_win(mined_run, tmp_path, monkeypatch):
     run = copy_run(mined_run, tmp_path, PLANTED_WIN)
     calls = []
 
-    def spy(names, features, k, seed):
+    def spy(names, features, neighbors, k, seed):
         calls.append({"names": tuple(names), "rows": len(features), "k": k, "seed": seed,
-                      "out": compute_candidates(names, features, k, seed)})
+                      "out": compute_candidates(names, features, neighbors, k, seed)})
         return calls[-1]["out"]
     real_pick = cluster.pick_partition
 

@@ -8,7 +8,7 @@ with the highest modularity on the mined kNN graph (`scan.algo.num_clusters.neig
 with, so the choice needs no labels. On the seven frozen-feature benchmark sets the final answer is within 0.01
 NMI of both recipes (as people run them) and above both on four (benchmarks/frozen_features.py, docs/benchmarks.md).
 
-    CANDIDATES.get("kmeans")(features, k, seed)   # (N,) cluster of every row, or None where it cannot run
+    CANDIDATES.get("kmeans")(features, neighbors, k, seed)   # (N,) cluster of every row, or None where it cannot run
     pick_partition({"ours": a, "kmeans": b}, neighbors)   # ("kmeans", {"ours": 0.61, "kmeans": 0.64})
 """
 from __future__ import annotations
@@ -22,17 +22,17 @@ import torch
 
 from scan.algo.baselines import kmeans_assign
 from scan.algo.neighbors import knn_search, l2_normalize
-from scan.algo.num_clusters import neighbor_modularity
+from scan.algo.num_clusters import default_range, neighbor_modularity, nested_partitions
 from scan.core.registry import Registry
 
-# cluster.candidates: (features (N, D), k, seed) -> (N,) int clusters, or None when the recipe cannot run
-# here (an optional package is missing, too few rows)
+# cluster.candidates: (features (N, D), mined neighbours (N, K), k, seed) -> (N,) int clusters, or None when
+# the recipe cannot run here (an optional package is missing, too few rows)
 CANDIDATES: Registry[Callable] = Registry("cluster.candidates")
 UMAP_NEIGHBORS, UMAP_DIMS = 30, 10   # umap-learn's clustering recipe
 
 
 @CANDIDATES.register("kmeans")
-def kmeans_candidate(features: np.ndarray, k: int, seed: int) -> np.ndarray:
+def kmeans_candidate(features: np.ndarray, neighbors: np.ndarray, k: int, seed: int) -> np.ndarray:
     """k-means (10 restarts) on the L2-normalised features: the evaluate stage's `kmeans` baseline."""
     return kmeans_assign(features, None, k, seed)[0]
 
@@ -43,7 +43,7 @@ def umap_available() -> bool:
 
 
 @CANDIDATES.register("umap_kmeans")
-def umap_kmeans_candidate(features: np.ndarray, k: int, seed: int) -> np.ndarray | None:
+def umap_kmeans_candidate(features: np.ndarray, neighbors: np.ndarray, k: int, seed: int) -> np.ndarray | None:
     """k-means (10 restarts) on a 10-d UMAP embedding (30 neighbours, min_dist 0) of the features; None
     without umap-learn (`pip install 'scan-clustering[umap]'`) or with too few rows for the embedding.
 
@@ -74,11 +74,24 @@ def umap_kmeans_candidate(features: np.ndarray, k: int, seed: int) -> np.ndarray
     return kmeans_assign(embedding, None, k, seed, normalize=False)[0]   # the embedding's own geometry
 
 
-def compute_candidates(names, features: np.ndarray, k: int, seed: int) -> tuple[dict[str, np.ndarray], list[str]]:
+@CANDIDATES.register("graph")
+def graph_candidate(features: np.ndarray, neighbors: np.ndarray, k: int, seed: int) -> np.ndarray | None:
+    """The mined kNN graph's own partition into k, from the hierarchy the choice of C uses
+    (scan.algo.num_clusters.nested_partitions: spectral pieces for the top of the default range, merged by the
+    neighbour link ratio); None with fewer than k + 2 images. Built from the judge's graph, it tends to win the
+    modularity comparison."""
+    n = len(neighbors)
+    if n < k + 2:
+        return None
+    return nested_partitions(neighbors, [k], seed, max(k, default_range(n)[-1]))[k]
+
+
+def compute_candidates(names, features: np.ndarray, neighbors: np.ndarray, k: int,
+                       seed: int) -> tuple[dict[str, np.ndarray], list[str]]:
     """({name: (N,) clusters} of the recipes that ran, [names of those that could not run here])."""
     partitions, skipped = {}, []
     for name in names:
-        labels = CANDIDATES.get(name)(features, k, seed)
+        labels = CANDIDATES.get(name)(features, neighbors, k, seed)
         if labels is None:
             skipped.append(name)
         else:

@@ -137,7 +137,7 @@ def follow_best_candidate(run: Run, model, ours: np.ndarray, neighbors: np.ndarr
     c = run.cfg.cluster
     start = time.time()
     features = read_features(run, "train")
-    recipes, skipped = compute_candidates(c.candidates, features, run.num_clusters, run.cfg.seed)
+    recipes, skipped = compute_candidates(c.candidates, features, neighbors, run.num_clusters, run.cfg.seed)
     pick, scores = pick_partition({"ours": ours, **recipes}, neighbors)
     record = {"modularity": {name: round(score, 4) for name, score in scores.items()}, "pick": pick,
               "skipped": skipped, "seconds": time.time() - start}
