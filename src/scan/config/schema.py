@@ -156,7 +156,7 @@ class ClusterConfig(TrainingConfig):
     # independent trainings from different seeds; the one whose kept head has the lowest loss is kept.
     # Heads sharing an updated backbone end in one partition, so only a restart can leave a poor one
     restarts: int = _f(1, lo=1, hi=100)
-    # partitions of the same features that compete with the heads' (scan.algo.candidates: kmeans, umap_kmeans):
+    # partitions of the same features that compete with the heads' (scan.algo.candidates: kmeans, umap_kmeans, graph):
     # the one with the highest modularity on the mined kNN graph wins, and a recipe's win is learnt by the kept
     # head with cross-entropy (cluster.candidate_steps batches), so that self-labelling, predict and export follow it
     candidates: tuple[str, ...] = ()
