@@ -124,7 +124,7 @@ def test_small_kinds_keep_clusters_of_their_own(sizes, chosen):
     one whole cluster. Where one kind holds 71% of the images the choice cuts it in four (a kNN graph's pieces
     of one large kind link less than their sizes predict: more clusters than kinds, never fewer). Merging by
     the modularity gain instead (least negative for a small group no neighbour links to) chose 4 for the first,
-    and its partitions into 3 put the smallest kind inside another (adjusted Rand index 0.60 and 0.46)."""
+    and its partitions into 3 cut the largest kind in two, the second by putting the 50 with the 150."""
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(3, 16)) * 2
     labels = np.repeat([0, 1, 2], sizes)
@@ -179,6 +179,10 @@ def test_merge_tree_joins_the_nearer_pair_first():
     assert [s["merge"] for s in steps] == [[0, 2], [1, 3]]
     assert [s["into"] for s in steps] == [3, 4]
     assert steps[0]["link"] > 0.5 and steps[1]["link"] == 0   # no neighbour pair links 1 with the others
+    # a fourth cluster that no image is in joins first; the rest in the same order
+    with_empty = merge_tree(labels, mine_neighbors(x, 10), 4)
+    assert with_empty[0]["merge"][1] == 3 and with_empty[0]["link"] == np.inf
+    assert [s["link"] for s in with_empty[1:]] == pytest.approx([s["link"] for s in steps])
 
 
 @pytest.mark.slow

@@ -186,8 +186,8 @@ def merge_tree(assignments: np.ndarray, neighbors: np.ndarray, num_clusters: int
     p the groups' shares of images and q of neighbour slots (the denominator is what a partition with these
     sizes links by chance). A ratio, not the modularity gain E − chance: the gain is least negative for a
     small group, so a small kind that no neighbour links to anything was merged before the pieces of a large
-    kind (kinds of 500, 150 and 50 points ended with the 50 inside another kind). An empty cluster (chance
-    0) joins first. Returns C − 1 steps {"merge": [group, group], "into": new group id, "link": ratio}; the
+    kind (kinds of 500, 150 and 50 points ended with the 50 inside another kind). An empty cluster joins
+    first. Returns C − 1 steps {"merge": [group, group], "into": new group id, "link": ratio}; the
     final clusters are groups 0..C−1 and step s creates group C + s (a SciPy-linkage-like numbering).
     O(C³) in all.
     """
@@ -201,7 +201,10 @@ def merge_tree(assignments: np.ndarray, neighbors: np.ndarray, num_clusters: int
     steps = []
     for step in range(c - 1):
         chance = np.outer(p, q) + np.outer(q, p)
-        link = np.divide(links + links.T, chance, out=np.full((c, c), np.inf), where=chance > 0)
+        # no chance share: an empty cluster (nothing to keep apart, joins first), or two that no neighbour
+        # points into (nothing links them either)
+        empty = (p == 0)[:, None] | (p == 0)[None, :]
+        link = np.divide(links + links.T, chance, out=np.where(empty, np.inf, 0.0), where=chance > 0)
         link[~active] = -np.inf
         link[:, ~active] = -np.inf
         link[np.tril_indices(c)] = -np.inf   # each pair once, i < j; ties go to the first pair
