@@ -127,6 +127,13 @@ def test_npz_without_labels_chooses_the_number_of_clusters(tmp_path, tiny_overri
     assert len(metrics["merge_tree"]) == 2
     assert np.load(run_dir / "predictions.npy").shape == kinds.shape
     assert "neighbour modularity" in (run_dir / "report.html").read_text()
+    # a run chosen by the earlier criterion (modularity x stability curves) still evaluates, with what it has
+    old = {k: v for k, v in choice.items() if k not in ("agreement", "chance")}
+    (run_dir / "choose" / "done.json").write_text(json.dumps({**old, "modularity": old["curve"],
+                                                               "stability": old["curve"]}))
+    assert main(["evaluate", "--run-dir", str(run_dir), "--quiet"]) == 0
+    again = json.loads((run_dir / "metrics.json").read_text())["num_clusters_choice"]
+    assert again["curve"] == choice["curve"] and "agreement" not in again
 
 
 def test_shrunk_cluster_finds_the_cluster_that_lost_most():
