@@ -102,6 +102,16 @@ def test_clusters_are_cut_into_their_connected_parts(monkeypatch):
     assert nc.connected_pieces(a, neighbors).tolist() == a.tolist()
 
 
+def test_close_behind_names_the_numbers_within_a_share_of_the_best():
+    from scan.algo.num_clusters import close_behind
+    curve = {9: 0.850, 10: 0.8637, 11: 0.8638, 12: 0.8620, 13: 0.8500}
+    # within 1% of 0.8638 (down to 0.855): 10 and 12, highest first; 9 and 13 are 0.0138 behind
+    assert close_behind(curve, 11) == [10, 12]
+    assert close_behind(curve, 11, most=1) == [10]
+    assert close_behind(curve, 11, share=0.0002) == [10]   # 0.8637 >= 0.8638 - 0.00017
+    assert close_behind({2: 0.5, 3: 0.9}, 3) == []
+
+
 def test_merged_partitions_follow_the_merge_tree():
     """Four pieces, 0 and 2 linked, 1 and 3 linked (each image points at the other piece of its pair): the
     tree joins 0+2 and 1+3, so the partitions into 3 and 2 are those unions, renumbered from 0."""
@@ -280,7 +290,7 @@ def test_the_choose_stage_passes_the_capped_graph_and_says_when_the_default_rang
     def fake_choice(space, candidates, k, seed):   # the criterion is tested above: here what the stage gives it
         seen.append((len(space), list(candidates), k))
         return {"num_clusters": 3, "criterion": "spy",
-                **{key: {c: 0.5 for c in candidates} for key in CHOICE_CURVES}}
+                **{key: {c: 0.5 - 0.001 * abs(c - 3) for c in candidates} for key in CHOICE_CURVES}}
     monkeypatch.setattr(choose_stage, "choose_num_clusters", fake_choice)
     raised = copy_run(mined_run, tmp_path / "raised", ["data.num_clusters=auto", "choose.max_clusters=200",
                                                        "mine.num_neighbors=20", "quiet=false"])
@@ -289,6 +299,8 @@ def test_the_choose_stage_passes_the_capped_graph_and_says_when_the_default_rang
     assert seen == [(n, list(range(2, 201)), n // 200)]
     said = capsys.readouterr().err
     assert f"C = 2..200; {n // 200} neighbours" in said and "raise choose.max_clusters" not in said
+    # 2 and 4 score 0.499, within 1% of the chosen 3's 0.5: named, with the command that gives them
+    assert "close behind: 2 (0.499), 4 (0.499), one command away (scan recluster" in said
     top = copy_run(mined_run, tmp_path / "top", ["data.num_clusters=auto", "choose.max_clusters=3", "quiet=false"])
     choose_stage.stage_choose(top)   # the spy answers 3: the top of 2..3
     assert "C = 2..3 (the top of the range: raise choose.max_clusters to score more)" in capsys.readouterr().err

@@ -124,6 +124,7 @@ def test_npz_without_labels_chooses_the_number_of_clusters(tmp_path, tiny_overri
     assert "num_clusters: auto" in (run_dir / "config.yaml").read_text()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["num_clusters"] == 3 and metrics["num_clusters_choice"]["num_clusters"] == 3
+    assert metrics["num_clusters_choice"]["close"] == choice["close"]   # the near misses, if any
     assert len(metrics["merge_tree"]) == 2
     assert np.load(run_dir / "predictions.npy").shape == kinds.shape
     assert "neighbour modularity" in (run_dir / "report.html").read_text()

@@ -36,6 +36,8 @@ RESOLUTION = 0.8
 PARTITION_FIT_ROWS = 3000
 # connected_pieces' cap: parts per spectral cluster
 MAX_PIECES_PER_CLUSTER = 4
+# close_behind: a number of clusters within this share of the best score is named as worth a look
+CLOSE_SHARE = 0.01
 # the per-candidate values a choice records (choose/done.json, metrics.json, the report's chart)
 CHOICE_CURVES = ("curve", "agreement", "chance")
 # the spectral embedding falls back to a dense eigen-solver up to this many images (a 4000 x 4000 matrix: 128 MB)
@@ -168,6 +170,14 @@ def choose_num_clusters(features: np.ndarray, candidates, num_neighbors: int = 2
     return {"num_clusters": best, "curve": curve, "agreement": agreement, "chance": chance,
             "criterion": f"neighbor_modularity(resolution={RESOLUTION}) of merged spectral pieces",
             "assignments": partitions[best]}
+
+
+def close_behind(curve: dict[int, float], best: int, share: float = CLOSE_SHARE, most: int = 2) -> list[int]:
+    """The other numbers of clusters whose score is within `share` (relative) of the best's, highest first, at
+    most `most`: the ones worth a look with `scan recluster` (digits scores 10 and 11 clusters 0.8637 and 0.8638)."""
+    floor = curve[best] - share * abs(curve[best])
+    ranked = sorted((c for c in curve if c != best and curve[c] >= floor), key=lambda c: (-curve[c], c))
+    return ranked[:most]
 
 
 def cluster_links(assignments: np.ndarray, neighbors: np.ndarray, num_clusters: int) -> np.ndarray:

@@ -235,9 +235,11 @@ def _structure(data: ReportData, titles: list[str]) -> str:
                      f'({xs[0]}–{xs[-1]}), that partition of the nearest-neighbour graph keeps the most neighbour '
                      f'pairs together beyond what its cluster sizes alone would (neighbour modularity). The '
                      f'partitions are nested: the graph cut into {xs[-1]} pieces, then the most linked pieces joined '
-                     f'two at a time, so a small kind keeps a cluster of its own. Another '
-                     f'number: <code>scan recluster {escape(data.run_dir)} --num-clusters C</code> (seconds: it reuses '
-                     f'the features and neighbours).')
+                     f'two at a time, so a small kind keeps a cluster of its own. '
+                     + (f'Close behind (within 1% of its score): {", ".join(str(int(c)) for c in choice["close"])}. '
+                        if choice.get("close") else '')
+                     + f'Another number: <code>scan recluster {escape(data.run_dir)} --num-clusters C</code> '
+                     f'(seconds: it reuses the features and neighbours).')
     if tree and data.num_clusters >= 3:
         parts.append(dendrogram(tree, titles))
         notes.append('The merge tree joins first the clusters that the most neighbour pairs link for their sizes: '

@@ -13,6 +13,7 @@ from scan.algo.num_clusters import (
     candidate_range,
     choice_neighbors,
     choose_num_clusters,
+    close_behind,
 )
 from scan.config import AUTO, MineConfig
 from scan.core.distributed import on_main
@@ -48,12 +49,15 @@ def _choose(run: Run) -> dict:
                   if run.cfg.choose.max_clusters is None and candidates[-1] < MAX_CLUSTERS else "")
     if not range_note and count == candidates[-1]:   # the best at the edge: a larger C was never scored
         range_note = " (the top of the range: raise choose.max_clusters to score more)"
+    close = close_behind(curve, count)
+    close_note = (f"; close behind: {', '.join(f'{c} ({curve[c]:.3f})' for c in close)}, one command away (scan "
+                  f"recluster {run.run_dir} --num-clusters C)" if close else "")
     say(run.rt, f"choose: {count} clusters (score {curve[count]:.3f} = neighbour agreement "
                 f"{choice['agreement'][count]:.3f} - {RESOLUTION} x chance {choice['chance'][count]:.3f}, the "
-                f"highest of C = {candidates[0]}..{candidates[-1]}{range_note}; {k} neighbours; {seconds:.1f} s); the curve "
-                f"is in metrics.json and the report")
+                f"highest of C = {candidates[0]}..{candidates[-1]}{range_note}; {k} neighbours; {seconds:.1f} s)"
+                f"{close_note}; the curve is in metrics.json and the report")
     record = run.finish("choose", num_clusters=count, criterion=choice["criterion"], neighbors=k, seconds=seconds,
-                        **{key: {str(c): v for c, v in choice[key].items()} for key in CHOICE_CURVES})
+                        close=close, **{key: {str(c): v for c, v in choice[key].items()} for key in CHOICE_CURVES})
     record_run_config(run)   # the models' configuration snapshots, keyed by fingerprints that need the choice
     return record
 

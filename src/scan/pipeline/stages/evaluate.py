@@ -62,8 +62,8 @@ def _evaluate(run: Run) -> dict:
     if run.cfg.data.num_clusters == AUTO:   # why this C: the criterion per candidate (scan.algo.num_clusters)
         choice = records["choose"]
         # a run chosen by an earlier criterion recorded other curves (modularity, stability): those it has
-        metrics["num_clusters_choice"] = {key: choice[key] for key in ("num_clusters", "criterion", *CHOICE_CURVES)
-                                          if key in choice}
+        metrics["num_clusters_choice"] = {key: choice[key] for key in ("num_clusters", "criterion", "close",
+                                                                       *CHOICE_CURVES) if key in choice}
     for stage, record in records.items():
         metrics.setdefault("seconds", {})[stage] = record.get("seconds")
         if "purity" in record:
