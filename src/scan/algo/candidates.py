@@ -22,7 +22,7 @@ import torch
 
 from scan.algo.baselines import kmeans_assign
 from scan.algo.neighbors import knn_search, l2_normalize
-from scan.algo.num_clusters import default_range, neighbor_modularity, nested_partitions
+from scan.algo.num_clusters import graph_partition, neighbor_modularity
 from scan.core.registry import Registry
 
 # cluster.candidates: (features (N, D), mined neighbours (N, K), k, seed) -> (N,) int clusters, or None when
@@ -76,14 +76,12 @@ def umap_kmeans_candidate(features: np.ndarray, neighbors: np.ndarray, k: int, s
 
 @CANDIDATES.register("graph")
 def graph_candidate(features: np.ndarray, neighbors: np.ndarray, k: int, seed: int) -> np.ndarray | None:
-    """The mined kNN graph's own partition into k, from the hierarchy the choice of C uses
-    (scan.algo.num_clusters.nested_partitions: spectral pieces for the top of the default range, merged by the
-    neighbour link ratio); None with fewer than k + 2 images. Built from the judge's graph, it tends to win the
+    """The mined kNN graph's own partition into k (scan.algo.num_clusters.graph_partition: the hierarchy the
+    choice of C uses); None with fewer than k + 2 images. Built from the judge's graph, it tends to win the
     modularity comparison."""
-    n = len(neighbors)
-    if n < k + 2:
+    if len(neighbors) < k + 2:
         return None
-    return nested_partitions(neighbors, [k], seed, max(k, default_range(n)[-1]))[k]
+    return graph_partition(neighbors, k, seed)
 
 
 def compute_candidates(names, features: np.ndarray, neighbors: np.ndarray, k: int,

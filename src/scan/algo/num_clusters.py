@@ -44,21 +44,28 @@ CHOICE_CURVES = ("curve", "agreement", "chance")
 DENSE_EIGEN_LIMIT = 4000
 
 
-def neighbor_modularity(assignments: np.ndarray, neighbors: np.ndarray, resolution: float = 1.0) -> float:
-    """Modularity of a partition on the directed kNN graph, at a resolution.
-
-    Q = (1 / NK) Σ_i Σ_k [a_i = a_{n_ik}]  −  γ Σ_c p_c q_c,  with p_c = |{i : a_i = c}| / N the share of
-    images (edge sources) in cluster c, q_c = |{(i, k) : a_{n_ik} = c}| / NK the share of neighbour slots
-    (edge targets) pointing into it, and γ the resolution. assignments (N,) ints, neighbors (N, K) indices.
-    At γ = 1, Q in [-1, 1): 0 for a partition that ignores the graph, 1 - 1/C for C equal, fully separated
-    clusters; a lower γ charges large clusters less.
-    """
+def neighbor_chance(assignments: np.ndarray, neighbors: np.ndarray) -> float:
+    """The share of neighbour pairs a partition with these cluster sizes keeps together by chance:
+    Σ_c p_c q_c, with p_c = |{i : a_i = c}| / N the share of images (edge sources) in cluster c and
+    q_c = |{(i, k) : a_{n_ik} = c}| / NK the share of neighbour slots (edge targets) pointing into it.
+    assignments (N,) ints, neighbors (N, K) indices."""
     a = np.asarray(assignments)
     nb = np.asarray(neighbors)
     c = int(a.max()) + 1
     p = np.bincount(a, minlength=c) / len(a)
     q = np.bincount(a[nb].ravel(), minlength=c) / nb.size
-    return neighbor_agreement(a, nb) - resolution * float(p @ q)
+    return float(p @ q)
+
+
+def neighbor_modularity(assignments: np.ndarray, neighbors: np.ndarray, resolution: float = 1.0) -> float:
+    """Modularity of a partition on the directed kNN graph, at a resolution.
+
+    Q = (1 / NK) Σ_i Σ_k [a_i = a_{n_ik}]  −  γ Σ_c p_c q_c  (the share of neighbour pairs inside one cluster,
+    less γ times neighbor_chance), γ the resolution. assignments (N,) ints, neighbors (N, K) indices.
+    At γ = 1, Q in [-1, 1): 0 for a partition that ignores the graph, 1 - 1/C for C equal, fully separated
+    clusters; a lower γ charges large clusters less.
+    """
+    return neighbor_agreement(assignments, neighbors) - resolution * neighbor_chance(assignments, neighbors)
 
 
 def knn_graph(neighbors: np.ndarray) -> sp.csr_matrix:
@@ -164,7 +171,7 @@ def choose_num_clusters(features: np.ndarray, candidates, num_neighbors: int = 2
     neighbors = mine_neighbors(features, num_neighbors)
     partitions = nested_partitions(neighbors, candidates, seed)
     agreement = {c: neighbor_agreement(partitions[c], neighbors) for c in candidates}
-    chance = {c: agreement[c] - neighbor_modularity(partitions[c], neighbors) for c in candidates}
+    chance = {c: neighbor_chance(partitions[c], neighbors) for c in candidates}
     curve = {c: agreement[c] - RESOLUTION * chance[c] for c in candidates}
     best = max(candidates, key=lambda c: (curve[c], -c))
     return {"num_clusters": best, "curve": curve, "agreement": agreement, "chance": chance,
@@ -261,12 +268,17 @@ def given_size_prior(neighbors: np.ndarray, num_clusters: int, seed: int = 0, sh
     return (values / values.sum()).astype(np.float32)
 
 
+def graph_partition(neighbors: np.ndarray, num_clusters: int, seed: int = 0) -> np.ndarray:
+    """(N,) the kNN graph's own partition into C: the hierarchy the choice of C uses (nested_partitions, pieces
+    for the top of the default range, or C where that is larger) cut at C."""
+    top = max(num_clusters, default_range(len(neighbors))[-1])
+    return nested_partitions(neighbors, [num_clusters], seed, top)[num_clusters]
+
+
 def graph_size_prior(neighbors: np.ndarray, num_clusters: int, seed: int = 0, shares=()) -> np.ndarray:
     """(C,) cluster shares the kNN graph suggests, for the KL-to-a-prior entropy term (cluster.size_prior=graph):
-    the sizes of its partition into C from the hierarchy the choice of C uses (pieces for the top of the default
-    range, merged), mixed with 10% of the uniform shares so no cluster is ruled out."""
-    top = max(num_clusters, default_range(len(neighbors))[-1])
-    part = nested_partitions(neighbors, [num_clusters], seed, top)[num_clusters]
+    the sizes of graph_partition, mixed with 10% of the uniform shares so no cluster is ruled out."""
+    part = graph_partition(neighbors, num_clusters, seed)
     shares = np.bincount(part, minlength=num_clusters) / len(part)
     return (0.9 * shares + 0.1 / num_clusters).astype(np.float32)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from scan.algo.metrics import cluster_to_class, contingency
+from scan.algo.num_clusters import CLOSE_SHARE
 from scan.core.checkpoint import atomic_write_text
 from scan.core.errors import RunError
 from scan.report.charts import bar_chart, cluster_color, dendrogram, heatmap, line_chart
@@ -236,7 +237,8 @@ def _structure(data: ReportData, titles: list[str]) -> str:
                      f'pairs together beyond what its cluster sizes alone would (neighbour modularity). The '
                      f'partitions are nested: the graph cut into {xs[-1]} pieces, then the most linked pieces joined '
                      f'two at a time, so a small kind keeps a cluster of its own. '
-                     + (f'Close behind (within 1% of its score): {", ".join(str(int(c)) for c in choice["close"])}. '
+                     + (f'Close behind (within {CLOSE_SHARE:.0%} of its score): '
+                        f'{", ".join(str(int(c)) for c in choice["close"])}. '
                         if choice.get("close") else '')
                      + f'Another number: <code>scan recluster {escape(data.run_dir)} --num-clusters C</code> '
                      f'(seconds: it reuses the features and neighbours).')
