@@ -135,6 +135,8 @@ def test_cli_pretrained_end_to_end_then_reuses_the_cached_features(tmp_path, tin
     assert np.load(out / "predictions.npy").shape == (24,)
     metrics = (out / "metrics.json").read_text()
     assert '"kmeans"' in metrics and '"selflabel"' in metrics
+    # its heads compete with recipes of their own sizes: no pointer to the long-tail setting
+    assert "cluster.candidates=[graph]" not in (out / "report.html").read_text()
 
     # Adding augmented views embeds only them; heads, evaluation and report use the cache.
     embedded.clear()

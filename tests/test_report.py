@@ -341,6 +341,19 @@ def test_merge_hints_rank_clusters_by_mean_feature_similarity_and_count_crossing
     assert merge_hints(features, pred, 4, None)[0][0].crossing is None
 
 
+def test_runs_that_pull_towards_equal_sizes_say_how_to_keep_unequal_ones(trained):
+    data = synthetic_data(40, k=4)
+    data.run_dir = "/runs/my <photos>"
+    plain = render_report(data)["report.html"]
+    assert "towards equal sizes" not in plain                  # the made-up run: no such setting recorded
+    data.equal_sizes = True
+    text = render_report(data)["report.html"]
+    assert ('scan recluster /runs/my &lt;photos&gt; --num-clusters 4 --set "cluster.candidates=[graph]"'
+            in text)
+    # a run from scratch with the defaults (uniform sizes, no candidates) says it in its report
+    assert "cluster.candidates=[graph]" in (trained["run"] / "report.html").read_text()
+
+
 def test_extra_per_image_columns_show_with_every_thumbnail():
     data = synthetic_data(30, k=2)
     data.extra_columns = {"ood": np.linspace(0, 1, 30)}          # e.g. an out-of-distribution score

@@ -58,6 +58,9 @@ class ReportData:
     eval_labels: np.ndarray | None = None
     curves: dict[str, list[float]] = field(default_factory=dict)   # stage -> loss per epoch
     entropy_weight: float | None = None      # the cluster stage's, to explain its negative loss
+    # the cluster stage pulled towards equal sizes with nothing else to follow (uniform size prior, no
+    # candidates): the report says how to let kinds of unequal sizes keep their sizes
+    equal_sizes: bool = False
     map_file: Path | None = None             # where the map's layout is kept between renders (None: not kept)
     neighbors: np.ndarray | None = None      # (N, K) mined neighbours: merge hints count crossing pairs
     extra_columns: dict[str, np.ndarray] = field(default_factory=dict)   # more per-image values to show
@@ -152,6 +155,7 @@ def report_data(run: TrainedRun, outputs: TrainOutputs) -> ReportData:
         ([str(k) for k in range(run.info["num_classes"])] if run.info["num_classes"] else None),
         eval_pred=_eval_predictions(run, outputs), eval_labels=run.eval.labels,
         curves=_loss_histories(run), entropy_weight=run.cfg.cluster.entropy_weight,
+        equal_sizes=run.cfg.cluster.size_prior == "uniform" and not run.cfg.cluster.candidates,
         neighbors=_neighbors(neighbors_file), trust=trust.confidence, map_file=Path(run.run_dir) / MAP_FILE,
         extra_columns={"probability": outputs.probs.max(1), "ood_score": trust.ood_score,
                        "unknown": unknown.astype(np.float32)})
@@ -219,6 +223,13 @@ def _curves(data: ReportData) -> str:
         note = (f'<p class="note">The cluster loss goes below zero by design: SCAN loss = consistency − '
                 f'{data.entropy_weight:g} × entropy of the mean prediction (cluster.entropy_weight), and that '
                 f'entropy rewards using all clusters. Lower is better.</p>')
+        if data.equal_sizes:
+            # the README's opt-in for long tails, in the report where a user sees the sizes
+            note += (f'<p class="note">That entropy also pulls the clusters towards equal sizes. If your kinds '
+                     f'differ a lot in size, <code>scan recluster {escape(data.run_dir)} --num-clusters '
+                     f'{data.probs.shape[1]} --set "cluster.candidates=[graph]"</code> lets the nearest-neighbour '
+                     f'graph&#x27;s own partition, whose sizes are its own, compete with the heads (on a 10:1 long '
+                     f'tail of digits: accuracy 0.63 → 0.84; on balanced Fashion-MNIST it cost 0.06).</p>')
     return f'<div class="card"><h2>Training curves</h2><div class="curves">{charts}</div>{note}</div>'
 
 
