@@ -348,8 +348,10 @@ def test_runs_that_pull_towards_equal_sizes_say_how_to_keep_unequal_ones(trained
     assert "towards equal sizes" not in plain                  # the made-up run: no such setting recorded
     data.equal_sizes = True
     text = render_report(data)["report.html"]
-    assert ('scan recluster /runs/my &lt;photos&gt; --num-clusters 4 --set "cluster.candidates=[graph]"'
+    # the run directory as it must be typed: quoted for the shell, then escaped for the page
+    assert ('scan recluster &#x27;/runs/my &lt;photos&gt;&#x27; --num-clusters 4 --set "cluster.candidates=[graph]"'
             in text)
+    assert "scan name &#x27;/runs/my &lt;photos&gt;&#x27; 0=" in text
     # a run from scratch with the defaults (uniform sizes, no candidates) says it in its report
     assert "cluster.candidates=[graph]" in (trained["run"] / "report.html").read_text()
 
@@ -394,6 +396,21 @@ def test_user_errors_are_one_line(trained, tmp_path, capsys, args, message):
     assert main([a.format(**paths) for a in args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_suggested_commands_quote_a_run_directory_with_spaces(trained, tmp_path, capsys):
+    # a folder "My Photos" gives a run directory with a space: the command a message suggests must still run
+    where = tmp_path / "My Photos-seed0"
+    where.mkdir()
+    assert main(["name", str(where), "0=cats"]) == 2
+    assert f"train one with `scan run --out '{where}'`" in capsys.readouterr().err
+    copy = tmp_path / "my run"
+    shutil.copytree(trained["run"], copy)
+    (copy / "names.json").unlink(missing_ok=True)
+    assert main(["name", str(copy)]) == 0
+    assert f"no cluster is named yet: scan name '{copy}' 0=NAME" in capsys.readouterr().err
+    assert main(["name", str(copy), "3=cats"]) == 0
+    assert f"saved; `scan report '{copy}'` shows" in capsys.readouterr().err
 
 
 def test_predict_classifies_unseen_images_like_the_training_ones(trained, tmp_path):

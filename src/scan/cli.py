@@ -13,7 +13,7 @@ from pathlib import Path
 
 from scan import __version__
 from scan.config import Config, builtin_config_names, config_yaml
-from scan.core.errors import ArtifactError, ConfigError, RunError, StageError
+from scan.core.errors import ArtifactError, ConfigError, RunError, StageError, typed
 
 # the pipeline's stages in order: a static copy of the stage registry (scan.pipeline.stage), which imports
 # the training code; tests/test_cli.py checks that the two agree
@@ -136,9 +136,9 @@ def cmd_name(args) -> int:
     for cluster, name in sorted(names.items()):
         print(f"{cluster}\t{cluster_title(cluster, names)}")
     if args.names:
-        print(f"saved; `scan report {args.run_dir}` shows the names in report.html", file=sys.stderr)
+        print(f"saved; `scan report {typed(args.run_dir)}` shows the names in report.html", file=sys.stderr)
     elif not names:
-        print(f"no cluster is named yet: scan name {args.run_dir} 0=NAME 1=NAME ...", file=sys.stderr)
+        print(f"no cluster is named yet: scan name {typed(args.run_dir)} 0=NAME 1=NAME ...", file=sys.stderr)
     return 0
 
 

@@ -12,6 +12,8 @@ They live at the bottom of the package so that every layer can raise them.
 """
 from __future__ import annotations
 
+import shlex
+
 
 class ConfigError(ValueError):
     """A user-facing configuration mistake; the message is one line naming the key."""
@@ -27,3 +29,9 @@ class StageError(RuntimeError):
 
 class ArtifactError(RuntimeError):
     """A file of a run cannot be written or read back; str(e) is one line naming it and what to do."""
+
+
+def typed(path) -> str:
+    """`path` as it must be typed in a command a message suggests: quoted for the shell when it holds spaces
+    or shell characters (a folder "My Photos" gives a run directory "runs/My Photos-..."), else as it is."""
+    return shlex.quote(str(path))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from scan.core.errors import RunError, StageError
+from scan.core.errors import RunError, StageError, typed
 from scan.pipeline.chain import run_pipeline
 from scan.pipeline.choices import load_config
 from scan.pipeline.run import Run, open_run
@@ -33,7 +33,7 @@ def recluster(source, num_clusters: int, target=None, overrides=()) -> tuple[Run
                        f"finished `scan run`")
     if read_record(source / "pretext" / "done.json") is None:
         raise StageError(f"{source} has no finished pretext stage to start from: finish it first (scan run "
-                         f"--run-dir {source})")
+                         f"--run-dir {typed(source)})")
     target = Path(target) if target is not None else recluster_dir(source, num_clusters)
     if target.resolve() == source.resolve():
         raise RunError(f"--out {target} is the run being reclustered; give another folder (default {recluster_dir(source, num_clusters)})")

@@ -24,7 +24,7 @@ import numpy as np
 
 from scan.config import Config, config_from_dict, read_config, save_config
 from scan.core.checkpoint import FORMAT_VERSION, TEMP_PATTERN, atomic_write_json, read_json, write_error
-from scan.core.errors import ArtifactError, ConfigError, RunError
+from scan.core.errors import ArtifactError, ConfigError, RunError, typed
 
 log = logging.getLogger("scan")
 
@@ -224,11 +224,11 @@ def read_run_config(run_dir: Path) -> tuple[Config, dict]:
     config_file, data_file = run_dir / CONFIG_FILE, run_dir / DATA_FILE
     if not is_run_dir(run_dir) or not config_file.is_file() or not data_file.is_file():
         raise RunError(f"{run_dir}: not a scan run directory (no {MARKER}/{CONFIG_FILE}/{DATA_FILE}); "
-                    f"train one with `scan run --out {run_dir}`")
+                    f"train one with `scan run --out {typed(run_dir)}`")
     try:
         info = read_json(data_file)
     except ValueError:
-        raise RunError(f"{data_file}: not valid JSON; rerun `scan run --out {run_dir}` to rewrite it") from None
+        raise RunError(f"{data_file}: not valid JSON; rerun `scan run --out {typed(run_dir)}` to rewrite it") from None
     return read_config(str(config_file)), info
 
 
@@ -245,7 +245,7 @@ def model_config(run_dir: Path, stage: str, latest: Config, latest_info: dict,
     if snapshot is not None and not (isinstance(snapshot, dict) and isinstance(snapshot.get("config"), dict)
                                      and isinstance(snapshot.get("data"), dict)):
         raise RunError(f"{file} is damaged (not the configuration that built {stage}/model.pt); rerun "
-                       f"`scan run --out {run_dir} --restart` to rebuild it")
+                       f"`scan run --out {typed(run_dir)} --restart` to rebuild it")
     if not snapshot:
         return latest, latest_info
     cfg = config_from_dict(snapshot["config"])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from scan.config import Config
 from scan.core.checkpoint import FORMAT_VERSION, load_state_dict, read_json
-from scan.core.errors import RunError
+from scan.core.errors import RunError, typed
 from scan.core.hashing import file_hash
 from scan.data import ImageDataset, content_hash, load_data
 from scan.nets.models import ClusteringModel
@@ -38,11 +38,11 @@ def read_marker(run_dir: Path) -> dict:
     except ValueError:
         marker = None
     if not isinstance(marker, dict):
-        raise RunError(f"{run_dir / MARKER} is damaged; rerun `scan run --out {run_dir}` to rewrite it")
+        raise RunError(f"{run_dir / MARKER} is damaged; rerun `scan run --out {typed(run_dir)}` to rewrite it")
     version = marker.get("format_version")
     if version != FORMAT_VERSION:
         raise RunError(f"{run_dir} was written by a scan with run-directory format {version}, this one reads "
-                       f"{FORMAT_VERSION}: use the scan that wrote it, or retrain with `scan run --out {run_dir} "
+                       f"{FORMAT_VERSION}: use the scan that wrote it, or retrain with `scan run --out {typed(run_dir)} "
                        f"--restart`")
     return marker
 
@@ -56,7 +56,7 @@ def final_stage(run_dir: Path, metrics: dict, model_stages: list[str]) -> str:
         return evaluated
     trained = [stage for stage in model_stages if (run_dir / stage / "model.pt").is_file()]
     if not trained and not model_stages:
-        raise RunError(f"{run_dir} has no trained model: run `scan run --out {run_dir}` first")
+        raise RunError(f"{run_dir} has no trained model: run `scan run --out {typed(run_dir)}` first")
     stage = (trained or model_stages[:1])[-1]
     if isinstance(evaluated, str) and trained:
         log.warning("%s is missing: using the %s model instead (rerun `scan run --out %s` to restore it)",
@@ -138,7 +138,7 @@ class TrainedRun(RunContext):
         """The final model's state dict, read once (an ArtifactError naming the file if it is not one)."""
         if not self.model_file.is_file():
             raise RunError(f"{self.model_file} is missing: run the {self.final_stage} stage first "
-                           f"(scan {self.final_stage} --run-dir {self.run_dir})")
+                           f"(scan {self.final_stage} --run-dir {typed(self.run_dir)})")
         return load_state_dict(self.model_file)
 
     @cached_property
@@ -155,7 +155,7 @@ class TrainedRun(RunContext):
         except RuntimeError as e:
             # the weights do not fit the network its configuration describes (e.g. a model.pt copied in)
             raise RunError(f"{self.model_file} does not match the configuration it was trained with "
-                           f"({str(e).splitlines()[0]}); rerun `scan run --out {self.run_dir} --restart`") from None
+                           f"({str(e).splitlines()[0]}); rerun `scan run --out {typed(self.run_dir)} --restart`") from None
         return model
 
     def image_model(self) -> ClusteringModel:

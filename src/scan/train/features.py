@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from scan.core.checkpoint import atomic_save_npy, atomic_write_json, read_json, seed_everything
-from scan.core.errors import ArtifactError, StageError
+from scan.core.errors import ArtifactError, StageError, typed
 from scan.core.hashing import bytes_hash, stable_hash
 from scan.nets.pretrained import build_pretrained, weights_identity
 from scan.train.engine import predict_in_batches
@@ -124,7 +124,7 @@ def read_features(run, split: str, kind: str = "") -> np.ndarray:
     count: a missing file is a StageError, a damaged one an ArtifactError naming it and the fix."""
     path = features_path(run, split, kind)
     if not path.exists():
-        raise StageError(f"{path} is missing: run the pretext stage first (scan pretext --out {run.run_dir})")
+        raise StageError(f"{path} is missing: run the pretext stage first (scan pretext --out {typed(run.run_dir)})")
     rows = run.info["num_train"] if split == "train" or run.eval is run.train else run.info["num_eval"]
     try:
         features = np.load(path, allow_pickle=False)

@@ -17,7 +17,7 @@ import torch
 
 from scan.config import AUTO
 from scan.core.checkpoint import load_state_dict
-from scan.core.errors import StageError
+from scan.core.errors import StageError, typed
 from scan.core.registry import Registry
 from scan.nets.heads import FrozenFeatures, attach_network, feature_probs, pair_logits, weak_strong_logits
 from scan.nets.models import Backbone, Classifier, ClusteringModel, build_backbone
@@ -62,7 +62,7 @@ class RunContext:
         record = self.record("choose")
         if record is None:
             raise StageError(f"the number of clusters of {self.run_dir} is chosen by the choose stage, which has not "
-                             f"run yet: run it first (scan choose --run-dir {self.run_dir}, or scan run)")
+                             f"run yet: run it first (scan choose --run-dir {typed(self.run_dir)}, or scan run)")
         return int(record["num_clusters"])
 
     @property

@@ -25,7 +25,7 @@ import torch
 
 from scan.algo.ood import TrustedClassifier, TrustHead, fit_trust
 from scan.core.checkpoint import as_json, atomic_torch_save, atomic_write_json, atomic_write_text, load_torch, read_json
-from scan.core.errors import ArtifactError, RunError  # noqa: F401  (RunError: part of this API)
+from scan.core.errors import ArtifactError, RunError, typed  # noqa: F401  (RunError: part of this API)
 from scan.nets.models import Classifier
 from scan.rundir.trained import TrainedRun
 from scan.train.engine import Runtime, predict_in_batches
@@ -104,7 +104,7 @@ def load_names(run: TrainedRun) -> dict[int, str]:
     if (str(path), digest) not in _warned_stale:
         _warned_stale.add((str(path), digest))
         log.warning("%s names the clusters of an earlier model (retrained since, so cluster ids changed): "
-                    "not applied; name them again with `scan name %s ID=NAME ...`", path, run.run_dir)
+                    "not applied; name them again with `scan name %s ID=NAME ...`", path, typed(run.run_dir))
     return {}
 
 

@@ -17,7 +17,7 @@ from scan.algo.num_clusters import (
 )
 from scan.config import AUTO, MineConfig
 from scan.core.distributed import on_main
-from scan.core.errors import StageError
+from scan.core.errors import StageError, typed
 from scan.pipeline.run import Run, mining_inputs, record_run_config, say
 from scan.pipeline.stage import Stage, register_stage
 from scan.train.mining import mining_space
@@ -51,7 +51,7 @@ def _choose(run: Run) -> dict:
         range_note = " (the top of the range: raise choose.max_clusters to score more)"
     close = close_behind(curve, count)
     close_note = (f"; close behind: {', '.join(f'{c} ({curve[c]:.3f})' for c in close)}, one command away (scan "
-                  f"recluster {run.run_dir} --num-clusters C)" if close else "")
+                  f"recluster {typed(run.run_dir)} --num-clusters C)" if close else "")
     say(run.rt, f"choose: {count} clusters (score {curve[count]:.3f} = neighbour agreement "
                 f"{choice['agreement'][count]:.3f} - {RESOLUTION} x chance {choice['chance'][count]:.3f}, the "
                 f"highest of C = {candidates[0]}..{candidates[-1]}{range_note}; {k} neighbours; {seconds:.1f} s)"
