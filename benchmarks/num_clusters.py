@@ -17,6 +17,15 @@ repeats only the choice, with each seed, on the features of the run directories 
 (no training; seconds per set): how much of the chosen C is the seed's (the k-means starts of its pieces).
 Prints {set: {"true_c", "chosen_c": {seed: C}, "seconds": {seed: s}}} and how many (set, seed) pairs
 chose within the tolerance.
+
+    python benchmarks/num_clusters.py --variant NAME --set K=V [--set ...] [--sets ...] [--root ...]
+
+measures a setting of the later stages against the defaults on the same pretext and neighbours: `scan
+recluster` of each run directory a full benchmark left, at its chosen and at the true C, with the --set
+overrides, into ROOT/variants/NAME/ (reused when there). Prints per set the final ACC/NMI/ARI of both (and
+which partition the cluster stage kept, with cluster.candidates), the defaults' beside them, the smallest
+class's share, and how many sets keep NMI at the chosen C within 0.03 of the true C's
+(benchmarks/num-clusters-entropy-weight-2.json, -kmeans-umap-candidates.json).
 """
 from __future__ import annotations
 
@@ -132,12 +141,44 @@ def seeds_main(seeds: list[int]) -> None:
     print(json.dumps(out, indent=2))
 
 
+def variant_set(name: str, root: Path, variant: str, overrides: list[str]) -> dict:
+    """A benchmarked set reclustered at its chosen and at the true C with `overrides`, beside the defaults."""
+    auto, true_dir = root / "runs" / name, root / "runs" / f"{name}-true"
+    labels = _labels(auto)
+    out = {"true_c": int(labels.max()) + 1, "chosen_c": json.loads((auto / "metrics.json").read_text())["num_clusters"]}
+    for at, count, default in (("chosen", out["chosen_c"], auto), ("true", out["true_c"], true_dir)):
+        target = root / "variants" / variant / f"{name}-{at}"
+        if not (target / "metrics.json").exists():
+            assert scan(["recluster", str(auto), "--num-clusters", str(count), "--out", str(target), "--quiet",
+                         *[a for o in overrides for a in ("--set", o)]]) == 0
+        kept = json.loads((target / "cluster" / "done.json").read_text()).get("candidates", {}).get("pick")
+        out[f"at_{at}"] = {**final_scores(target), "pick": kept,
+                           "smallest_class_share": round(smallest_class_kept(target, labels), 3)}
+        out[f"default_at_{at}"] = final_scores(default)
+    out["nmi_within_0.03"] = bool(out["at_chosen"]["nmi"] >= out["at_true"]["nmi"] - 0.03)
+    return out
+
+
+def variant_main(variant: str) -> None:
+    args, root, _ = parse_args(__doc__.splitlines()[0], SETS, "bench-num-clusters")
+    out = {"variant": variant, "overrides": args.overrides, "sets": {}}
+    for name in args.sets:
+        out["sets"][name] = variant_set(name, root, variant, args.overrides)
+        print(json.dumps({name: out["sets"][name]}), file=sys.stderr, flush=True)
+    out["summary"] = {"nmi_within_0.03": sum(r["nmi_within_0.03"] for r in out["sets"].values()),
+                      "sets": len(out["sets"])}
+    print(json.dumps(out, indent=2))
+
+
 def main() -> None:
-    seeds = argparse.ArgumentParser(add_help=False)
-    seeds.add_argument("--choice-seeds", type=int, nargs="+")
-    known, sys.argv[1:] = seeds.parse_known_args()   # the rest is the common command line (runs_common)
+    modes = argparse.ArgumentParser(add_help=False)
+    modes.add_argument("--choice-seeds", type=int, nargs="+")
+    modes.add_argument("--variant")
+    known, sys.argv[1:] = modes.parse_known_args()   # the rest is the common command line (runs_common)
     if known.choice_seeds:
         return seeds_main(known.choice_seeds)
+    if known.variant:
+        return variant_main(known.variant)
     args, root, data_dir = parse_args(__doc__.splitlines()[0], SETS, "bench-num-clusters")
     paths = build(data_dir, args.sets)
     out = {"overrides": args.overrides, "range": f"{default_range(10**9)[0]}..min(50, N/20)", "sets": {}}
