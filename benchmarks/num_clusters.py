@@ -22,7 +22,7 @@ chose within the tolerance.
 
 measures a setting of the later stages against the defaults on the same pretext and neighbours: `scan
 recluster` of each run directory a full benchmark left, at its chosen and at the true C, with the --set
-overrides, into ROOT/variants/NAME/ (reused when there). Prints per set the final ACC/NMI/ARI of both (and
+overrides, into ROOT/variants/NAME/SET-cC (reused when there). Prints per set the final ACC/NMI/ARI of both (and
 which partition the cluster stage kept, with cluster.candidates), the defaults' beside them, the smallest
 class's share, and how many sets keep NMI at the chosen C within 0.03 of the true C's
 (benchmarks/num-clusters-entropy-weight-2.json, -kmeans-umap-candidates.json).
@@ -147,7 +147,7 @@ def variant_set(name: str, root: Path, variant: str, overrides: list[str]) -> di
     labels = _labels(auto)
     out = {"true_c": int(labels.max()) + 1, "chosen_c": json.loads((auto / "metrics.json").read_text())["num_clusters"]}
     for at, count, default in (("chosen", out["chosen_c"], auto), ("true", out["true_c"], true_dir)):
-        target = root / "variants" / variant / f"{name}-{at}"
+        target = root / "variants" / variant / f"{name}-c{count}"   # one recluster when the chosen C is the true C
         if not (target / "metrics.json").exists():
             assert scan(["recluster", str(auto), "--num-clusters", str(count), "--out", str(target), "--quiet",
                          *[a for o in overrides for a in ("--set", o)]]) == 0
