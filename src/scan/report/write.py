@@ -69,6 +69,11 @@ class ReportData:
     trust: np.ndarray | None = None
 
     @property
+    def typed_run_dir(self) -> str:
+        """The run directory as the page's suggested commands spell it: quoted for the shell, escaped for HTML."""
+        return escape(typed(self.run_dir))
+
+    @property
     def confidence(self) -> np.ndarray:
         return self.probs.max(1) if self.trust is None else self.trust
 
@@ -226,7 +231,7 @@ def _curves(data: ReportData) -> str:
         if data.equal_sizes:
             # the README's opt-in for long tails, in the report where a user sees the sizes
             note += (f'<p class="note">That entropy also pulls the clusters towards equal sizes. If your kinds '
-                     f'differ a lot in size, <code>scan recluster {escape(typed(data.run_dir))} --num-clusters '
+                     f'differ a lot in size, <code>scan recluster {data.typed_run_dir} --num-clusters '
                      f'{data.probs.shape[1]} --set "cluster.candidates=[graph]"</code> lets the nearest-neighbour '
                      f'graph&#x27;s own partition, whose sizes are its own, compete with the heads (on a 10:1 long '
                      f'tail of digits: accuracy 0.63 → 0.84; on balanced Fashion-MNIST it cost 0.06).</p>')
@@ -251,7 +256,7 @@ def _structure(data: ReportData, titles: list[str]) -> str:
                      + (f'Close behind (within {CLOSE_SHARE:.0%} of its score): '
                         f'{", ".join(str(int(c)) for c in choice["close"])}. '
                         if choice.get("close") else '')
-                     + f'Another number: <code>scan recluster {escape(typed(data.run_dir))} --num-clusters C</code> '
+                     + f'Another number: <code>scan recluster {data.typed_run_dir} --num-clusters C</code> '
                      f'(seconds: it reuses the features and neighbours).')
     if tree and data.num_clusters >= 3:
         parts.append(dendrogram(tree, titles))
@@ -316,7 +321,7 @@ def render_report(data: ReportData) -> dict[str, str]:
         shown += [views] + ([members[c]] if one_file else [])
     chips = "".join(f'<a class="chip" href="#cluster-{c}" style="--c:{cluster_color(c)}"><span class="dot"></span>'
                     f'{escape(t)} <span class="n">{sizes[c]}</span></a>' for c, t in enumerate(titles))
-    hint = "" if data.names else (f'<p class="note">Name clusters with <code>scan name {escape(typed(data.run_dir))} '
+    hint = "" if data.names else (f'<p class="note">Name clusters with <code>scan name {data.typed_run_dir} '
                                   f'0="a name" 1=…</code>, then rerun <code>scan report</code>.</p>')
     name = Path(data.source).name or data.source
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
