@@ -43,7 +43,6 @@ def _mine(run: Run) -> dict:
 
 register_stage(Stage("mine", stage_mine, needs=("pretext",), sections=("seed", "mine", "augment"),
                      # only the multi-view miner's head depends on C: kNN neighbours serve any number of clusters
-                     # (scan recluster reuses them)
                      # (scan recluster reuses them), unless C lowers K on a small data set
                      inputs=lambda run: (mined_neighbor_count(run),) + ((run.num_clusters,)
                                                                         if run.cfg.mine.method == "multiview" else ()),
