@@ -60,7 +60,7 @@ def final_stage(run_dir: Path, metrics: dict, model_stages: list[str]) -> str:
     stage = (trained or model_stages[:1])[-1]
     if isinstance(evaluated, str) and trained:
         log.warning("%s is missing: using the %s model instead (rerun `scan run --out %s` to restore it)",
-                    run_dir / evaluated / "model.pt", stage, run_dir)
+                    run_dir / evaluated / "model.pt", stage, typed(run_dir))
     return stage
 
 
